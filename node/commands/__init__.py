@@ -1,0 +1,1 @@
+"""One module per `macmesh` command; node/cli.py assembles them."""

@@ -1,0 +1,109 @@
+"""Settings for a macmesh node: CLI flag > ``MACMESH_*`` environment > TOML config file > default.
+
+One pydantic-settings model holds every setting. The config file is ``$MACMESH_CONFIG`` or
+``~/.config/macmesh/config.toml`` (``--config`` overrides both); keys are the field names below.
+An invalid value, wherever it came from, fails with a message naming the setting and the value.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_GRPC_PORT = 52700
+DEFAULT_CONFIG_PATH = Path("~/.config/macmesh/config.toml")
+
+
+class SettingsError(ValueError):
+    """A setting has a value macmesh cannot use; the message names both."""
+
+
+def _default_state_dir() -> Path:
+    return Path(os.environ.get("XDG_STATE_HOME", "~/.local/state")).expanduser() / "macmesh"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="MACMESH_", extra="forbid", validate_default=True)
+
+    name: str = Field(default_factory=socket.gethostname, description="human node name")
+    cluster: str = Field(default="default", min_length=1, max_length=63)
+    grpc_port: int = Field(default=DEFAULT_GRPC_PORT, ge=0, le=65535)
+    interface: str | None = Field(default=None, description="bind and advertise on this address")
+    peers: list[str] = Field(default_factory=list, description="static peers HOST:PORT")
+    mdns: bool = True
+    native_mtp: bool = True
+    models_dir: Path = Path("~/.cache/macmesh/models")
+    state_dir: Path = Field(default_factory=_default_state_dir)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["console", "json"] = "console"
+
+    @field_validator("peers")
+    @classmethod
+    def _peers_are_host_port(cls, peers: list[str]) -> list[str]:
+        for peer in peers:
+            host, sep, port = peer.rpartition(":")
+            if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"peer {peer!r} is not HOST:PORT")
+        return peers
+
+    @field_validator("models_dir", "state_dir")
+    @classmethod
+    def _expand(cls, path: Path) -> Path:
+        return path.expanduser()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_path = _config_path()
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_path is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_path))
+        return tuple(sources)
+
+
+_CONFIG_OVERRIDE: Path | None = None
+
+
+def _config_path() -> Path | None:
+    path = _CONFIG_OVERRIDE or Path(os.environ.get("MACMESH_CONFIG", DEFAULT_CONFIG_PATH))
+    path = path.expanduser()
+    return path if path.is_file() else None
+
+
+def load_settings(config_file: Path | None = None, **flags: Any) -> Settings:
+    """Build settings; ``flags`` are CLI values (None means "not given" and falls through)."""
+    global _CONFIG_OVERRIDE
+    if config_file is not None and not config_file.expanduser().is_file():
+        raise SettingsError(f"config file {str(config_file)!r} does not exist")
+    _CONFIG_OVERRIDE = config_file
+    given = {k: v for k, v in flags.items() if v is not None and v != []}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+    finally:
+        _CONFIG_OVERRIDE = None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        lines.append(f"invalid setting {field}={err.get('input')!r}: {err['msg']}")
+    return "; ".join(lines)

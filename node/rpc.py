@@ -1,0 +1,60 @@
+"""gRPC plumbing shared by every macmesh server and client.
+
+Every server registers the standard gRPC health-checking service and server reflection, so
+`grpcurl` and load balancers can talk to any node. Message limits are raised on purpose: a
+prefill activation (8k tokens x 5120 wide x 2 bytes = 80 MiB) must fit in one frame or be
+chunked; the tensor codec chunks above ``MAX_MESSAGE_BYTES``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+
+CHANNEL_OPTIONS: list[tuple[str, int]] = [
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.keepalive_permit_without_calls", 1),
+]
+
+
+def make_server(max_workers: int = 32) -> tuple[grpc.Server, health.HealthServicer]:
+    """A thread-pool server with the message limits above and the health service registered."""
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        options=CHANNEL_OPTIONS,
+    )
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    return server, health_servicer
+
+
+def enable_reflection(server: grpc.Server, service_names: Iterable[str]) -> None:
+    names = [*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection.enable_server_reflection(names, server)
+
+
+def mark_serving(health_servicer: health.HealthServicer, service_names: Iterable[str]) -> None:
+    for name in ["", *service_names]:
+        health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+
+def bind(server: grpc.Server, host: str, port: int) -> int:
+    """Bind insecurely to host:port; return the real port (port 0 picks a free one)."""
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot listen on {host}:{port} (address in use or not local)")
+    return bound
+
+
+def channel(address: str) -> grpc.Channel:
+    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
