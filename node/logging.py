@@ -36,10 +36,22 @@ def configure_logging(level: str = "info", fmt: LogFormat = "console") -> None:
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        logger_factory=_StderrLogger,
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(name)s: %(message)s")
+
+
+class _StderrLogger:
+    """Writes to whatever ``sys.stderr`` is *now*: test runners and daemons swap it after setup."""
+
+    def __init__(self, *_args: object) -> None:
+        pass
+
+    def msg(self, message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    log = debug = info = warning = warn = error = critical = exception = fatal = msg
 
 
 def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:

@@ -31,7 +31,8 @@ def make_server(max_workers: int = 32) -> tuple[grpc.Server, health.HealthServic
     """A thread-pool server with the message limits above and the health service registered."""
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        options=CHANNEL_OPTIONS,
+        # gRPC sets SO_REUSEPORT by default: a second daemon on a taken port would bind silently.
+        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -50,7 +51,10 @@ def mark_serving(health_servicer: health.HealthServicer, service_names: Iterable
 
 def bind(server: grpc.Server, host: str, port: int) -> int:
     """Bind insecurely to host:port; return the real port (port 0 picks a free one)."""
-    bound = server.add_insecure_port(f"{host}:{port}")
+    try:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    except RuntimeError:
+        bound = 0
     if bound == 0:
         raise OSError(f"cannot listen on {host}:{port} (address in use or not local)")
     return bound

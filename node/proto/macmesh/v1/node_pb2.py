@@ -24,23 +24,37 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15macmesh/v1/node.proto\x12\nmacmesh.v1\"\x98\x01\n\rNodeResources\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x1d\n\x15memory_bandwidth_gbps\x18\x04 \x01(\x01\x12\n\n\x02os\x18\x05 \x01(\t\x12\x12\n\nmlx_device\x18\x06 \x01(\t\"\xa9\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x06 \x01(\t\x12,\n\tresources\x18\x07 \x01(\x0b\x32\x19.macmesh.v1.NodeResources\"\x10\n\x0eGetInfoRequest\"8\n\x10HeartbeatRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.macmesh.v1.NodeInfo\";\n\x11HeartbeatResponse\x12&\n\x08receiver\x18\x01 \x01(\x0b\x32\x14.macmesh.v1.NodeInfo2\x94\x01\n\x0bNodeService\x12;\n\x07GetInfo\x12\x1a.macmesh.v1.GetInfoRequest\x1a\x14.macmesh.v1.NodeInfo\x12H\n\tHeartbeat\x12\x1c.macmesh.v1.HeartbeatRequest\x1a\x1d.macmesh.v1.HeartbeatResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15macmesh/v1/node.proto\x12\nmacmesh.v1\"\xab\x01\n\rNodeResources\x12\x1a\n\x12memory_total_bytes\x18\x01 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x02 \x01(\x04\x12\x0c\n\x04\x63hip\x18\x03 \x01(\t\x12\x1d\n\x15memory_bandwidth_gbps\x18\x04 \x01(\x01\x12\n\n\x02os\x18\x05 \x01(\t\x12\x12\n\nmlx_device\x18\x06 \x01(\t\x12\x11\n\tcpu_count\x18\x07 \x01(\r\"\xd7\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\x12\x18\n\x10protocol_version\x18\x04 \x01(\r\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x06 \x01(\t\x12,\n\tresources\x18\x07 \x01(\x0b\x32\x19.macmesh.v1.NodeResources\x12\x13\n\x0bincarnation\x18\x08 \x01(\t\x12\x17\n\x0fstarted_unix_ms\x18\t \x01(\x04\"0\n\x07PeerRef\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x02 \x01(\t\"\x10\n\x0eGetInfoRequest\"b\n\x10HeartbeatRequest\x12$\n\x06sender\x18\x01 \x01(\x0b\x32\x14.macmesh.v1.NodeInfo\x12(\n\x0bknown_peers\x18\x02 \x03(\x0b\x32\x13.macmesh.v1.PeerRef\"e\n\x11HeartbeatResponse\x12&\n\x08receiver\x18\x01 \x01(\x0b\x32\x14.macmesh.v1.NodeInfo\x12(\n\x0bknown_peers\x18\x02 \x03(\x0b\x32\x13.macmesh.v1.PeerRef\"G\n\x0eGoodbyeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bincarnation\x18\x02 \x01(\t\x12\x0f\n\x07\x63luster\x18\x03 \x01(\t\"\x11\n\x0fGoodbyeResponse\"\xaf\x01\n\nPeerStatus\x12\"\n\x04info\x18\x01 \x01(\x0b\x32\x14.macmesh.v1.NodeInfo\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.macmesh.v1.PeerState\x12\x1a\n\x12seconds_since_seen\x18\x03 \x01(\x01\x12\x19\n\x11last_seen_unix_ms\x18\x04 \x01(\x04\x12\x0f\n\x07sources\x18\x05 \x03(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x06 \x01(\t\"\x14\n\x12\x43lusterViewRequest\"a\n\x13\x43lusterViewResponse\x12#\n\x05local\x18\x01 \x01(\x0b\x32\x14.macmesh.v1.NodeInfo\x12%\n\x05peers\x18\x02 \x03(\x0b\x32\x16.macmesh.v1.PeerStatus*g\n\tPeerState\x12\x1a\n\x16PEER_STATE_UNSPECIFIED\x10\x00\x12\x11\n\rPEER_STATE_UP\x10\x01\x12\x16\n\x12PEER_STATE_SUSPECT\x10\x02\x12\x13\n\x0fPEER_STATE_DOWN\x10\x03\x32\xa8\x02\n\x0bNodeService\x12;\n\x07GetInfo\x12\x1a.macmesh.v1.GetInfoRequest\x1a\x14.macmesh.v1.NodeInfo\x12H\n\tHeartbeat\x12\x1c.macmesh.v1.HeartbeatRequest\x1a\x1d.macmesh.v1.HeartbeatResponse\x12\x42\n\x07Goodbye\x12\x1a.macmesh.v1.GoodbyeRequest\x1a\x1b.macmesh.v1.GoodbyeResponse\x12N\n\x0b\x43lusterView\x12\x1e.macmesh.v1.ClusterViewRequest\x1a\x1f.macmesh.v1.ClusterViewResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'macmesh.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_PEERSTATE']._serialized_start=1091
+  _globals['_PEERSTATE']._serialized_end=1194
   _globals['_NODERESOURCES']._serialized_start=38
-  _globals['_NODERESOURCES']._serialized_end=190
-  _globals['_NODEINFO']._serialized_start=193
-  _globals['_NODEINFO']._serialized_end=362
-  _globals['_GETINFOREQUEST']._serialized_start=364
-  _globals['_GETINFOREQUEST']._serialized_end=380
-  _globals['_HEARTBEATREQUEST']._serialized_start=382
-  _globals['_HEARTBEATREQUEST']._serialized_end=438
-  _globals['_HEARTBEATRESPONSE']._serialized_start=440
-  _globals['_HEARTBEATRESPONSE']._serialized_end=499
-  _globals['_NODESERVICE']._serialized_start=502
-  _globals['_NODESERVICE']._serialized_end=650
+  _globals['_NODERESOURCES']._serialized_end=209
+  _globals['_NODEINFO']._serialized_start=212
+  _globals['_NODEINFO']._serialized_end=427
+  _globals['_PEERREF']._serialized_start=429
+  _globals['_PEERREF']._serialized_end=477
+  _globals['_GETINFOREQUEST']._serialized_start=479
+  _globals['_GETINFOREQUEST']._serialized_end=495
+  _globals['_HEARTBEATREQUEST']._serialized_start=497
+  _globals['_HEARTBEATREQUEST']._serialized_end=595
+  _globals['_HEARTBEATRESPONSE']._serialized_start=597
+  _globals['_HEARTBEATRESPONSE']._serialized_end=698
+  _globals['_GOODBYEREQUEST']._serialized_start=700
+  _globals['_GOODBYEREQUEST']._serialized_end=771
+  _globals['_GOODBYERESPONSE']._serialized_start=773
+  _globals['_GOODBYERESPONSE']._serialized_end=790
+  _globals['_PEERSTATUS']._serialized_start=793
+  _globals['_PEERSTATUS']._serialized_end=968
+  _globals['_CLUSTERVIEWREQUEST']._serialized_start=970
+  _globals['_CLUSTERVIEWREQUEST']._serialized_end=990
+  _globals['_CLUSTERVIEWRESPONSE']._serialized_start=992
+  _globals['_CLUSTERVIEWRESPONSE']._serialized_end=1089
+  _globals['_NODESERVICE']._serialized_start=1197
+  _globals['_NODESERVICE']._serialized_end=1493
 # @@protoc_insertion_point(module_scope)

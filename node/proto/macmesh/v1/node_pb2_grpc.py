@@ -44,6 +44,16 @@ class NodeServiceStub:
                 request_serializer=macmesh_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=macmesh_dot_v1_dot_node__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.Goodbye = channel.unary_unary(
+                '/macmesh.v1.NodeService/Goodbye',
+                request_serializer=macmesh_dot_v1_dot_node__pb2.GoodbyeRequest.SerializeToString,
+                response_deserializer=macmesh_dot_v1_dot_node__pb2.GoodbyeResponse.FromString,
+                _registered_method=True)
+        self.ClusterView = channel.unary_unary(
+                '/macmesh.v1.NodeService/ClusterView',
+                request_serializer=macmesh_dot_v1_dot_node__pb2.ClusterViewRequest.SerializeToString,
+                response_deserializer=macmesh_dot_v1_dot_node__pb2.ClusterViewResponse.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -62,6 +72,18 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Goodbye(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ClusterView(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -74,6 +96,16 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=macmesh_dot_v1_dot_node__pb2.HeartbeatRequest.FromString,
                     response_serializer=macmesh_dot_v1_dot_node__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'Goodbye': grpc.unary_unary_rpc_method_handler(
+                    servicer.Goodbye,
+                    request_deserializer=macmesh_dot_v1_dot_node__pb2.GoodbyeRequest.FromString,
+                    response_serializer=macmesh_dot_v1_dot_node__pb2.GoodbyeResponse.SerializeToString,
+            ),
+            'ClusterView': grpc.unary_unary_rpc_method_handler(
+                    servicer.ClusterView,
+                    request_deserializer=macmesh_dot_v1_dot_node__pb2.ClusterViewRequest.FromString,
+                    response_serializer=macmesh_dot_v1_dot_node__pb2.ClusterViewResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -130,6 +162,60 @@ class NodeService:
             '/macmesh.v1.NodeService/Heartbeat',
             macmesh_dot_v1_dot_node__pb2.HeartbeatRequest.SerializeToString,
             macmesh_dot_v1_dot_node__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Goodbye(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.NodeService/Goodbye',
+            macmesh_dot_v1_dot_node__pb2.GoodbyeRequest.SerializeToString,
+            macmesh_dot_v1_dot_node__pb2.GoodbyeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ClusterView(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/macmesh.v1.NodeService/ClusterView',
+            macmesh_dot_v1_dot_node__pb2.ClusterViewRequest.SerializeToString,
+            macmesh_dot_v1_dot_node__pb2.ClusterViewResponse.FromString,
             options,
             channel_credentials,
             insecure,
