@@ -13,3 +13,7 @@ class UnknownModelError(PlacementError):
 
 class CheckpointError(PlacementError):
     """A checkpoint directory is missing files or holds unreadable ones."""
+
+
+class InsufficientMemoryError(PlacementError):
+    """The request is valid but the nodes do not have the memory; says needed vs offered."""
