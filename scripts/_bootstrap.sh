@@ -21,7 +21,7 @@ fi
 
 # Reinstall only when the dependency list changed: a stamp holds the hash of pyproject.toml.
 STAMP="$VENV/.macmesh-installed"
-WANT="$(sha256sum "$REPO/pyproject.toml" | cut -d' ' -f1)"
+WANT="$("$PY" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$REPO/pyproject.toml")"
 if [ "$(cat "$STAMP" 2>/dev/null || true)" != "$WANT" ]; then
   say "installing macmesh and its dependencies into .venv"
   "$VENV/bin/python" -m pip install --quiet --upgrade pip >/dev/null 2>&1 || true
