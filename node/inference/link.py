@@ -1,0 +1,133 @@
+"""Plumbing shared by stages and the coordinator: a serial worker and a Forward stream client.
+
+``SerialWorker`` runs callables one at a time on its own thread. Each stage (and the
+coordinator's stage 0) does all of its MLX work and all of its downstream sends on one worker,
+which keeps the frames of a request in order without locks.
+
+``ForwardLink`` is the client end of one long-lived ``StageService.Forward`` stream: frames
+queued with ``send`` go out in order; every response is handed to ``on_response`` on the
+link's receiver thread; ``on_closed`` runs once when the stream ends (None on a clean end, the
+``grpc.RpcError`` otherwise).
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+
+from node import rpc
+from node.logging import get_logger
+from node.proto.macmesh.v1 import stage_pb2 as pb
+from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
+
+log = get_logger(__name__)
+
+INSTANCE_METADATA_KEY = "x-macmesh-instance"
+_CLOSE = object()
+
+# gRPC servers close a connection (GOAWAY "too_many_pings") when a client pings more often than
+# their ping policy allows while they send no data; gRPC's default policy allows one ping per
+# 5 minutes. A Forward stream carries no data while the next stage works through a long
+# prefill, so with node.rpc's 10 s keepalive it dies after ~30 s of such work, taking the
+# request with it. Until macmesh servers accept frequent pings (the server options below in
+# node.rpc.CHANNEL_OPTIONS), stage channels ping no more often than the default policy allows.
+SERVER_PING_POLICY = "grpc.http2.min_recv_ping_interval_without_data_ms"
+DEFAULT_SERVER_PING_INTERVAL_MS = 5 * 60 * 1000
+
+
+def stage_channel(address: str) -> grpc.Channel:
+    """A channel for stage traffic (Forward streams and shard management) to ``address``."""
+    options = dict(rpc.CHANNEL_OPTIONS)
+    if SERVER_PING_POLICY not in options:
+        options["grpc.keepalive_time_ms"] = max(
+            int(options.get("grpc.keepalive_time_ms", 0)), DEFAULT_SERVER_PING_INTERVAL_MS + 60_000
+        )
+    return grpc.insecure_channel(address, options=list(options.items()))
+
+
+class SerialWorker:
+    """One thread running submitted callables in submission order."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
+        self._queue.put((fn, args))
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (item := self._queue.get()) is not None:
+            fn, args = item
+            try:
+                fn(*args)
+            except Exception:  # a job's failure must not stop the stage
+                log.exception(
+                    "worker job failed", worker=self.name, job=getattr(fn, "__name__", fn)
+                )
+
+
+class ForwardLink:
+    """The client end of one Forward stream to ``address`` for ``instance_id``."""
+
+    def __init__(
+        self,
+        channel: grpc.Channel,
+        instance_id: str,
+        on_response: Callable[[pb.ForwardResponse], None],
+        on_closed: Callable[[grpc.RpcError | None], None],
+        *,
+        name: str = "forward-link",
+    ) -> None:
+        self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._on_response = on_response
+        self._on_closed = on_closed
+        self._call = pb_grpc.StageServiceStub(channel).Forward(
+            self._requests(), metadata=((INSTANCE_METADATA_KEY, instance_id),)
+        )
+        self._receiver = threading.Thread(target=self._receive, name=name, daemon=True)
+        self._receiver.start()
+
+    def send(self, frame: pb.ForwardRequest) -> None:
+        self._outbox.put(frame)
+
+    def send_all(self, frames: Iterable[pb.ForwardRequest]) -> None:
+        for frame in frames:
+            self._outbox.put(frame)
+
+    def close(self) -> None:
+        """Half-close: no more frames; responses keep arriving until the peer ends the stream."""
+        self._outbox.put(_CLOSE)
+
+    def cancel(self) -> None:
+        self._outbox.put(_CLOSE)
+        self._call.cancel()
+
+    def _requests(self) -> Iterator[pb.ForwardRequest]:
+        while (frame := self._outbox.get()) is not _CLOSE:
+            yield frame
+
+    def _receive(self) -> None:
+        error: grpc.RpcError | None = None
+        try:
+            for response in self._call:
+                self._on_response(response)
+        except grpc.RpcError as exc:
+            error = exc
+        except Exception:
+            log.exception("forward link receiver failed")
+            self._call.cancel()
+        self._outbox.put(_CLOSE)  # let gRPC's request-consuming thread finish too
+        self._on_closed(error)

@@ -1,0 +1,580 @@
+"""The pipeline coordinator: loads the stages of a placement and runs the request loop.
+
+``PipelineEngine(model, placement, addresses)`` loads each stage's layer range (stage 0
+in-process when it sits on this node, the others through ``StageService.LoadShard`` with the
+next hop's address), then ``generate(request)`` streams the same ``TokenDelta`` /
+``GenerationDone`` events as the local engines.
+
+One Forward stream carries every request. Prefill is cut like mlx-lm's ``generate_step`` (the
+prompt minus its last token in ``prefill_step_size`` pieces, then the last token alone, which
+is the first one sampled), so a greedy pipelined run computes exactly what mlx-lm computes.
+Each sampled token comes back from the last stage to the coordinator, which decides right
+there (on the receiving thread, not the consumer's) whether to stop or to feed the token
+back in; so several requests are in flight at once and different stages work on different
+requests at the same time. Finishing, cancelling or abandoning a request's iterator sends a
+release down the pipeline, and every stage frees that request's caches.
+
+How a daemon drives it (the planner's ``Placement`` fits ``PlacementLike`` as is)::
+
+    engine = PipelineEngine(checkpoint_dir, placement, {n.id: n.grpc_address for n in nodes},
+                            local_node_id=daemon.node_id, remote_model=model_name)
+    engine.load()                        # LoadShard everywhere; returns each stage's ShardInfo
+    for event in engine.generate(request, request_id=rid):   # TokenDelta..., GenerationDone
+        ...
+    engine.cancel(rid)                   # from any thread; the iterator just ends
+    engine.status()                      # StageStatus per stage (cached requests, frames)
+    engine.close()                       # UnloadShard everywhere
+
+Errors: ``PipelineError`` with the failing stage's gRPC status code (INVALID_ARGUMENT for a
+rejected frame, UNAVAILABLE when a stage is unreachable or died mid-request).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from queue import Empty, SimpleQueue
+from typing import Any, Protocol
+
+import grpc
+import mlx.core as mx
+from mlx_lm.utils import load_config, load_tokenizer
+
+from node.inference.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, encode_tensor
+from node.inference.engine import OutputTracker
+from node.inference.events import GenerationDone, GenerationEvent
+from node.inference.link import ForwardLink, stage_channel
+from node.inference.requests import GenerateRequest, check_against_model, prompt_token_ids
+from node.inference.shard import load_shard
+from node.inference.stage import StageRuntime, StageSession, sampling_to_proto
+from node.inference.stats import GenerationStats, StageStats, rate
+from node.logging import get_logger
+from node.proto.macmesh.v1 import stage_pb2 as pb
+from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
+
+log = get_logger(__name__)
+
+# mlx-lm's generate_step default: the prompt minus its last token goes through in pieces this big.
+PREFILL_STEP_SIZE = 2048
+DEFAULT_LOAD_TIMEOUT = 600.0
+
+
+class StageLike(Protocol):
+    """What the engine needs of a placement stage (``node.placement.planner.Stage`` fits)."""
+
+    node_id: str
+    start_layer: int
+    end_layer: int
+
+
+class PlacementLike(Protocol):
+    stages: Sequence[StageLike]
+
+
+@dataclass(frozen=True)
+class PipelineStage:
+    """A stage given by hand (tests, benchmarks); same fields the planner's ``Stage`` has."""
+
+    node_id: str
+    start_layer: int
+    end_layer: int
+
+
+@dataclass(frozen=True)
+class SimplePlacement:
+    stages: list[PipelineStage]
+
+    @classmethod
+    def even(cls, num_layers: int, node_ids: Sequence[str]) -> SimplePlacement:
+        """Contiguous ranges, the first stages taking the extra layers."""
+        base, extra = divmod(num_layers, len(node_ids))
+        stages, start = [], 0
+        for i, node in enumerate(node_ids):
+            end = start + base + (1 if i < extra else 0)
+            stages.append(PipelineStage(node, start, end))
+            start = end
+        return cls(stages)
+
+
+class PipelineError(RuntimeError):
+    """A request (or the pipeline) failed; ``code`` is the gRPC status of the failing stage."""
+
+    def __init__(self, code: grpc.StatusCode, message: str, position: int | None = None) -> None:
+        where = f"stage {position}: " if position is not None else ""
+        super().__init__(f"{code.name}: {where}{message}")
+        self.code = code
+        self.position = position
+
+
+_STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
+
+
+@dataclass
+class _Active:
+    """A request in flight, as the coordinator's receiving side sees it."""
+
+    request_id: str
+    stop_ids: set[int]
+    max_new: int  # tokens to generate at most (max_tokens, bounded by the context)
+    events: SimpleQueue[tuple[str, Any]] = field(default_factory=SimpleQueue)
+    generated: int = 0
+    released: bool = False
+
+
+def _check_stages(stages: Sequence[StageLike], num_layers: int) -> None:
+    if not stages:
+        raise ValueError("placement has no stages")
+    expected = 0
+    for i, stage in enumerate(stages):
+        if stage.start_layer != expected or stage.end_layer <= stage.start_layer:
+            raise ValueError(
+                f"stage {i} on {stage.node_id!r} covers [{stage.start_layer}, {stage.end_layer}); "
+                f"stages must be contiguous and non-empty starting at layer {expected}"
+            )
+        expected = stage.end_layer
+    if expected != num_layers:
+        raise ValueError(
+            f"stages cover layers [0, {expected}) but the model has {num_layers} layers"
+        )
+
+
+class PipelineEngine:
+    """Pipelined generation over the stages of a placement.
+
+    ``model`` is the checkpoint directory on this node (tokenizer, config and, when stage 0
+    is local, its weights); ``remote_model`` is what other nodes are told to load (defaults
+    to the same path). ``addresses`` maps node ids to ``host:port`` of their StageService.
+    """
+
+    kind = "pipeline"
+
+    def __init__(
+        self,
+        model: str | Path,
+        placement: PlacementLike,
+        addresses: Mapping[str, str],
+        *,
+        local_node_id: str | None = None,
+        remote_model: str | None = None,
+        instance_id: str | None = None,
+        reason: str = "",
+        max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        prefill_step_size: int = PREFILL_STEP_SIZE,
+        load_timeout: float = DEFAULT_LOAD_TIMEOUT,
+        token_timeout: float | None = None,
+    ) -> None:
+        self.model_path = Path(model).expanduser()
+        self.config = load_config(self.model_path)
+        text = self.config.get("text_config", self.config)
+        self.num_layers = int(text["num_hidden_layers"])
+        self.vocab_size = int(text["vocab_size"])
+        self.context_length = int(text.get("max_position_embeddings", 1 << 20))
+        self.stages = list(placement.stages)
+        _check_stages(self.stages, self.num_layers)
+        self.local_node_id = local_node_id
+        self.local_first = local_node_id is not None and self.stages[0].node_id == local_node_id
+        remote = self.stages[1:] if self.local_first else self.stages
+        missing = [s.node_id for s in remote if s.node_id not in addresses]
+        if missing:
+            raise ValueError(f"no address for stage nodes {missing}")
+        self.addresses = dict(addresses)
+        self.remote_model = remote_model or str(self.model_path)
+        self.instance_id = instance_id or f"pipe-{uuid.uuid4().hex[:12]}"
+        self.reason = reason or f"pipeline across {len(self.stages)} nodes"
+        self.max_chunk_bytes = max_chunk_bytes
+        self.prefill_step_size = prefill_step_size
+        self.load_timeout = load_timeout
+        self.token_timeout = token_timeout  # longest wait for the next token (None: no limit)
+        self.tokenizer = load_tokenizer(
+            self.model_path, eos_token_ids=self.config.get("eos_token_id")
+        )
+        self.eos_ids = set(getattr(self.tokenizer, "eos_token_ids", set()) or set())
+        self.shards: list[pb.ShardInfo] = []
+        self._channels: dict[str, grpc.Channel] = {}
+        self._local: StageRuntime | None = None
+        self._session: StageSession | None = None
+        self._link: ForwardLink | None = None
+        self._send_lock = threading.Lock()
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._loaded = False
+
+    # ---- lifecycle ----
+
+    def __enter__(self) -> PipelineEngine:
+        if not self._loaded:
+            self.load()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _stub(self, node_id: str) -> pb_grpc.StageServiceStub:
+        address = self.addresses[node_id]
+        if address not in self._channels:
+            self._channels[address] = stage_channel(address)
+        return pb_grpc.StageServiceStub(self._channels[address])
+
+    def _next_hop(self, position: int) -> str:
+        if position + 1 >= len(self.stages):
+            return ""
+        return self.addresses[self.stages[position + 1].node_id]
+
+    def load(self) -> list[pb.ShardInfo]:
+        """Load every stage (remote ones in parallel); returns what each stage reports."""
+        positions = range(1 if self.local_first else 0, len(self.stages))
+
+        def load_remote(position: int) -> pb.ShardInfo:
+            stage = self.stages[position]
+            request = pb.LoadShardRequest(
+                instance_id=self.instance_id,
+                model=self.remote_model,
+                start_layer=stage.start_layer,
+                end_layer=stage.end_layer,
+                position=position,
+                num_stages=len(self.stages),
+                next_hop=self._next_hop(position),
+            )
+            try:
+                return self._stub(stage.node_id).LoadShard(request, timeout=self.load_timeout).shard
+            except grpc.RpcError as exc:
+                raise PipelineError(
+                    exc.code(),
+                    f"loading layers [{stage.start_layer}, {stage.end_layer}) on "
+                    f"{stage.node_id} ({self.addresses[stage.node_id]}): {exc.details()}",
+                    position,
+                ) from None
+
+        with ThreadPoolExecutor(max_workers=max(1, len(positions))) as pool:
+            futures = {p: pool.submit(load_remote, p) for p in positions}
+            infos: dict[int, pb.ShardInfo] = {}
+            if self.local_first:
+                stage = self.stages[0]
+                shard = load_shard(self.model_path, stage.start_layer, stage.end_layer)
+                self._local = StageRuntime(
+                    shard,
+                    instance_id=self.instance_id,
+                    model=str(self.model_path),
+                    position=0,
+                    num_stages=len(self.stages),
+                    next_hop=self._next_hop(0),
+                    max_chunk_bytes=self.max_chunk_bytes,
+                )
+                infos[0] = self._local.info()
+            errors = []
+            for position, future in futures.items():
+                try:
+                    infos[position] = future.result()
+                except PipelineError as exc:
+                    errors.append(exc)
+        self._loaded = True
+        if errors:
+            self.close()
+            raise errors[0]
+        self.shards = [infos[p] for p in sorted(infos)]
+        log.info(
+            "pipeline loaded",
+            instance=self.instance_id,
+            stages=[f"{s.node_id}[{s.start_layer},{s.end_layer})" for s in self.stages],
+        )
+        return self.shards
+
+    def close(self) -> None:
+        """Stop every request, unload every stage, close connections."""
+        with self._lock:
+            active = list(self._active.values())
+        for request in active:
+            self._finish(
+                request, ("error", PipelineError(grpc.StatusCode.CANCELLED, "engine closed"))
+            )
+        if self._link is not None:
+            self._link.cancel()
+            self._link = None
+        with self._send_lock:
+            if self._session is not None:
+                self._session.end()
+                self._session = None
+        positions = range(1 if self.local_first else 0, len(self.stages)) if self._loaded else []
+        for position in positions:
+            node = self.stages[position].node_id
+            try:
+                self._stub(node).UnloadShard(
+                    pb.UnloadShardRequest(instance_id=self.instance_id), timeout=10
+                )
+            except grpc.RpcError as exc:
+                log.warning("unload failed", node=node, error=exc.details())
+        if self._local is not None:
+            self._local.shutdown()
+            self._local = None
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+        self._loaded = False
+
+    # ---- sending ----
+
+    def _send(self, frames: list[pb.ForwardRequest]) -> None:
+        """Hand frames to stage 0 (in-process) or to the stream to the first remote stage."""
+        with self._send_lock:
+            if self._local is not None:
+                if self._session is None:
+                    self._session = self._local.new_session(self._on_response)
+                for frame in frames:
+                    self._session.handle(frame)
+                return
+            if self._link is None:
+                self._link = ForwardLink(
+                    self._channel_to(self.stages[0].node_id),
+                    self.instance_id,
+                    on_response=self._on_response,
+                    on_closed=self._on_link_closed,
+                    name="pipeline-receiver",
+                )
+            self._link.send_all(frames)
+
+    def _channel_to(self, node_id: str) -> grpc.Channel:
+        self._stub(node_id)
+        return self._channels[self.addresses[node_id]]
+
+    def _release(self, request: _Active) -> None:
+        with self._lock:
+            if request.released:
+                return
+            request.released = True
+            self._active.pop(request.request_id, None)
+        self._send([pb.ForwardRequest(request_id=request.request_id, release=pb.ReleaseRequest())])
+
+    def _finish(self, request: _Active, event: tuple[str, Any]) -> None:
+        self._release(request)
+        request.events.put(event)
+
+    # ---- receiving (link receiver thread, or the local worker) ----
+
+    def _on_response(self, response: pb.ForwardResponse) -> None:
+        kind = response.WhichOneof("kind")
+        with self._lock:
+            request = self._active.get(response.request_id)
+        if request is None or request.released:
+            return  # a late token or the ack of a released request
+        if kind == "token":
+            token = response.token
+            request.generated += 1
+            stop = token.token_id in request.stop_ids or request.generated >= request.max_new
+            if stop:
+                self._release(request)
+            else:
+                frame = pb.Activation(
+                    start_position=token.position, token_ids=[token.token_id], sample=True
+                )
+                self._send([pb.ForwardRequest(request_id=request.request_id, activation=frame)])
+            request.events.put(("token", token.token_id))
+        elif kind == "error":
+            error = response.error
+            status = _STATUS_BY_VALUE.get(error.code, grpc.StatusCode.UNKNOWN)
+            self._finish(request, ("error", PipelineError(status, error.message, error.position)))
+
+    def _on_link_closed(self, error: grpc.RpcError | None) -> None:
+        with self._send_lock:
+            self._link = None
+        detail = error.details() if error is not None else "stream ended"
+        with self._lock:
+            active = list(self._active.values())
+            for request in active:
+                request.released = True  # the stages dropped the stream and its caches
+            self._active.clear()
+        for request in active:
+            request.events.put(
+                (
+                    "error",
+                    PipelineError(
+                        grpc.StatusCode.UNAVAILABLE, f"first stage stream closed: {detail}", 0
+                    ),
+                )
+            )
+
+    # ---- the request API ----
+
+    def prompt_ids(self, request: GenerateRequest) -> list[int]:
+        ids = prompt_token_ids(request, self.tokenizer)
+        check_against_model(
+            request, ids, vocab_size=self.vocab_size, context_length=self.context_length, max_k=None
+        )
+        return ids
+
+    def _prefill_frames(self, request_id: str, ids: list[int]) -> list[pb.ForwardRequest]:
+        frames = []
+        for start in range(0, len(ids) - 1, self.prefill_step_size):
+            end = min(start + self.prefill_step_size, len(ids) - 1)
+            act = pb.Activation(start_position=start, token_ids=ids[start:end], sample=False)
+            frames.append(pb.ForwardRequest(request_id=request_id, activation=act))
+        last = pb.Activation(start_position=len(ids) - 1, token_ids=ids[-1:], sample=True)
+        frames.append(pb.ForwardRequest(request_id=request_id, activation=last))
+        return frames
+
+    def generate(
+        self,
+        request: GenerateRequest,
+        reason: str | None = None,
+        *,
+        request_id: str | None = None,
+    ) -> Iterator[GenerationEvent]:
+        """Stream one request's events; closing the iterator early cancels the request.
+
+        ``reason`` overrides the engine's reason in the final stats (as ``LocalEngine``).
+        """
+        if not self._loaded:
+            raise PipelineError(
+                grpc.StatusCode.FAILED_PRECONDITION, "pipeline is not loaded; call load()"
+            )
+        ids = self.prompt_ids(request)
+        request_id = request_id or uuid.uuid4().hex
+        room = self.context_length - len(ids)
+        active = _Active(
+            request_id=request_id,
+            stop_ids=set() if request.ignore_eos else self.eos_ids,
+            max_new=min(request.max_tokens, room),
+        )
+        with self._lock:
+            if request_id in self._active:
+                raise ValueError(f"request id {request_id!r} is already in flight")
+            self._active[request_id] = active
+        output = OutputTracker(
+            tokenizer=self.tokenizer,
+            eos_ids=active.stop_ids,
+            max_tokens=request.max_tokens,
+            room=room,
+        )
+        started = time.perf_counter()
+        first_token_at: float | None = None
+        try:
+            open_frame = pb.ForwardRequest(
+                request_id=request_id,
+                open=pb.OpenRequest(sampling=sampling_to_proto(request.sampling)),
+            )
+            self._send([open_frame, *self._prefill_frames(request_id, ids)])
+            while not output.done:
+                try:
+                    kind, payload = active.events.get(timeout=self.token_timeout)
+                except Empty:
+                    raise PipelineError(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"no token for {self.token_timeout} s from the pipeline",
+                    ) from None
+                if kind == "error":
+                    raise payload
+                if kind == "cancelled":
+                    return
+                if first_token_at is None:
+                    first_token_at = time.perf_counter()
+                delta = output.add([payload])
+                if delta is not None:
+                    yield delta
+            ended = time.perf_counter()
+            first = first_token_at or ended
+            yield GenerationDone(
+                text=output.text,
+                token_ids=output.tokens,
+                finish_reason=output.finish_reason or "length",
+                stats=GenerationStats(
+                    engine="pipeline",
+                    engine_reason=reason or self.reason,
+                    prompt_tokens=len(ids),
+                    generation_tokens=output.generated,
+                    prompt_tps=rate(len(ids), first - started),
+                    generation_tps=rate(max(output.generated - 1, 0), ended - first),
+                    stages=[
+                        StageStats(node=s.node_id, start_layer=s.start_layer, end_layer=s.end_layer)
+                        for s in self.stages
+                    ],
+                ),
+            )
+        finally:
+            self._release(active)
+
+    def cancel(self, request_id: str) -> bool:
+        """Stop a request from any thread; its iterator ends without a GenerationDone."""
+        with self._lock:
+            active = self._active.get(request_id)
+        if active is None:
+            return False
+        self._finish(active, ("cancelled", None))
+        return True
+
+    @property
+    def in_flight(self) -> list[str]:
+        with self._lock:
+            return list(self._active)
+
+    # ---- observation ----
+
+    def status(self) -> list[pb.StageStatus]:
+        """Every stage's status, in pipeline order (the local stage 0 included)."""
+        statuses = []
+        for position, stage in enumerate(self.stages):
+            if position == 0 and self._local is not None:
+                statuses.append(self._local.status())
+                continue
+            response = self._stub(stage.node_id).Status(
+                pb.StageStatusRequest(instance_id=self.instance_id), timeout=10
+            )
+            statuses.extend(response.stages)
+        return statuses
+
+    def cached_requests(self) -> list[int]:
+        """How many requests hold caches on each stage (0 everywhere when idle)."""
+        return [s.cached_requests for s in self.status()]
+
+
+def probe_round_trips(
+    address: str,
+    instance_id: str,
+    array: mx.array,
+    repeats: int,
+    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+) -> list[float]:
+    """Send ``array`` to a stage ``repeats`` times as a Probe and time each echo (seconds).
+
+    A round trip runs from encoding here, through the hop, the stage decoding it into an MLX
+    array and re-encoding it, the hop back, to the echo decoded into an MLX array on this
+    side's receiving thread (where a coordinator handles tokens): two hops of stage traffic.
+    """
+    channel = stage_channel(address)
+    done: SimpleQueue[Any] = SimpleQueue()
+    state: dict[str, Any] = {}
+
+    def on_response(reply: pb.ForwardResponse) -> None:
+        if reply.WhichOneof("kind") != "probe":
+            done.put(reply)
+            return
+        tensor = state["assembler"].add(reply.probe.tensor)
+        if tensor is not None:
+            mx.eval(tensor.to_mx())
+            done.put(time.perf_counter() - state["began"])
+
+    link = ForwardLink(channel, instance_id, on_response=on_response, on_closed=done.put)
+    timings = []
+    try:
+        for i in range(repeats):
+            state["assembler"] = TensorAssembler()
+            state["began"] = time.perf_counter()
+            link.send_all(
+                pb.ForwardRequest(request_id=f"probe-{i}", probe=pb.Probe(tensor=c))
+                for c in encode_tensor(array, max_chunk_bytes)
+            )
+            result = done.get(timeout=120)
+            if isinstance(result, float):
+                timings.append(result)
+            elif isinstance(result, pb.ForwardResponse):
+                status = _STATUS_BY_VALUE.get(result.error.code, grpc.StatusCode.UNKNOWN)
+                raise PipelineError(status, f"probe failed: {result.error.message}")
+            else:
+                raise PipelineError(grpc.StatusCode.UNAVAILABLE, f"probe stream closed: {result}")
+    finally:
+        link.cancel()
+        channel.close()
+    return timings

@@ -1,0 +1,244 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class TensorDType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    TENSOR_DTYPE_UNSPECIFIED: _ClassVar[TensorDType]
+    TENSOR_DTYPE_FLOAT32: _ClassVar[TensorDType]
+    TENSOR_DTYPE_FLOAT16: _ClassVar[TensorDType]
+    TENSOR_DTYPE_BFLOAT16: _ClassVar[TensorDType]
+TENSOR_DTYPE_UNSPECIFIED: TensorDType
+TENSOR_DTYPE_FLOAT32: TensorDType
+TENSOR_DTYPE_FLOAT16: TensorDType
+TENSOR_DTYPE_BFLOAT16: TensorDType
+
+class TensorChunk(_message.Message):
+    __slots__ = ("dtype", "shape", "offset", "data")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    dtype: TensorDType
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    offset: int
+    data: bytes
+    def __init__(self, dtype: _Optional[_Union[TensorDType, str]] = ..., shape: _Optional[_Iterable[int]] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class SamplingOptions(_message.Message):
+    __slots__ = ("temperature", "top_p", "top_k", "min_p", "repetition_penalty", "repetition_context_size", "presence_penalty", "frequency_penalty", "penalty_context_size", "logit_bias", "seed")
+    class LogitBiasEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: int
+        value: float
+        def __init__(self, key: _Optional[int] = ..., value: _Optional[float] = ...) -> None: ...
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    MIN_P_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    REPETITION_CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PRESENCE_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    FREQUENCY_PENALTY_FIELD_NUMBER: _ClassVar[int]
+    PENALTY_CONTEXT_SIZE_FIELD_NUMBER: _ClassVar[int]
+    LOGIT_BIAS_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_p: float
+    top_k: int
+    min_p: float
+    repetition_penalty: float
+    repetition_context_size: int
+    presence_penalty: float
+    frequency_penalty: float
+    penalty_context_size: int
+    logit_bias: _containers.ScalarMap[int, float]
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context_size: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class LoadShardRequest(_message.Message):
+    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    model: str
+    start_layer: int
+    end_layer: int
+    position: int
+    num_stages: int
+    next_hop: str
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ...) -> None: ...
+
+class ShardInfo(_message.Message):
+    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "num_layers", "hidden_size", "activation_dtype", "has_embedding", "has_head", "weight_bytes", "resident_bytes", "load_seconds")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    START_LAYER_FIELD_NUMBER: _ClassVar[int]
+    END_LAYER_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_SIZE_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_DTYPE_FIELD_NUMBER: _ClassVar[int]
+    HAS_EMBEDDING_FIELD_NUMBER: _ClassVar[int]
+    HAS_HEAD_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    model: str
+    start_layer: int
+    end_layer: int
+    position: int
+    num_stages: int
+    next_hop: str
+    num_layers: int
+    hidden_size: int
+    activation_dtype: TensorDType
+    has_embedding: bool
+    has_head: bool
+    weight_bytes: int
+    resident_bytes: int
+    load_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., activation_dtype: _Optional[_Union[TensorDType, str]] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class LoadShardResponse(_message.Message):
+    __slots__ = ("shard",)
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardInfo
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ...) -> None: ...
+
+class UnloadShardRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class UnloadShardResponse(_message.Message):
+    __slots__ = ("unloaded",)
+    UNLOADED_FIELD_NUMBER: _ClassVar[int]
+    unloaded: bool
+    def __init__(self, unloaded: _Optional[bool] = ...) -> None: ...
+
+class StageStatusRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class StageStatus(_message.Message):
+    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected")
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    shard: ShardInfo
+    cached_requests: int
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    open_streams: int
+    frames_processed: int
+    frames_rejected: int
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ...) -> None: ...
+
+class StageStatusResponse(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
+    def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ...) -> None: ...
+
+class OpenRequest(_message.Message):
+    __slots__ = ("sampling",)
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    sampling: SamplingOptions
+    def __init__(self, sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+
+class Activation(_message.Message):
+    __slots__ = ("start_position", "token_ids", "hidden", "sample")
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    start_position: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    hidden: TensorChunk
+    sample: bool
+    def __init__(self, start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class ReleaseRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Probe(_message.Message):
+    __slots__ = ("tensor",)
+    TENSOR_FIELD_NUMBER: _ClassVar[int]
+    tensor: TensorChunk
+    def __init__(self, tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
+class ForwardRequest(_message.Message):
+    __slots__ = ("request_id", "open", "activation", "release", "probe")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    OPEN_FIELD_NUMBER: _ClassVar[int]
+    ACTIVATION_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    open: OpenRequest
+    activation: Activation
+    release: ReleaseRequest
+    probe: Probe
+    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenRequest, _Mapping]] = ..., activation: _Optional[_Union[Activation, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ...) -> None: ...
+
+class SampledToken(_message.Message):
+    __slots__ = ("token_id", "position", "logprob")
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    token_id: int
+    position: int
+    logprob: float
+    def __init__(self, token_id: _Optional[int] = ..., position: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
+
+class Released(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: int
+    def __init__(self, stages: _Optional[int] = ...) -> None: ...
+
+class StageError(_message.Message):
+    __slots__ = ("code", "message", "position")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    position: int
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+
+class ForwardResponse(_message.Message):
+    __slots__ = ("request_id", "token", "released", "error", "probe")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    PROBE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token: SampledToken
+    released: Released
+    error: StageError
+    probe: Probe
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., released: _Optional[_Union[Released, _Mapping]] = ..., error: _Optional[_Union[StageError, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ...) -> None: ...

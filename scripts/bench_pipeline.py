@@ -1,0 +1,484 @@
+#!/usr/bin/env python3
+"""Benchmark pipelined decode on 1, 2 and 3 local nodes, with MLX's ring backend as the anchor.
+
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3 \\
+        python scripts/bench_pipeline.py --json bench_pipeline.json
+
+(The script re-executes itself with that LD_PRELOAD when the library exists and it is not set.)
+
+One checkpoint (``node.checkpoints.bench_spec``, ~270M fp32 parameters unless ``--params``) is
+placed on 1, 2 and 3 nodes. The coordinator (this process) runs stage 0; the other nodes are
+stage-server processes on 127.0.0.1. A machine with few cores stands in for several machines:
+each node is pinned to its own core (round-robin when there are more nodes than cores) with
+one BLAS thread, so one node never borrows another's core (``--no-pin`` turns this off).
+
+Measured per node count: single-stream decode tok/s, aggregate decode tok/s with ``--streams``
+concurrent streams, prefill tok/s, and (2+ nodes) the round trip of a decode-sized activation
+(10 KB: 1 x 2560 fp32) through a stage's Forward stream (encode, hop, decode on the stage's
+worker, re-encode, hop back, decode; per-hop = half of it), and the transfer rate of a prefill-
+sized activation (8192 tokens x the model width). Anchors in the same run: the round trip of a
+bare gRPC bidi echo (same server type, no codec, no worker) and of MLX's ring backend
+(``mx.distributed`` send/recv between two processes over loopback). Prints a table, writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+HOP_ELEMENTS = 2560  # 10 KB of float32
+
+# ---- child processes: a bare gRPC echo server and one MLX ring rank ----
+
+
+def serve_echo() -> None:
+    """A bidi echo on the same kind of server the daemon runs: the gRPC floor."""
+    from node import rpc
+    from node.proto.macmesh.v1 import stage_pb2 as pb
+    from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
+
+    class Echo(pb_grpc.StageServiceServicer):
+        def Forward(self, request_iterator, context):
+            for frame in request_iterator:
+                yield pb.ForwardResponse(request_id=frame.request_id, probe=frame.probe)
+
+    server, _ = rpc.make_server()
+    pb_grpc.add_StageServiceServicer_to_server(Echo(), server)
+    port = rpc.bind(server, "127.0.0.1", 0)
+    server.start()
+    print(port, flush=True)
+    server.wait_for_termination()
+
+
+def ring_rank(repeats: int) -> None:
+    """One rank of a 2-process ring: rank 0 sends 10 KB, rank 1 sends it back."""
+    import mlx.core as mx
+
+    group = mx.distributed.init(backend="ring", strict=True)
+    rank = group.rank()
+    x = mx.ones((HOP_ELEMENTS,), dtype=mx.float32)
+    mx.eval(x)
+    timings = []
+    for i in range(repeats):
+        x = mx.full((HOP_ELEMENTS,), float(i))  # a fresh activation each time, as in decode
+        mx.eval(x)
+        began = time.perf_counter()
+        if rank == 0:
+            mx.eval(mx.distributed.send(x, 1, group=group))
+            mx.eval(mx.distributed.recv_like(x, 1, group=group))
+        else:
+            y = mx.distributed.recv_like(x, 0, group=group)
+            mx.eval(y)
+            mx.eval(mx.distributed.send(y, 0, group=group))
+        timings.append(time.perf_counter() - began)
+    if rank == 0:
+        print(json.dumps(timings[repeats // 10 :]), flush=True)
+
+
+# ---- the parent ----
+
+
+def pin(core: int | None) -> None:
+    if core is not None and hasattr(os, "sched_setaffinity"):
+        os.sched_setaffinity(0, {core})
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["OPENBLAS_NUM_THREADS"] = env.get("OPENBLAS_NUM_THREADS", "1")
+    env["MACMESH_LOG_LEVEL"] = "warning"
+    return env
+
+
+def start_stage_servers(
+    count: int, cores: list[int | None], workdir: Path
+) -> list[tuple[subprocess.Popen, str]]:
+    servers = []
+    for i in range(count):
+        port_file = workdir / f"stage{i + 1}.port"
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "node.inference.stage",
+                "--port",
+                "0",
+                "--port-file",
+                str(port_file),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=open(workdir / f"stage{i + 1}.log", "wb"),  # noqa: SIM115 - lives with the process
+            env=child_env(),
+            preexec_fn=(lambda core=cores[i + 1]: pin(core)),
+        )
+        servers.append((proc, port_file))
+    started = []
+    for proc, port_file in servers:
+        deadline = time.monotonic() + 60
+        while not port_file.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(
+                    f"stage server failed to start; see {port_file.with_suffix('.log')}"
+                )
+            time.sleep(0.05)
+        started.append((proc, f"127.0.0.1:{port_file.read_text().strip()}"))
+    return started
+
+
+def ring_round_trips(repeats: int, workdir: Path, cores: list[int | None]) -> list[float]:
+    ports = []
+    for _ in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            ports.append(s.getsockname()[1])
+    hostfile = workdir / "ring-hosts.json"
+    hostfile.write_text(json.dumps([[f"127.0.0.1:{p}"] for p in ports]))
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, "--ring-rank", "--hop-repeats", str(repeats)],
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**child_env(), "MLX_RANK": str(rank), "MLX_HOSTFILE": str(hostfile)},
+            preexec_fn=(lambda core=cores[rank]: pin(core)),
+        )
+        for rank in range(2)
+    ]
+    out, _ = procs[0].communicate(timeout=300)
+    procs[1].wait(timeout=60)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def grpc_echo_round_trips(repeats: int, cores: list[int | None]) -> list[float]:
+    import queue
+
+    from node import rpc
+    from node.proto.macmesh.v1 import stage_pb2 as pb
+    from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
+
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--serve-echo"],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=child_env(),
+        preexec_fn=(lambda: pin(cores[1])),
+    )
+    try:
+        port = int(proc.stdout.readline())
+        channel = rpc.channel(f"127.0.0.1:{port}")
+        outbox: queue.SimpleQueue = queue.SimpleQueue()
+        call = pb_grpc.StageServiceStub(channel).Forward(iter(outbox.get, None))
+        frame = pb.ForwardRequest(
+            request_id="e", probe=pb.Probe(tensor=pb.TensorChunk(data=b"\0" * HOP_ELEMENTS * 4))
+        )
+        timings = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            outbox.put(frame)
+            next(call)
+            timings.append(time.perf_counter() - began)
+        outbox.put(None)
+        channel.close()
+        return timings[repeats // 10 :]
+    finally:
+        proc.kill()
+
+
+def measure_generation(engine: Any, prompt: list[int], tokens: int) -> dict[str, float]:
+    from node.inference.requests import GenerateRequest
+
+    began = time.perf_counter()
+    done = list(
+        engine.generate(GenerateRequest(prompt_ids=prompt, max_tokens=tokens, ignore_eos=True))
+    )[-1]
+    wall = time.perf_counter() - began
+    return {
+        "generation_tps": done.stats.generation_tps,
+        "prompt_tps": done.stats.prompt_tps,
+        "tokens": len(done.token_ids),
+        "wall_tps": len(done.token_ids) / wall,
+    }
+
+
+def measure_streams(engine: Any, prompts: list[list[int]], tokens: int) -> dict[str, float]:
+    from node.inference.requests import GenerateRequest
+
+    counts = [0] * len(prompts)
+    first_token: list[float] = []
+    barrier = threading.Barrier(len(prompts) + 1)
+
+    def stream(i: int) -> None:
+        barrier.wait()
+        request = GenerateRequest(prompt_ids=prompts[i], max_tokens=tokens, ignore_eos=True)
+        for event in engine.generate(request):
+            if event.kind == "delta":
+                if counts[i] == 0:
+                    first_token.append(time.perf_counter())
+                counts[i] += len(event.token_ids)
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    began = time.perf_counter()
+    for t in threads:
+        t.join()
+    ended = time.perf_counter()
+    decoded = sum(counts) - len(prompts)  # tokens after each stream's first (prefill) token
+    return {
+        "streams": len(prompts),
+        "tokens": sum(counts),
+        "wall_tps": sum(counts) / (ended - began),
+        "decode_tps": decoded / (ended - max(first_token)) if decoded > 0 else 0.0,
+    }
+
+
+def bench_nodes(
+    n: int, args: argparse.Namespace, checkpoint: Path, addresses: list[str]
+) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from node.inference.pipeline import PipelineEngine, SimplePlacement, probe_round_trips
+
+    names = ["coordinator", *[f"node{i}" for i in range(1, n)]]
+    config = json.loads((checkpoint / "config.json").read_text())
+    num_layers = config["text_config"]["num_hidden_layers"]
+    width = config["text_config"]["hidden_size"]
+    engine = PipelineEngine(
+        checkpoint,
+        SimplePlacement.even(num_layers, names),
+        {name: addresses[i - 1] for i, name in enumerate(names) if i > 0},
+        local_node_id="coordinator",
+    )
+    began = time.perf_counter()
+    shards = engine.load()
+    result: dict[str, Any] = {
+        "nodes": n,
+        "load_seconds": time.perf_counter() - began,
+        "stages": [
+            {
+                "layers": [s.start_layer, s.end_layer],
+                "weight_mb": s.weight_bytes / 2**20,
+                "resident_mb": s.resident_bytes / 2**20,
+            }
+            for s in shards
+        ],
+    }
+    try:
+        prompt = [(7 * i + 3) % 480 for i in range(args.prompt_tokens)]
+        measure_generation(engine, prompt, 4)  # warm-up: first-call allocations, connections
+        runs = [measure_generation(engine, prompt, args.tokens) for _ in range(args.runs)]
+        best = max(runs, key=lambda r: r["generation_tps"])
+        result["single_stream"] = best
+        result["ms_per_token"] = 1000 / best["generation_tps"]
+        prompts = [
+            [(7 * i + 3 + 11 * s) % 480 for i in range(args.prompt_tokens)]
+            for s in range(args.streams)
+        ]
+        result["concurrent"] = measure_streams(engine, prompts, args.tokens)
+        long_prompt = [(5 * i + 1) % 480 for i in range(args.prefill_tokens)]
+        result["prefill"] = {
+            "tokens": args.prefill_tokens,
+            **measure_generation(engine, long_prompt, 1),
+        }
+        if n >= 2:
+            small = mx.random.normal((1, 1, HOP_ELEMENTS))
+            rtts = probe_round_trips(addresses[0], engine.instance_id, small, args.hop_repeats)[
+                args.hop_repeats // 10 :
+            ]
+            result["hop_10kb"] = summarize(rtts)
+            big = mx.random.normal((1, 8192, width))
+            rtts = probe_round_trips(addresses[0], engine.instance_id, big, 4)[1:]
+            result["prefill_transfer"] = {
+                "shape": [1, 8192, width],
+                "bytes": big.nbytes,
+                "round_trip_ms": statistics.median(rtts) * 1000,
+                "mb_per_s": 2 * big.nbytes / statistics.median(rtts) / 1e6,
+            }
+    finally:
+        engine.close()
+    return result
+
+
+def summarize(round_trips: list[float]) -> dict[str, float]:
+    ordered = sorted(round_trips)
+    median = statistics.median(ordered)
+    return {
+        "round_trip_us": median * 1e6,
+        "per_hop_us": median * 1e6 / 2,
+        "p10_round_trip_us": ordered[len(ordered) // 10] * 1e6,
+        "p90_round_trip_us": ordered[len(ordered) * 9 // 10] * 1e6,
+        "samples": len(ordered),
+    }
+
+
+def machine() -> dict[str, Any]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import mlx.core as mx
+
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_device": str(mx.default_device()),
+        "blas_preload": os.environ.get("LD_PRELOAD", ""),
+        "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
+
+
+def print_table(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(
+        f"\n{m['cpu']}, {m['cores']} cores, mlx {m['mlx']} {m['mlx_device']}, "
+        f"BLAS {m['blas_preload'] or 'reference'}; load average before/after "
+        f"{m['load_average'][0]:.1f}/{m['load_average_after'][0]:.1f}"
+    )
+    rows = [
+        (
+            "nodes",
+            "ms/token",
+            "1-stream tok/s",
+            f"{results['args']['streams']}-stream agg tok/s",
+            "agg / 1-stream",
+            "prefill tok/s",
+            "hop 10KB us",
+            "8k prefill MB/s",
+        )
+    ]
+    base = None
+    for r in results["runs"]:
+        single = r["single_stream"]["generation_tps"]
+        agg = r["concurrent"]["decode_tps"]
+        base = base or single
+        rows.append(
+            (
+                str(r["nodes"]),
+                f"{r['ms_per_token']:.1f}",
+                f"{single:.2f} ({100 * single / base:.0f}%)",
+                f"{agg:.2f}",
+                f"{agg / single:.2f}x",
+                f"{r['prefill']['prompt_tps']:.0f}",
+                f"{r['hop_10kb']['per_hop_us']:.0f}" if "hop_10kb" in r else "-",
+                f"{r['prefill_transfer']['mb_per_s']:.0f}" if "prefill_transfer" in r else "-",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+    print()
+    for name in ("grpc_echo", "mlx_ring"):
+        if name in results["anchors"]:
+            a = results["anchors"][name]
+            print(
+                f"{name:10s} 10 KB round trip {a['round_trip_us']:.0f} us -> per hop {a['per_hop_us']:.0f} us"
+            )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=float, default=270e6, help="model size for bench_spec")
+    parser.add_argument("--nodes", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--tokens", type=int, default=32, help="tokens per decode run")
+    parser.add_argument("--runs", type=int, default=2, help="single-stream runs (best kept)")
+    parser.add_argument("--streams", type=int, default=4)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--prefill-tokens", type=int, default=256)
+    parser.add_argument("--hop-repeats", type=int, default=400)
+    parser.add_argument("--no-pin", action="store_true", help="do not pin each node to a core")
+    parser.add_argument("--no-ring", action="store_true")
+    parser.add_argument("--json", type=Path, default=Path("bench_pipeline.json"))
+    parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--ring-rank", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.serve_echo:
+        serve_echo()
+        return 0
+    if args.ring_rank:
+        ring_rank(args.hop_repeats)
+        return 0
+    if Path(OPENBLAS).exists() and OPENBLAS not in os.environ.get("LD_PRELOAD", ""):
+        env = {**os.environ, "LD_PRELOAD": OPENBLAS, "OPENBLAS_NUM_THREADS": "1"}
+        os.execve(sys.executable, [sys.executable, *sys.argv], env)
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+    from node.checkpoints import bench_spec, count_parameters, ensure_checkpoint
+    from node.logging import configure_logging
+
+    configure_logging("warning")
+    cores = os.cpu_count() or 1
+    max_nodes = max(args.nodes)
+    node_cores: list[int | None] = [
+        None if args.no_pin else i % cores for i in range(max(max_nodes, 2))
+    ]
+    pin(node_cores[0])
+    spec = bench_spec(params=args.params)
+    print(
+        f"checkpoint: {spec.num_hidden_layers} layers, {count_parameters(spec, include_mtp=False) / 1e6:.0f}M parameters, fp32",
+        flush=True,
+    )
+    checkpoint = ensure_checkpoint(spec)
+    results: dict[str, Any] = {
+        "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "machine": machine(),
+        "checkpoint": {
+            "path": str(checkpoint),
+            "layers": spec.num_hidden_layers,
+            "parameters": count_parameters(spec, include_mtp=False),
+            "hidden_size": spec.hidden_size,
+        },
+        "pinning": "one core per node, round-robin" if not args.no_pin else "none",
+        "runs": [],
+        "anchors": {},
+    }
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
+        workdir = Path(tmp)
+        servers = start_stage_servers(max_nodes - 1, node_cores, workdir) if max_nodes > 1 else []
+        try:
+            addresses = [address for _, address in servers]
+            for n in args.nodes:
+                print(f"-- {n} node(s)", flush=True)
+                results["runs"].append(bench_nodes(n, args, checkpoint, addresses))
+        finally:
+            for proc, _ in servers:
+                proc.terminate()
+            for proc, _ in servers:
+                proc.wait(timeout=30)
+        results["anchors"]["grpc_echo"] = summarize(
+            grpc_echo_round_trips(args.hop_repeats, node_cores)
+        )
+        if not args.no_ring:
+            results["anchors"]["mlx_ring"] = summarize(
+                ring_round_trips(args.hop_repeats, workdir, node_cores)
+            )
+    results["machine"]["load_average_after"] = (
+        os.getloadavg() if hasattr(os, "getloadavg") else None
+    )
+    print_table(results)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps(results, indent=2))
+    print(f"\nwrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
