@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -46,6 +46,19 @@ class Settings(BaseSettings):
     state_dir: Path = Field(default_factory=_default_state_dir)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["console", "json"] = "console"
+    # Security (node.security): a secret every RPC is signed with, and optional TLS.
+    cluster_secret: SecretStr | None = Field(default=None, repr=False)
+    cluster_secret_file: Path | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    # Limits on what one request may ask for (INVALID_ARGUMENT naming the limit beyond them).
+    max_message_bytes: int = Field(default=64 * 1024 * 1024, ge=1024 * 1024)
+    max_prompt_chars: int = Field(default=1_000_000, ge=1)
+    max_prompt_tokens: int = Field(default=131_072, ge=1)
+    max_tokens_limit: int = Field(default=32_768, ge=1)
+    # Admission: a launch must leave this fraction of a node's memory free.
+    launch_memory_headroom: float = Field(default=0.10, ge=0.0, lt=1.0)
 
     @field_validator("peers")
     @classmethod
@@ -60,6 +73,16 @@ class Settings(BaseSettings):
     @classmethod
     def _expand(cls, path: Path) -> Path:
         return path.expanduser()
+
+    @field_validator("cluster_secret_file", "tls_cert", "tls_key", "tls_ca")
+    @classmethod
+    def _existing_file(cls, path: Path | None) -> Path | None:
+        if path is None:
+            return None
+        path = path.expanduser()
+        if not path.is_file():
+            raise ValueError(f"{str(path)!r} is not a readable file")
+        return path
 
     @classmethod
     def settings_customise_sources(

@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health
 
+from node import security
 from node.config import Settings
 from node.discovery.identity import StateDirInUse, StateDirLock, load_or_create_node_id
 from node.discovery.mdns import (
@@ -46,7 +47,8 @@ from node.discovery.service import NodeServicer
 from node.discovery.static import PeerAddress, format_address, parse_peers
 from node.logging import get_logger
 from node.proto.macmesh.v1 import node_pb2_grpc
-from node.rpc import enable_reflection, make_server, mark_serving
+from node.rpc import add_port, enable_reflection, make_server, mark_serving
+from node.security import Security, SecurityError
 
 log = get_logger(__name__)
 
@@ -67,13 +69,19 @@ class ServiceRegistration:
 Hook = Callable[["Daemon"], None]
 
 
-def _make_server() -> tuple[grpc.Server, health.HealthServicer]:
-    return make_server(max_workers=GRPC_WORKERS)
+def _make_server(
+    sec: Security | None = None, max_message_bytes: int | None = None
+) -> tuple[grpc.Server, health.HealthServicer]:
+    return make_server(
+        max_workers=GRPC_WORKERS,
+        interceptors=None if sec is None else sec.server_interceptors(),
+        max_message_bytes=max_message_bytes,
+    )
 
 
-def _bind(server: grpc.Server, host: str, port: int) -> int:
+def _bind(server: grpc.Server, host: str, port: int, sec: Security | None = None) -> int:
     try:
-        bound = server.add_insecure_port(format_address(host, port))
+        bound = add_port(server, format_address(host, port), sec or security.current())
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -81,6 +89,17 @@ def _bind(server: grpc.Server, host: str, port: int) -> int:
             f"cannot listen on {format_address(host, port)}: port in use or address not local"
         )
     return bound
+
+
+def _security_from(settings: Settings) -> Security:
+    secret = settings.cluster_secret.get_secret_value() if settings.cluster_secret else None
+    return security.from_values(
+        secret=secret,
+        secret_file=settings.cluster_secret_file,
+        tls_cert=settings.tls_cert,
+        tls_key=settings.tls_key,
+        tls_ca=settings.tls_ca,
+    )
 
 
 def read_daemon_file(state_dir: Path) -> dict[str, Any] | None:
@@ -116,6 +135,7 @@ class Daemon:
         self.port = 0
         self.bind_address = ""  # what the server listens on, e.g. "[::]:52700"
         self.interface: str | None = None
+        self.security = Security()
 
     # -- extension points (call before start) ------------------------------------------------
 
@@ -202,7 +222,8 @@ class Daemon:
                     resolve_interface(self.settings.interface) if self.settings.interface else None
                 )
                 static_peers = parse_peers(self.settings.peers)
-            except ValueError as exc:
+                self.security = _security_from(self.settings)
+            except (ValueError, SecurityError) as exc:
                 raise DaemonError(str(exc)) from None
             try:
                 self._lock.acquire()
@@ -216,18 +237,23 @@ class Daemon:
     def _start(self, static_peers: list[PeerAddress]) -> None:
         s = self.settings
         node_id = load_or_create_node_id(s.state_dir)
+        security.set_local_node(node_id)  # stages learn which node coordinates their shard
         monitor = self._resources or ResourceMonitor()
-        server, self._health = _make_server()
+        # Every channel this process opens (peers, stages, relays) signs with the same secret.
+        security.configure(self.security)
+        security.warn_if_open(self.security)
+        sec = self.security
+        server, self._health = _make_server(sec, s.max_message_bytes)
         self._server = server
         if self.interface:
-            self.port = _bind(server, self.interface, s.grpc_port)
+            self.port = _bind(server, self.interface, s.grpc_port, sec)
             self.bind_address = format_address(self.interface, self.port)
         else:
             try:
-                self.port = _bind(server, "::", s.grpc_port)
+                self.port = _bind(server, "::", s.grpc_port, sec)
                 self.bind_address = format_address("::", self.port)
             except DaemonError:  # no IPv6 on this host
-                self.port = _bind(server, "0.0.0.0", s.grpc_port)
+                self.port = _bind(server, "0.0.0.0", s.grpc_port, sec)
                 self.bind_address = format_address("0.0.0.0", self.port)
         advertise_host = self.interface or advertised_addresses(None)[0]
         local = LocalNode.create(

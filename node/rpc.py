@@ -8,12 +8,15 @@ chunked; the tensor codec chunks above ``MAX_MESSAGE_BYTES``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent import futures
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
+from node import security
 
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 
@@ -27,12 +30,29 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
 ]
 
 
-def make_server(max_workers: int = 32) -> tuple[grpc.Server, health.HealthServicer]:
-    """A thread-pool server with the message limits above and the health service registered."""
+def make_server(
+    max_workers: int = 32,
+    *,
+    interceptors: Sequence[grpc.ServerInterceptor] | None = None,
+    max_message_bytes: int | None = None,
+) -> tuple[grpc.Server, health.HealthServicer]:
+    """A thread-pool server with the message limits above and the health service registered.
+
+    ``interceptors`` default to the process's security (``node.security.current()``): with a
+    cluster secret every call but health checks must be signed. A message above
+    ``max_message_bytes`` is refused by gRPC itself with RESOURCE_EXHAUSTED naming both sizes."""
+    if interceptors is None:
+        interceptors = security.current().server_interceptors()
+    limit = max_message_bytes or MAX_MESSAGE_BYTES
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+        interceptors=list(interceptors),
         # gRPC sets SO_REUSEPORT by default: a second daemon on a taken port would bind silently.
-        options=[*CHANNEL_OPTIONS, ("grpc.so_reuseport", 0)],
+        options=[
+            *CHANNEL_OPTIONS,
+            ("grpc.max_receive_message_length", limit),
+            ("grpc.so_reuseport", 0),
+        ],
     )
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -52,7 +72,7 @@ def mark_serving(health_servicer: health.HealthServicer, service_names: Iterable
 def bind(server: grpc.Server, host: str, port: int) -> int:
     """Bind insecurely to host:port; return the real port (port 0 picks a free one)."""
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        bound = add_port(server, f"{host}:{port}", security.current())
     except RuntimeError:
         bound = 0
     if bound == 0:
@@ -60,5 +80,14 @@ def bind(server: grpc.Server, host: str, port: int) -> int:
     return bound
 
 
-def channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+def add_port(server: grpc.Server, address: str, sec: Any) -> int:
+    """Listen on ``address`` with TLS when ``sec`` (a ``node.security.Security``) has a cert."""
+    if sec.tls.serves_tls:
+        return server.add_secure_port(address, security.server_credentials(sec.tls))
+    return server.add_insecure_port(address)
+
+
+def channel(address: str, options: Sequence[tuple[str, Any]] | None = None) -> grpc.Channel:
+    """A channel to a macmesh node: TLS and the cluster secret as this process is configured
+    (``node.security``)."""
+    return security.current().secure_channel(address, options or CHANNEL_OPTIONS)

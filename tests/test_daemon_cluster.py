@@ -121,7 +121,11 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         # a node first heard of through a peer's heartbeat gets its advert a little later).
         assert a.states()[b.node_id] is PeerState.UP
         assert b.states()[a.node_id] is PeerState.UP
-        assert all("mdns" in n.sources for n in a.view().nodes[1:])
+        wait_for(
+            lambda: any(n.id == b.node_id and "mdns" in n.sources for n in a.view().nodes),
+            timeout=5.0,
+            what="the surviving peer also known through mDNS",
+        )
         assert get_info(a.address).node_id == a.node_id
         wait_for(lambda: "peer down" in a.log_text(), timeout=1.0, what="down event logged")
 

@@ -1,10 +1,102 @@
-"""`macmesh models`."""
+"""`macmesh models`: the models this machine can name, with their native-MTP capability.
+
+Offline by default: the shipped cards, the checkpoints in the models directory and the models
+bundled with macmesh. With ``--node HOST:PORT`` the list comes from that daemon (its models
+directory) and says which models are launched on the cluster.
+"""
 
 from __future__ import annotations
 
-from node.commands._unavailable import not_yet
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
 
 
-def models() -> None:
-    """Not available yet in this build."""
-    not_yet("models", "its issue")
+def models(
+    json_output: Annotated[bool, typer.Option("--json", help="print JSON for scripts")] = False,
+    node: Annotated[
+        str | None, typer.Option(help="ask this daemon (HOST:PORT) instead of reading locally")
+    ] = None,
+    models_dir: Annotated[
+        Path | None, typer.Option("--models-dir", help="where checkpoints live (offline listing)")
+    ] = None,
+) -> None:
+    """List model cards and local checkpoints, with native MTP (default_k, max_k)."""
+    rows = _from_daemon(node) if node else _offline(models_dir)
+    if json_output:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    _print_table(rows, launched_known=node is not None)
+
+
+def _offline(models_dir: Path | None) -> list[dict[str, Any]]:
+    from node.cluster.catalog import list_models
+    from node.config import SettingsError, load_settings
+
+    if models_dir is None:
+        try:
+            models_dir = load_settings().models_dir
+        except SettingsError as exc:
+            typer.echo(f"macmesh models: {exc}", err=True)
+            raise typer.Exit(code=2) from None
+    return [entry.model_dump() for entry in list_models(models_dir.expanduser())]
+
+
+def _from_daemon(address: str) -> list[dict[str, Any]]:
+    from node.client import MacmeshClient, MacmeshError
+    from node.commands.launch import daemon_address, describe_error, exit_code_for
+
+    address = daemon_address(address)
+    with MacmeshClient(address, timeout=10) as client:
+        try:
+            infos = client.list_models()
+        except MacmeshError as exc:
+            typer.echo(f"macmesh models: {describe_error(exc, address)}", err=True)
+            raise typer.Exit(code=exit_code_for(exc)) from None
+    return [info.model_dump() for info in infos]
+
+
+def _print_table(rows: list[dict[str, Any]], launched_known: bool) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    from node.placement import format_bytes
+
+    table = Table(
+        title="models",
+        caption="MTP K: draft tokens per step with the checkpoint's own MTP head, default/max",
+        title_justify="left",
+        caption_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("id", no_wrap=True)
+    table.add_column("type", overflow="fold")
+    table.add_column("layers", justify="right", no_wrap=True)
+    table.add_column("size", justify="right", no_wrap=True)
+    table.add_column("context", justify="right", no_wrap=True)
+    table.add_column("MTP K", no_wrap=True)
+    table.add_column("launched" if launched_known else "where", overflow="fold", min_width=9)
+    for row in rows:
+        mtp = row.get("native_mtp")
+        capability = f"{mtp['default_k']}/{mtp['max_k']}" if mtp else "no"
+        if not mtp and row.get("note"):
+            capability = "no (no weights)"
+        if launched_known:
+            last = "yes" if row.get("launched") else ""
+        else:
+            source = row.get("source")
+            last = "bundled" if source == "bundled" else row.get("checkpoint") or "card only"
+        table.add_row(
+            row["id"],
+            row["model_type"],
+            str(row["num_layers"]),
+            format_bytes(row["bytes"]),
+            str(row["context_length"]),
+            capability,
+            last,
+        )
+    Console(soft_wrap=True).print(table)

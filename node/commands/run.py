@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -43,6 +44,26 @@ def run(
         typer.Option("--native-mtp/--no-native-mtp", help="native MTP decoding (default on)"),
     ] = None,
     config: Annotated[Path | None, typer.Option(help="TOML config file")] = None,
+    cluster_secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="file holding the cluster secret every peer and client must sign calls with "
+            "(or MACMESH_CLUSTER_SECRET); without one anyone on the network can use the node"
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None, typer.Option(help="serve gRPC over TLS with this certificate (PEM)")
+    ] = None,
+    tls_key: Annotated[Path | None, typer.Option(help="private key for --tls-cert (PEM)")] = None,
+    tls_ca: Annotated[
+        Path | None, typer.Option(help="CA certificate (PEM) that peers' certificates chain to")
+    ] = None,
+    max_prompt_tokens: Annotated[
+        int | None, typer.Option(help="refuse longer prompts (default 131072)")
+    ] = None,
+    max_tokens_limit: Annotated[
+        int | None, typer.Option(help="refuse requests asking for more tokens (default 32768)")
+    ] = None,
 ) -> None:
     """Start this machine's node: serve gRPC, find peers, exchange heartbeats."""
     try:
@@ -57,6 +78,12 @@ def run(
             state_dir=state_dir,
             mdns=mdns,
             native_mtp=native_mtp,
+            cluster_secret_file=cluster_secret_file,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_ca=tls_ca,
+            max_prompt_tokens=max_prompt_tokens,
+            max_tokens_limit=max_tokens_limit,
         )
     except SettingsError as exc:
         typer.echo(f"macmesh run: {exc}", err=True)
@@ -68,6 +95,9 @@ def run(
 
     shutdown = _ShutdownSignals()  # before start: a SIGTERM while starting still stops cleanly
     daemon = Daemon(settings)
+    from node.cluster.service import install
+
+    install(daemon)  # InferenceService + the pipeline's StageService
     try:
         daemon.start()
     except DaemonError as exc:
@@ -88,6 +118,13 @@ def run(
     signum = shutdown.wait()
     log.info("shutting down", signal=signal.Signals(signum).name)
     daemon.stop()
+    # Everything is stopped and saved. Leave without interpreter finalization: MLX's
+    # thread-local destructors take the GIL, so a worker thread that ran MLX and exits while
+    # the interpreter finalizes aborts the process ("terminate called without an active
+    # exception", exit -6); ml-explore/mlx#3126, #4110.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 class _ShutdownSignals:

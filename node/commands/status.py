@@ -1,14 +1,19 @@
-"""`macmesh status`: every node of the cluster, as seen from any one daemon."""
+"""`macmesh status`: every node and every instance of the cluster, as seen from any one daemon.
+
+Two tables: the nodes (state, address, memory, ...) and the instances (model, state, engine and
+the reason it was chosen, stages with their layer ranges, recent decode tok/s). ``--json``
+prints the nodes view with an ``instances`` list added; ``--watch`` refreshes every second.
+"""
 
 from __future__ import annotations
 
 import json
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
@@ -26,38 +31,64 @@ def status(
     watch: Annotated[bool, typer.Option(help="refresh every second until Ctrl-C")] = False,
     timeout: Annotated[float, typer.Option(help="seconds to wait for the daemon")] = 3.0,
 ) -> None:
-    """Show every node of the cluster: state, address, memory, chip, last seen."""
-    from node.discovery.client import DaemonUnreachable, cluster_view
+    """Show every node and instance of the cluster: memory, engines, stages, tok/s."""
+    from node.discovery.client import DaemonUnreachable
 
     address = node or _local_daemon_address()
     if watch:
         _watch(address, json_output, timeout)
         return
     try:
-        view = cluster_view(address, timeout_s=timeout)
+        view, instances = fetch(address, timeout)
     except (DaemonUnreachable, ValueError) as exc:
         typer.echo(f"macmesh status: {exc}", err=True)
         raise typer.Exit(code=1) from None
     if json_output:
-        typer.echo(json.dumps(view.model_dump(mode="json"), indent=2))
+        typer.echo(json.dumps(as_json(view, instances), indent=2))
     else:
         console = Console()
-        console.print(render(view, console.width))
+        console.print(render_all(view, instances, console.width))
+
+
+def fetch(address: str, timeout: float) -> tuple[ClusterView, list[Any] | None]:
+    """The nodes (NodeService) and the instances (InferenceService; None when the daemon
+    serves none, or could not say) as the daemon at ``address`` sees them."""
+    import grpc
+
+    from node.cluster.peers import status_instances
+    from node.discovery.client import cluster_view
+
+    view = cluster_view(address, timeout_s=timeout)
+    try:
+        instances = status_instances(address, timeout_s=timeout)
+    except grpc.RpcError:
+        instances = None  # the nodes still answer; the table says instances are unknown
+    return view, instances
+
+
+def as_json(view: ClusterView, instances: list[Any] | None) -> dict[str, Any]:
+    data = view.model_dump(mode="json")
+    data["instances"] = None if instances is None else [i.model_dump() for i in instances]
+    return data
+
+
+def render_all(view: ClusterView, instances: list[Any] | None, width: int = 120) -> RenderableType:
+    return Group(render(view, width), render_instances(view, instances, width))
 
 
 def _watch(address: str, json_output: bool, timeout: float) -> None:
     from rich.live import Live
 
-    from node.discovery.client import DaemonUnreachable, cluster_view
+    from node.discovery.client import DaemonUnreachable
 
     width = Console().width
 
-    def frame() -> tuple[Table | Text, dict]:
+    def frame() -> tuple[RenderableType, dict]:
         try:
-            view = cluster_view(address, timeout_s=timeout)
+            view, instances = fetch(address, timeout)
         except (DaemonUnreachable, ValueError) as exc:
             return Text(f"{exc} (retrying)", style="red"), {"error": str(exc), "queried": address}
-        return render(view, width), view.model_dump(mode="json")
+        return render_all(view, instances, width), as_json(view, instances)
 
     try:
         if json_output:
@@ -145,3 +176,61 @@ def _ago(seconds: float) -> str:
     if seconds < 3600:
         return f"{seconds / 60:.0f}m ago"
     return f"{seconds / 3600:.1f}h ago"
+
+
+_ENGINE_STYLE = {"native_mtp": "green", "local": "cyan", "pipeline": "magenta"}
+_INSTANCE_STATE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red"}
+
+
+def render_instances(
+    view: ClusterView, instances: list[Any] | None, width: int = WIDE_COLUMNS
+) -> RenderableType:
+    """One row per instance (state, engine, stages as node: layers, recent tok/s), then why
+    each engine was chosen, one line per instance (reasons are sentences, not cells)."""
+    if instances is None:
+        return Text("instances: unknown (the daemon serves no InferenceService)", style="yellow")
+    if not instances:
+        return Text("no instances launched (macmesh launch MODEL)", style="dim")
+    names = {n.id: n.name for n in view.nodes}
+    wide = width >= WIDE_COLUMNS
+    table = Table(
+        title=f"{len(instances)} instance{'s' if len(instances) != 1 else ''}",
+        title_justify="left",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+    )
+    table.add_column("instance", no_wrap=True)
+    if wide:
+        table.add_column("model", overflow="fold")
+    table.add_column("state", no_wrap=True)
+    table.add_column("engine", no_wrap=True)
+    table.add_column("stages (node: layers)", overflow="fold")
+    table.add_column("tok/s", justify="right", no_wrap=True)
+    table.add_column("reqs", justify="right", no_wrap=True)
+    reasons = Text()
+    for i in instances:
+        stages = " → ".join(
+            f"{names.get(s.node_id, s.node_id[:8])}: {_layers(s.start_layer, s.end_layer)}"
+            for s in i.stages
+        )
+        busy = f"{i.requests_served}" + (f"+{i.in_flight}" if i.in_flight else "")
+        row: list[str | Text] = [i.instance_id]
+        if wide:
+            coordinator = names.get(i.coordinator_node_id, i.coordinator_node_id[:8])
+            row.append(f"{i.model} (via {coordinator})")
+        row += [
+            Text(i.state, style=_INSTANCE_STATE_STYLE.get(i.state, "")),
+            Text(i.engine, style=_ENGINE_STYLE.get(i.engine, "")),
+            stages,
+            f"{i.recent_generation_tps:.1f}" if i.recent_generation_tps else "-",
+            busy,
+        ]
+        table.add_row(*row)
+        reasons.append(f"{i.instance_id}: ", style="bold")
+        reasons.append(f"{i.engine_reason}\n")
+    reasons.rstrip()
+    return Group(table, reasons)
+
+
+def _layers(start: int, end: int) -> str:
+    return f"{start}" if end - start == 1 else f"{start}-{end - 1}"

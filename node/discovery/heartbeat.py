@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import grpc
 
+from node import security
 from node.proto.macmesh.v1 import node_pb2, node_pb2_grpc
 from node.rpc import CHANNEL_OPTIONS
 
@@ -28,7 +29,9 @@ ResponseCallback = Callable[[str, grpc.Future], None]
 
 
 def peer_channel(address: str) -> grpc.Channel:
-    return grpc.insecure_channel(address, options=PEER_CHANNEL_OPTIONS)
+    """Signed with the cluster secret and over TLS when the process is configured so: a node
+    without the secret cannot heartbeat, so it never becomes "up" anywhere."""
+    return security.current().secure_channel(address, PEER_CHANNEL_OPTIONS)
 
 
 class PeerDialer:

@@ -230,7 +230,7 @@ class LaunchProgress(_message.Message):
     def __init__(self, message: _Optional[str] = ..., instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps")
+    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps", "aliases", "in_flight", "requests_served", "coordinator_address")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -239,6 +239,10 @@ class Instance(_message.Message):
     ENGINE_REASON_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     RECENT_GENERATION_TPS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
+    COORDINATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     coordinator_node_id: str
@@ -247,7 +251,11 @@ class Instance(_message.Message):
     engine_reason: str
     state: str
     recent_generation_tps: float
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ...) -> None: ...
+    aliases: _containers.RepeatedScalarFieldContainer[str]
+    in_flight: int
+    requests_served: int
+    coordinator_address: str
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., requests_served: _Optional[int] = ..., coordinator_address: _Optional[str] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("model", "instance_id")
@@ -264,8 +272,10 @@ class UnloadResponse(_message.Message):
     def __init__(self, unloaded: _Optional[int] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("local_only",)
+    LOCAL_ONLY_FIELD_NUMBER: _ClassVar[int]
+    local_only: bool
+    def __init__(self, local_only: _Optional[bool] = ...) -> None: ...
 
 class ClusterStatusResponse(_message.Message):
     __slots__ = ("nodes", "instances")

@@ -1,0 +1,462 @@
+"""The coordinator: launches instances, runs their requests, unloads them.
+
+The node that receives a Launch coordinates the instance: it resolves MODEL to a card, plans
+over the live nodes, decides the engine, loads, and records the instance in its registry.
+
+- A single-node instance runs inside this daemon (``LocalInstance``: ``LocalRunner``, with native
+  MTP when the selector chose it). The planner is asked first for a placement on this very node,
+  so the node you launch on is the node that serves, whenever the model fits there. When it only
+  fits on another single node, the caller delegates the launch to that node (``delegate_to``).
+- A multi-node instance is a ``PipelineInstance``: ``PipelineEngine`` loads stage 0 in-process
+  when it lands here and every other stage through that node's ``StageService.LoadShard``.
+
+Unloading cancels the instance's requests, unloads every stage (``UnloadShard`` on each remote
+node), drops every reference to the weights and calls ``mx.clear_cache()`` so the memory goes
+back to the system, not just to MLX's buffer cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from node.cluster.admission import DEFAULT_HEADROOM, admit_load
+from node.cluster.catalog import Located, locate
+from node.cluster.instances import (
+    FAILED,
+    READY,
+    UNLOADING,
+    InstanceRegistry,
+    InstanceUnavailable,
+    StageRef,
+    layers_text,
+)
+from node.cluster.live import (
+    DEFAULT_MAX_QUEUED,
+    CancelToken,
+    Instance,
+    LocalInstance,
+    PipelineInstance,
+    release_instance,
+)
+from node.cluster.selector import EngineChoice, choose_instance_engine
+from node.logging import get_logger
+from node.placement import (
+    InsufficientMemoryError,
+    ModelCard,
+    NodeCapacity,
+    Placement,
+    PlanOptions,
+    format_bytes,
+    plan,
+    resolve_card,
+)
+
+log = get_logger(__name__)
+
+Progress = Callable[[str], None]
+REPLACE_ENV = "MACMESH_REPLACE_FAILED"  # "0" keeps failed instances failed
+REPLACE_DELAY_ENV = "MACMESH_REPLACE_DELAY_S"
+DEFAULT_REPLACE_DELAY_S = 2.0
+
+
+# ---- errors the service maps to status codes ------------------------------------------------
+
+
+class LaunchCancelled(Exception):
+    """The caller went away (or its deadline passed) while the instance was loading."""
+
+
+# ---- placement ---------------------------------------------------------------------------------
+
+
+def node_capacities(nodes: list[Any]) -> list[NodeCapacity]:
+    """Planner input from ``ClusterNode``s; daemons report 0 for what they could not measure."""
+    out = []
+    for node in nodes:
+        data = node.model_dump()
+        for key in ("total_memory_bytes", "memory_bandwidth_gbps"):
+            if not data.get(key):
+                data[key] = None
+        out.append(NodeCapacity.model_validate(data))
+    return out
+
+
+def choose_placement(
+    card: ModelCard,
+    nodes: list[NodeCapacity],
+    local_id: str,
+    *,
+    min_nodes: int = 1,
+    context_length: int | None = None,
+    pin_local: bool = False,
+) -> Placement:
+    """Where an instance launched on ``local_id`` goes. Pure.
+
+    The launching node holds the whole model when it can (the instance then runs in its
+    daemon, native MTP included); otherwise the planner's choice over all live nodes — which
+    may be a single other node (the launch is then delegated there) or several. ``pin_local``
+    keeps this node in the placement whatever it costs (a delegated launch)."""
+    base = {"min_nodes": max(1, min_nodes), "context_length": context_length}
+    if any(n.id == local_id for n in nodes) and (min_nodes <= 1 or pin_local):
+        try:
+            here = plan(card, nodes, PlanOptions(**base, pinned_nodes=[local_id]))
+            if here.single_node or pin_local:
+                return here
+        except InsufficientMemoryError:
+            if pin_local:
+                raise
+    return plan(card, nodes, PlanOptions(**base))
+
+
+# ---- the coordinator ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchPlan:
+    card: ModelCard
+    placement: Placement
+    delegate_to: str | None  # node id: the model fits on that one node only; launch there
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^0-9A-Za-z._-]+", "-", Path(text).name or text).strip("-")[:40] or "model"
+
+
+class Coordinator:
+    def __init__(
+        self,
+        daemon: Any,
+        registry: InstanceRegistry[Instance],
+        *,
+        native_mtp_enabled: bool,
+        disabled_by: str,
+        max_queued: int = DEFAULT_MAX_QUEUED,
+    ) -> None:
+        self.daemon = daemon
+        self.registry = registry
+        self.native_mtp_enabled = native_mtp_enabled
+        self.disabled_by = disabled_by
+        self.max_queued = max_queued
+        self._load_lock = threading.Lock()  # one load at a time per node: memory is shared
+        # Faults: a failed instance is launched again on the survivors (same id) after a delay.
+        self.memory_headroom = float(
+            getattr(daemon.settings, "launch_memory_headroom", DEFAULT_HEADROOM)
+        )
+        self.replace_failed = os.environ.get(REPLACE_ENV, "1") not in ("0", "false", "no")
+        self.replace_delay_s = float(os.environ.get(REPLACE_DELAY_ENV, DEFAULT_REPLACE_DELAY_S))
+
+    @property
+    def models_dir(self) -> Path:
+        return self.daemon.settings.models_dir
+
+    def _names(self) -> dict[str, str]:
+        return {n.id: n.name for n in self.daemon.cluster_view().nodes}
+
+    # -- planning --
+
+    def plan(
+        self,
+        model: str,
+        min_nodes: int = 1,
+        context_length: int | None = None,
+        *,
+        pin_local: bool = False,
+    ) -> LaunchPlan:
+        """Card and placement for MODEL over the live nodes (raises ``PlacementError``s)."""
+        card = resolve_card(model, self.models_dir)
+        nodes = node_capacities(self.daemon.live_nodes())
+        local_id = self.daemon.node_id
+        placement = choose_placement(
+            card,
+            nodes,
+            local_id,
+            min_nodes=min_nodes,
+            context_length=context_length,
+            pin_local=pin_local,
+        )
+        delegate = None
+        if placement.single_node and placement.stages[0].node_id != local_id and not pin_local:
+            delegate = placement.stages[0].node_id
+        return LaunchPlan(card, placement, delegate)
+
+    # -- launching --
+
+    def launch(
+        self,
+        model: str,
+        launch_plan: LaunchPlan,
+        progress: Progress,
+        cancel: CancelToken,
+        *,
+        instance_id: str | None = None,
+    ) -> Instance:
+        """Load ``launch_plan`` (made by ``plan``) and register the instance; returns it ready.
+        ``instance_id`` keeps a name (a failed instance placed again keeps its id).
+
+        Raises ``NoCheckpointError`` (no weights here), ``LaunchCancelled``, ``PipelineError``
+        (a stage failed to load) or the loader's own errors; nothing stays loaded on failure."""
+        located = locate(model, self.models_dir)
+        placement = launch_plan.placement
+        names = self._names()
+        stages = [
+            StageRef(
+                node_id=s.node_id,
+                address=self.daemon.address_of(s.node_id) or "",
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
+            )
+            for s in placement.stages
+        ]
+        missing = [s.node_id for s in stages if not s.address]
+        if missing:
+            raise InstanceUnavailable(f"no address known for node(s) {missing}; are they up?")
+        progress(_describe_placement(placement, names))
+
+        from node.inference.mtp.recovery import probe_mtp
+
+        choice = choose_instance_engine(
+            num_stages=len(stages),
+            probe=probe_mtp(located.checkpoint),
+            card=located.card,
+            native_mtp_enabled=self.native_mtp_enabled,
+            disabled_by=self.disabled_by,
+        )
+        progress(f"engine {choice.reason}")
+        common: dict[str, Any] = dict(
+            instance_id=instance_id or f"{_slug(located.card.id)}-{uuid.uuid4().hex[:8]}",
+            model=model,
+            aliases=_aliases(model, located),
+            card=located.card,
+            checkpoint=located.checkpoint,
+            stages=stages,
+            choice=choice,
+            coordinator_node_id=self.daemon.node_id,
+            coordinator_address=self.daemon.address,
+            max_queued=self.max_queued,
+        )
+        instance: Instance = (
+            LocalInstance(**common) if len(stages) == 1 else PipelineInstance(**common)
+        )
+        self.registry.add(instance)  # visible as "loading" cluster-wide from now on
+        try:
+            with self._load_lock:
+                here = [s.bytes for s in placement.stages if s.node_id == self.daemon.node_id]
+                if here:  # measured now, after any load that finished a moment ago
+                    admit_load(sum(here), self.memory_headroom, f"node {self.daemon.node_id}")
+                if isinstance(instance, LocalInstance):
+                    self._load_local(instance, located, names, progress, cancel)
+                else:
+                    assert isinstance(instance, PipelineInstance)
+                    self._load_pipeline(instance, located, names, progress, cancel)
+            if cancel.is_set():
+                raise LaunchCancelled("the launch was cancelled by its caller")
+            if not instance.mark_ready():
+                raise LaunchCancelled(f"{instance.instance_id} was unloaded while it loaded")
+        except BaseException:
+            self.registry.remove(instance.instance_id)
+            instance.state = UNLOADING
+            release_instance(instance)
+            raise
+        log.info(
+            "instance ready",
+            instance=instance.instance_id,
+            model=model,
+            engine=instance.choice.engine,
+            stages=[f"{s.node_id}[{s.start_layer},{s.end_layer})" for s in stages],
+        )
+        return instance
+
+    def _load_local(
+        self,
+        instance: LocalInstance,
+        located: Located,
+        names: dict[str, str],
+        progress: Progress,
+        cancel: CancelToken,
+    ) -> None:
+        from node.inference.loading import LoadProgress, load_checkpoint
+        from node.inference.runner import LocalRunner
+
+        where = names.get(self.daemon.node_id, self.daemon.node_id)
+        began = time.perf_counter()
+
+        def on_progress(p: LoadProgress) -> None:
+            if cancel.is_set():
+                raise LaunchCancelled("the launch was cancelled by its caller")
+            progress(
+                f"loading {p.what} on {where}: {p.fraction:.0%} "
+                f"({format_bytes(p.done_bytes)} of {format_bytes(p.total_bytes)})"
+            )
+
+        loaded = load_checkpoint(located.checkpoint, progress=on_progress)
+        runner = LocalRunner(
+            loaded,
+            native_mtp_enabled=self.native_mtp_enabled,
+            disabled_by=self.disabled_by,
+        )
+        if instance.choice.engine == "native_mtp":
+            # Recover the head now: the first request should not pay for it, and a head that
+            # cannot be recovered must show in status, not surprise a request.
+            engine, reason = runner.select("auto")
+            instance.choice = EngineChoice(engine, reason)
+            if engine == "native_mtp":
+                progress(f"native MTP head ready on {where}")
+            else:
+                progress(f"native MTP unavailable, decoding without it: {reason}")
+        instance.runner = runner
+        progress(f"loaded on {where} in {time.perf_counter() - began:.2f} s")
+
+    def _load_pipeline(
+        self,
+        instance: PipelineInstance,
+        located: Located,
+        names: dict[str, str],
+        progress: Progress,
+        cancel: CancelToken,
+    ) -> None:
+        from node.inference.pipeline import PipelineEngine
+
+        began = time.perf_counter()
+        addresses = {s.node_id: s.address for s in instance.stages}
+        engine = PipelineEngine(
+            located.checkpoint,
+            _Stages(instance.stages),
+            addresses,
+            local_node_id=self.daemon.node_id,
+            remote_model=located.remote_name,
+            instance_id=instance.instance_id,
+            reason=instance.choice.reason,
+        )
+        instance.engine = engine  # set before loading, so a failure unloads what did load
+        for i, s in enumerate(instance.stages):
+            progress(
+                f"stage {i}: loading {layers_text(s.start_layer, s.end_layer)} on "
+                f"{names.get(s.node_id, s.node_id)} ({s.address})"
+            )
+        shards = engine.load()  # every stage in parallel; raises PipelineError naming the stage
+        for i, shard in enumerate(shards):
+            node = instance.stages[i].node_id
+            progress(
+                f"stage {i}: {layers_text(shard.start_layer, shard.end_layer)} ready on "
+                f"{names.get(node, node)}: {format_bytes(shard.weight_bytes)} of weights "
+                f"in {shard.load_seconds:.1f} s"
+            )
+        progress(f"pipeline of {len(shards)} stages loaded in {time.perf_counter() - began:.1f} s")
+
+    # -- unloading --
+
+    def unload(self, instance: Instance) -> None:
+        """Cancel its requests, unload every stage, free the memory."""
+        if self.registry.remove(instance.instance_id) is None:
+            return
+        if not instance.mark_unloading():
+            return  # still loading: its launch sees this, frees what it loaded and fails
+        instance.cancel_all_and_wait()
+        release_instance(instance)
+        log.info("instance unloaded", instance=instance.instance_id, model=instance.model)
+
+    def unload_all(self) -> None:
+        for instance in self.registry.all():
+            try:
+                self.unload(instance)
+            except Exception:
+                log.exception("unload failed", instance=instance.instance_id)
+
+    # -- peers --
+
+    def on_peer_event(self, event: Any) -> None:
+        """A stage's node went down, left or restarted: its shard is gone, so the instance is
+        failed; the surviving stages are unloaded at once (the record stays, marked failed,
+        until someone unloads it)."""
+        if str(event.kind) not in ("down", "left", "restarted", "forgotten"):
+            return
+        for instance in self.registry.all():
+            if instance.state != READY or event.node_id == self.daemon.node_id:
+                continue
+            if any(s.node_id == event.node_id for s in instance.stages):
+                instance.failure = f"stage node {event.name or event.node_id} is {event.kind}"
+                instance.state = FAILED
+                log.warning("instance failed", instance=instance.instance_id, why=instance.failure)
+                threading.Thread(target=self._release_failed, args=(instance,), daemon=True).start()
+
+    def _release_failed(self, instance: Instance) -> None:
+        instance.cancel_all_and_wait()
+        release_instance(instance)
+        if self.replace_failed:
+            self._place_again(instance)
+
+    def _place_again(self, failed: Instance) -> None:
+        """Launch a failed instance again on the live nodes, under the same id, when they have
+        room. The failed record stays visible for ``replace_delay_s`` first (status shows what
+        happened), and an Unload in the meantime wins."""
+        time.sleep(self.replace_delay_s)
+        if self.registry.get(failed.instance_id) is not failed or failed.state != FAILED:
+            return
+        try:
+            launch_plan = self.plan(failed.model, 1, None, pin_local=True)
+        except Exception as exc:  # no room on the survivors: it stays failed, saying why
+            failed.failure += f"; not placed again: {exc}"
+            log.warning(
+                "failed instance not placed again", instance=failed.instance_id, why=str(exc)
+            )
+            return
+        if self.registry.remove(failed.instance_id) is not failed:
+            return  # unloaded meanwhile
+        log.info("placing failed instance again", instance=failed.instance_id, model=failed.model)
+        try:
+            self.launch(
+                failed.model,
+                launch_plan,
+                lambda line: log.info("re-placement", instance=failed.instance_id, step=line),
+                CancelToken(),
+                instance_id=failed.instance_id,
+            )
+        except Exception as exc:
+            failed.failure += f"; placing it again failed: {exc}"
+            with contextlib.suppress(ValueError):
+                self.registry.add(failed)  # keep the failed record, with the reason
+            log.warning("re-placement failed", instance=failed.instance_id, error=str(exc))
+
+
+@dataclass(frozen=True)
+class _Stage:
+    node_id: str
+    start_layer: int
+    end_layer: int
+
+
+class _Stages:
+    """The ``PlacementLike`` the pipeline engine takes."""
+
+    def __init__(self, stages: list[StageRef]) -> None:
+        self.stages = [_Stage(s.node_id, s.start_layer, s.end_layer) for s in stages]
+
+
+def _aliases(model: str, located: Located) -> list[str]:
+    names = [located.card.id, str(located.checkpoint), located.checkpoint.name]
+    if located.card.source_repo:
+        names.append(located.card.source_repo)
+    out: list[str] = []
+    for name in names:
+        if name and name != model and name not in out:
+            out.append(name)
+    return out
+
+
+def _describe_placement(placement: Placement, names: dict[str, str]) -> str:
+    parts = [
+        f"{names.get(s.node_id, s.node_id)} {layers_text(s.start_layer, s.end_layer)}"
+        f" ({format_bytes(s.bytes)})"
+        for s in placement.stages
+    ]
+    kind = "single node" if placement.single_node else f"{len(parts)} stages"
+    return f"placement ({kind}): " + ", ".join(parts)

@@ -1,0 +1,93 @@
+"""Calls to a node's InferenceService about instances: from one daemon to its peers (lookups
+and forwarding), and from ``macmesh status`` to any daemon (``status_instances``).
+
+A call a node makes on behalf of a client carries the ``x-macmesh-forwarded`` metadata; the
+receiving node then answers from its own instances only and never forwards again, so a stale
+view can cost one extra hop but never a loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+
+from node import rpc
+from node.cluster.instances import InstanceInfo
+from node.logging import get_logger
+from node.proto.macmesh.v1 import inference_pb2 as pb
+from node.proto.macmesh.v1 import inference_pb2_grpc as pb_grpc
+
+log = get_logger(__name__)
+
+FORWARDED_KEY = "x-macmesh-forwarded"
+FORWARDED = ((FORWARDED_KEY, "1"),)
+LOOKUP_TIMEOUT_S = 2.0
+
+
+def is_forwarded(context: grpc.ServicerContext) -> bool:
+    return any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ())
+
+
+def peer_instances(address: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> list[InstanceInfo]:
+    """The instances the node at ``address`` coordinates; raises ``grpc.RpcError``."""
+    with rpc.channel(address) as channel:
+        reply = pb_grpc.InferenceServiceStub(channel).ClusterStatus(
+            pb.ClusterStatusRequest(local_only=True), timeout=timeout_s, metadata=FORWARDED
+        )
+    return [InstanceInfo.from_proto(i) for i in reply.instances]
+
+
+def gather_instances(
+    addresses: Sequence[str], timeout_s: float = LOOKUP_TIMEOUT_S
+) -> list[InstanceInfo]:
+    """Every instance the peers at ``addresses`` coordinate, asked in parallel. A peer that
+    does not answer in time (or runs no InferenceService) is skipped and logged."""
+    if not addresses:
+        return []
+
+    def ask(address: str) -> list[InstanceInfo]:
+        try:
+            return peer_instances(address, timeout_s)
+        except grpc.RpcError as exc:
+            log.info("peer skipped in instance lookup", peer=address, code=exc.code().name)
+        except ValueError as exc:  # a malformed record: say so, do not fail the whole view
+            log.warning("peer sent an invalid instance", peer=address, error=str(exc))
+        return []
+
+    with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
+        results = list(pool.map(ask, addresses))
+    return [info for infos in results for info in infos]
+
+
+def unload_on(address: str, instance_ids: Iterable[str], timeout_s: float) -> int:
+    """Ask the coordinator at ``address`` to unload these instances; returns how many it did."""
+    count = 0
+    with rpc.channel(address) as channel:
+        stub = pb_grpc.InferenceServiceStub(channel)
+        for instance_id in instance_ids:
+            try:
+                reply = stub.Unload(
+                    pb.UnloadRequest(instance_id=instance_id), timeout=timeout_s, metadata=FORWARDED
+                )
+                count += reply.unloaded
+            except grpc.RpcError as exc:
+                if exc.code() is not grpc.StatusCode.NOT_FOUND:  # gone meanwhile: fine
+                    raise
+    return count
+
+
+def status_instances(address: str, timeout_s: float = 3.0) -> list[InstanceInfo] | None:
+    """Every instance of the cluster as the daemon at ``address`` sees it; None when that
+    daemon serves no InferenceService. Raises ``grpc.RpcError`` for anything else."""
+    with rpc.channel(address) as channel:
+        try:
+            reply = pb_grpc.InferenceServiceStub(channel).ClusterStatus(
+                pb.ClusterStatusRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError as exc:
+            if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                return None
+            raise
+    return [InstanceInfo.from_proto(i) for i in reply.instances]

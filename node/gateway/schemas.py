@@ -1,0 +1,269 @@
+"""The OpenAI-compatible wire shapes of the gateway, as pydantic models.
+
+Requests are validated strictly (a string is not a number), so what the OpenAPI document derived
+from these models says is exactly what the gateway accepts. Unknown fields are ignored, as
+OpenAI-compatible servers do, except the ones that would silently change the meaning of a request
+(tools, logprobs, n > 1, echo, ...): those are declared here and only accept "off".
+
+macmesh's own sampling options (top_k, min_p, repetition_penalty, mtp_k, engine, ignore_eos) are
+top-level fields, which is where the openai client's ``extra_body`` puts them.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+
+UINT32_MAX = 2**32 - 1
+UINT64_MAX = 2**64 - 1
+MAX_STOP_STRINGS = 4
+
+TokenId = Annotated[int, Field(ge=0, le=UINT32_MAX)]
+StopString = Annotated[str, StringConstraints(min_length=1)]
+LogitBias = Annotated[
+    dict[
+        Annotated[str, StringConstraints(pattern=r"^[0-9]{1,9}$")],
+        Annotated[float, Field(ge=-100.0, le=100.0)],
+    ],
+    WithJsonSchema(
+        {
+            "type": "object",
+            "description": "token id (a decimal string) -> bias added to its logit",
+            "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+            "additionalProperties": {"type": "number", "minimum": -100.0, "maximum": 100.0},
+        }
+    ),
+]
+Engine = Literal["auto", "native_mtp", "local", "pipeline"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool | None = None
+
+
+class GenerationFields(_Request):
+    """Fields shared by chat and text completions."""
+
+    model: str = Field(min_length=1, description="a model-card id or a checkpoint directory")
+    max_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    temperature: float | None = Field(
+        None, ge=0.0, le=2.0, description="default 1.0; 0 is greedy decoding"
+    )
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: LogitBias | None = None
+    user: str | None = None
+    # macmesh extensions
+    top_k: int | None = Field(None, ge=-1, le=2**31 - 1, description="0 or -1 turn it off")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    mtp_k: int | None = Field(
+        None, ge=0, le=UINT32_MAX, description="draft tokens per step; 0 = the model's default_k"
+    )
+    engine: Engine | None = Field(None, description="override the instance's engine choice")
+    ignore_eos: bool | None = None
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessageIn(_Request):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+
+class ResponseFormat(_Request):
+    type: Literal["text"]
+
+
+class ChatCompletionRequest(GenerationFields):
+    messages: list[ChatMessageIn] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
+    # accepted only when they ask for nothing macmesh does not do
+    logprobs: Literal[False] | None = None
+    top_logprobs: Literal[0] | None = None
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[dict], Field(max_length=0)] | None = None
+    tool_choice: Literal["none"] | None = None
+
+
+class CompletionRequest(GenerationFields):
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
+        | Annotated[
+            list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=1)
+        ]
+    ) = Field(description="one text prompt, or one list of token ids")
+    max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX)
+    echo: Literal[False] | None = None
+    best_of: Literal[1] | None = None
+    logprobs: Literal[0] | None = None
+    suffix: Literal[""] | None = None
+
+
+# ----------------------------------------------------------------------------- responses
+
+
+class _Response(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class StageOut(_Response):
+    node_id: str
+    address: str
+    start_layer: int
+    end_layer: int
+
+
+class MacmeshStats(_Response):
+    """How the request ran: engine, speculative decoding, speed and stages."""
+
+    engine: str
+    engine_reason: str
+    drafter_kind: str | None
+    num_draft_tokens: int
+    proposed_draft_tokens: int
+    accepted_draft_tokens: int
+    acceptance_rate: float
+    prompt_tokens: int
+    generation_tokens: int
+    prompt_tps: float
+    tps: float = Field(description="generation tokens per second")
+    finish_reason: str
+    stages: list[StageOut]
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class AssistantMessage(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: AssistantMessage
+    finish_reason: FinishReason
+    logprobs: None = None
+
+
+class ChatCompletion(_Response):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    macmesh: MacmeshStats
+
+
+class ChunkDelta(_Response):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChunkDelta
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class ChatCompletionChunk(_Response):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+    macmesh: MacmeshStats | None = None
+
+
+class CompletionChoice(_Response):
+    index: int
+    text: str
+    finish_reason: FinishReason | None = None
+    logprobs: None = None
+
+
+class Completion(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage
+    macmesh: MacmeshStats
+
+
+class CompletionChunk(_Response):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    macmesh: MacmeshStats | None = None
+
+
+class NativeMtpOut(_Response):
+    default_k: int
+    max_k: int
+
+
+class ModelCard(_Response):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "macmesh"
+    native_mtp: NativeMtpOut | None
+    model_type: str
+    num_layers: int
+    context_length: int
+    bytes: int
+    launched: bool
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class ErrorDetail(_Response):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(_Response):
+    error: ErrorDetail
+
+
+class Health(_Response):
+    status: Literal["ok", "unavailable"]
+    node: str
+    detail: str | None = None

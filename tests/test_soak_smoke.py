@@ -1,0 +1,38 @@
+"""A short run of ``scripts/soak.py`` (the full soak is a script, not a test): concurrent
+requests with random cancellations and deadlines on a real 2-node pipelined cluster end as
+they should, caches return to zero, RSS stays flat, and a burst beyond the queue limit is
+refused with RESOURCE_EXHAUSTED."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_soak_smoke(tmp_path):
+    out = tmp_path / "soak.json"
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "soak.py"),
+        "--requests",
+        "32",
+        "--concurrency",
+        "8",
+        "--warmup",
+        "8",
+        "--max-queued",
+        "8",
+        "--json",
+        str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["requests"] >= 40 and not result["wrong"], result
+    assert result["outcomes"].get("finished", 0) > 0
+    assert result["caches_back_to_baseline"] and result["daemons_alive"]
+    assert result["burst"]["outcomes"].get("resource exhausted", 0) > 0
