@@ -236,3 +236,14 @@ def test_list_models_shows_checkpoints_first_and_mtp_capability(tmp_path: Path) 
     assert list(entries).index("my-copy") < list(entries).index("Qwen3.6-27B")
     assert resolve_checkpoint_name("my-copy", tmp_path) == copy.resolve()
     assert resolve_card("my-copy", tmp_path).id == "my-copy"
+
+
+def test_a_quantized_card_never_loads_the_full_precision_download(tmp_path: Path) -> None:
+    # The weights of the card's source repo sit in the models dir at another precision: the
+    # 8-bit card must not silently load them with an 8-bit memory plan.
+    shutil.copytree(bundled_model_path(), tmp_path / "Qwen--Qwen3.6-27B")
+    with pytest.raises(NoCheckpointError):
+        locate("Qwen3.6-27B-8bit", tmp_path)
+    # Asked for by its own directory name, the checkpoint is used as it is.
+    found = locate("Qwen--Qwen3.6-27B", tmp_path)
+    assert found.checkpoint == (tmp_path / "Qwen--Qwen3.6-27B").resolve()

@@ -260,3 +260,25 @@ def test_full_matrix_high_agreement_long_prompts(k: int) -> None:
     for index in (10, 11, 12, 13):  # 310..380 prompt tokens
         done = check_greedy("dense-high", prompt(index), 200, k)
         assert done.stats.acceptance_rate > 0.9
+
+
+def test_prefill_is_one_pass_over_the_prompt(monkeypatch) -> None:
+    """The target sees each prompt token once before the first token comes out: the MTP cache
+    is filled from that same pass, not from a second prefill."""
+    from node.inference import forward
+
+    seen: list[int] = []
+    original = forward.hidden_states
+
+    def counting(model, ids, cache):
+        seen.append(ids.shape[1])
+        return original(model, ids, cache)
+
+    monkeypatch.setattr(forward, "hidden_states", counting)
+    monkeypatch.setattr(engine_module, "PREFILL_CHUNK", 100)
+    engine = MtpEngine(loaded("dense-high"))
+    events = engine.generate(GenerateRequest(prompt_ids=prompt(11), max_tokens=8, mtp_k=2))
+    next(events)  # the first token: prefill done
+    assert seen == [100, 100, 100, 30]  # 330 prompt tokens in chunks, nothing twice
+    done = list(events)[-1]
+    assert isinstance(done, GenerationDone) and done.stats.acceptance_rate > 0.9

@@ -85,6 +85,9 @@ def locate(model: str, models_dir: Path | None) -> Located:
     names = [model, card.id, *([card.source_repo] if card.source_repo else [])]
     for name in names:
         found = _under_roots(name, models_dir)
+        if found is not None and name != model and not _same_precision(found, card):
+            # e.g. "Qwen3.6-27B-8bit" must not load the bf16 download of its source repo.
+            continue
         if found is not None:
             # Found under a root every node has (its own models dir, the bundled models):
             # the name travels, so each node reads its own copy.
@@ -98,6 +101,13 @@ def locate(model: str, models_dir: Path | None) -> Located:
         + (f" (e.g. download {card.source_repo})" if card.source_repo else "")
         + " or pass a checkpoint directory"
     )
+
+
+def _same_precision(checkpoint: Path, card: ModelCard) -> bool:
+    try:
+        return card_from_checkpoint(checkpoint).bits == card.bits
+    except Exception:  # an unreadable checkpoint is not a match
+        return False
 
 
 def _capability(card: ModelCard) -> tuple[NativeMtpCapability | None, str]:

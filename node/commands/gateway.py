@@ -14,12 +14,10 @@ from typing import Annotated
 
 import typer
 
-from node.config import DEFAULT_GRPC_PORT
 from node.logging import get_logger
 
 log = get_logger(__name__)
 
-DEFAULT_NODE = f"127.0.0.1:{DEFAULT_GRPC_PORT}"
 SHUTDOWN_SECONDS = 5.0
 
 
@@ -28,7 +26,13 @@ def gateway(
         int, typer.Option(help="HTTP port (0 picks a free one)", min=0, max=65535)
     ] = 8000,
     host: Annotated[str, typer.Option(help="HTTP address to listen on")] = "127.0.0.1",
-    node: Annotated[str, typer.Option(help="the node's gRPC address HOST:PORT")] = DEFAULT_NODE,
+    node: Annotated[
+        str | None,
+        typer.Option(
+            help="the node's gRPC address HOST:PORT (default: this machine's daemon)",
+            show_default=False,
+        ),
+    ] = None,
     request_timeout: Annotated[
         float, typer.Option(help="deadline of each call to the node, seconds (0 = none)", min=0)
     ] = 600.0,
@@ -46,6 +50,10 @@ def gateway(
     tls_key: Annotated[Path | None, typer.Option(help="private key for --tls-cert (PEM)")] = None,
 ) -> None:
     """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) over a node."""
+    if node is None:
+        from node.commands.status import _local_daemon_address
+
+        node = _local_daemon_address()
     host_part, sep, port_part = node.rpartition(":")
     if not sep or not host_part or not port_part.isdigit() or not 0 < int(port_part) < 65536:
         typer.echo(f"macmesh gateway: --node {node!r} is not HOST:PORT", err=True)

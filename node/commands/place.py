@@ -13,7 +13,6 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from node.config import DEFAULT_GRPC_PORT
 from node.placement import (
     InsufficientMemoryError,
     NodeCapacity,
@@ -24,8 +23,6 @@ from node.placement import (
     plan,
     resolve_card,
 )
-
-DEFAULT_DAEMON_ADDRESS = f"127.0.0.1:{DEFAULT_GRPC_PORT}"
 
 
 class DaemonUnreachableError(RuntimeError):
@@ -123,8 +120,13 @@ def place(
         typer.Option("--sequences", help="concurrent sequences to budget KV cache and state for"),
     ] = 1,
     node: Annotated[
-        str, typer.Option("--node", help="daemon HOST:PORT to ask for the live cluster")
-    ] = DEFAULT_DAEMON_ADDRESS,
+        str | None,
+        typer.Option(
+            "--node",
+            help="daemon HOST:PORT to ask for the live cluster (default: this machine's daemon)",
+            show_default=False,
+        ),
+    ] = None,
     models_dir: Annotated[
         Path | None,
         typer.Option("--models-dir", help="where checkpoint directories named by MODEL live"),
@@ -151,8 +153,10 @@ def place(
     if nodes_file is not None:
         nodes = load_nodes_file(nodes_file)
     else:
+        from node.commands.status import _local_daemon_address
         from node.discovery.static import parse_peer
 
+        node = node or _local_daemon_address()
         try:
             parse_peer(node)
         except ValueError as exc:
