@@ -100,11 +100,14 @@ def test_stages_unload_the_shards_of_a_dead_coordinator(tmp_path):
         launch(coord.address, MODEL, min_nodes=2)
         assert _stage_count(stage.address) == 1
         coord.kill()  # SIGKILL: it never says goodbye nor unloads anything
-        wait_for(
-            lambda: _stage_count(stage.address) == 0,
-            timeout=20,
-            what="the stage unloads its orphaned shard",
-        )
+        try:
+            wait_for(
+                lambda: _stage_count(stage.address) == 0,
+                timeout=20,
+                what="the stage unloads its orphaned shard",
+            )
+        except TimeoutError as exc:  # seen once in CI under heavy load: keep the evidence
+            raise AssertionError(f"{exc}\n--- stage log ---\n{stage.log_text()[-4000:]}") from None
         assert "unloading shard of a gone coordinator" in stage.log_text()
         assert stage.alive()
         try:

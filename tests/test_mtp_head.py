@@ -57,7 +57,11 @@ def ref_cache():
 @pytest.mark.parametrize("n_accept", [1, 2, 3, 5])
 def test_verify_then_commit_equals_stepwise_forward(name: str, n_accept: int) -> None:
     """Verify 5 tokens, keep the first n: every cache (KV and GatedDeltaNet conv + recurrent
-    state) is bit-identical to feeding only those n tokens, and so is what comes next."""
+    state) equals feeding only those n tokens, and so does what comes next.
+
+    Equal to float32 rounding, not bit for bit: with OpenBLAS preloaded (as ./scripts/test
+    does) a 5-row matmul can round differently from a 3-row one (seen on the MoE shared
+    expert). A wrong rollback is off by whole tokens of state, far above this tolerance."""
     model = loaded(name).model
     tm = forward.text_model(model)
     prompt, verify, after = tokens(9, 1), tokens(5, 2), tokens(3, 3)
@@ -68,14 +72,18 @@ def test_verify_then_commit_equals_stepwise_forward(name: str, n_accept: int) ->
     expected = tm(verify[:, :n_accept], plain)
     hidden, pending = verify_forward(tm, verify, spec)
     commit_verified(spec, pending, n_accept, 5)
-    assert mx.array_equal(hidden[:, :n_accept], expected).item()
+    assert same(hidden[:, :n_accept], expected)
     for a, b in zip(plain, spec, strict=True):
         if a.is_trimmable():
             assert a.offset == b.offset == 9 + n_accept
         else:
-            assert mx.array_equal(a[0], b[0]).item()  # conv state
-            assert mx.array_equal(a[1], b[1]).item()  # recurrent state
-    assert mx.array_equal(tm(after, plain), tm(after, spec)).item()
+            assert same(a[0], b[0])  # conv state
+            assert same(a[1], b[1])  # recurrent state
+    assert same(tm(after, plain), tm(after, spec))
+
+
+def same(a: mx.array, b: mx.array) -> bool:
+    return a.shape == b.shape and mx.allclose(a, b, rtol=1e-5, atol=1e-5).item()
 
 
 def test_snapshot_copies_the_live_state_list() -> None:
