@@ -27,6 +27,11 @@ CHANNEL_OPTIONS: list[tuple[str, int]] = [
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.keepalive_permit_without_calls", 1),
+    # Server side: accept the pings above. gRPC's default (one ping per 5 min without data)
+    # answers them with GOAWAY "too_many_pings", which killed idle pipeline streams and a
+    # 1500-token prefill after ~2 minutes.
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 

@@ -31,7 +31,12 @@ from node.proto.macmesh.v1 import stage_pb2 as pb
 from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
 
 # The checkpoints the MTP tests use: constructed heads, HF layout (norm offsets, fused experts).
-MODELS = {"dense": "dense-high", "moe": "moe-high"}
+MODELS = {
+    "dense": "dense-high",
+    "moe": "moe-high",
+    "dense-bf16": "dense-hf-bf16",  # bfloat16 hidden states on the wire
+    "dense-q4": "dense-mlx-q4",  # quantized weights, float activations
+}
 PREFILL_STEP = 16  # small, so prompts go through several prefill pieces (mlx-lm cuts the same way)
 CHUNK_BYTES = 1024  # small, so hidden states travel as several chunks
 PROMPT = [(7 * i + 3) % 480 for i in range(41)]
@@ -102,8 +107,17 @@ TOPOLOGIES = {
 }
 
 
-@pytest.mark.parametrize("arch", ["dense", "moe"])
-@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+@pytest.mark.parametrize(
+    ("arch", "topology"),
+    [
+        ("dense", "2-nodes"),
+        ("dense", "3-nodes"),
+        ("moe", "2-nodes"),
+        ("moe", "3-nodes"),
+        ("dense-bf16", "3-nodes"),
+        ("dense-q4", "2-nodes"),
+    ],
+)
 def test_greedy_pipeline_equals_mlx_lm_and_the_local_engine(
     arch: str, topology: str, nodes: StageNodes
 ) -> None:

@@ -50,7 +50,7 @@ class Stream:
             self.channel = rpc.channel(address)
         else:  # a client willing to send more than macmesh servers accept
             options = [*rpc.CHANNEL_OPTIONS, ("grpc.max_send_message_length", max_send_bytes)]
-            self.channel = grpc.insecure_channel(address, options=options)
+            self.channel = rpc.channel(address, options)
         self.replies: SimpleQueue = SimpleQueue()
         self.link = ForwardLink(
             self.channel, instance_id, self.replies.put, lambda e: self.replies.put(("closed", e))
@@ -250,41 +250,3 @@ def test_shard_management_errors_are_clear(cluster) -> None:
         with pytest.raises(grpc.RpcError) as failure:
             list(call)
         assert failure.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-def test_a_daemon_hosts_the_stage_service(tmp_path: Path) -> None:
-    """The daemon's extension hook serves stages; MODEL may be a name under its models dir."""
-    from node.config import load_settings
-    from node.daemon import Daemon
-    from node.inference.stage import register_stage_service
-
-    models = tmp_path / "models"
-    models.mkdir()
-    (models / "tiny").symlink_to(ensure_checkpoint(PRESETS[PRESET]))
-    settings = load_settings(
-        None,
-        name="d",
-        grpc_port=0,
-        interface="127.0.0.1",
-        mdns=False,
-        state_dir=tmp_path / "state",
-        models_dir=models,
-        cluster="stage-hook-test",
-    )
-    daemon = Daemon(settings)
-    service = register_stage_service(daemon)
-    daemon.start()
-    try:
-        with rpc.channel(daemon.address) as channel:
-            stub = pb_grpc.StageServiceStub(channel)
-            request = pb.LoadShardRequest(
-                instance_id="i", model="tiny", start_layer=0, end_layer=6, position=0, num_stages=1
-            )
-            shard = stub.LoadShard(request, timeout=60).shard
-            assert (shard.has_embedding, shard.has_head, shard.hidden_size) == (True, True, 64)
-            assert [
-                s.shard.instance_id for s in stub.Status(pb.StageStatusRequest(), timeout=10).stages
-            ] == ["i"]
-    finally:
-        daemon.stop()
-    assert service.runtimes == {}  # stopping the daemon unloads its stages

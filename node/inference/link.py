@@ -29,24 +29,14 @@ log = get_logger(__name__)
 INSTANCE_METADATA_KEY = "x-macmesh-instance"
 _CLOSE = object()
 
-# gRPC servers close a connection (GOAWAY "too_many_pings") when a client pings more often than
-# their ping policy allows while they send no data; gRPC's default policy allows one ping per
-# 5 minutes. A Forward stream carries no data while the next stage works through a long
-# prefill, so with node.rpc's 10 s keepalive it dies after ~30 s of such work, taking the
-# request with it. Until macmesh servers accept frequent pings (the server options below in
-# node.rpc.CHANNEL_OPTIONS), stage channels ping no more often than the default policy allows.
-SERVER_PING_POLICY = "grpc.http2.min_recv_ping_interval_without_data_ms"
-DEFAULT_SERVER_PING_INTERVAL_MS = 5 * 60 * 1000
-
 
 def stage_channel(address: str) -> grpc.Channel:
-    """A channel for stage traffic (Forward streams and shard management) to ``address``."""
-    options = dict(rpc.CHANNEL_OPTIONS)
-    if SERVER_PING_POLICY not in options:
-        options["grpc.keepalive_time_ms"] = max(
-            int(options.get("grpc.keepalive_time_ms", 0)), DEFAULT_SERVER_PING_INTERVAL_MS + 60_000
-        )
-    return grpc.insecure_channel(address, options=list(options.items()))
+    """A channel for stage traffic (Forward streams and shard management) to ``address``.
+
+    A Forward stream carries no data while the next stage works through a long prefill; its
+    keepalive pings are accepted because every macmesh server takes node.rpc.CHANNEL_OPTIONS
+    (min_recv_ping_interval_without_data_ms), not gRPC's one-ping-per-5-min default."""
+    return rpc.channel(address)  # with the process's TLS and secret
 
 
 class SerialWorker:

@@ -13,7 +13,7 @@ The last stage applies the final norm + LM head to the final position of a frame
 every token id the request has fed so far, one PRNG subkey per sampled token).
 
 ``StageService`` is the gRPC servicer; ``python -m node.inference.stage --port N`` serves it
-alone (tests and benchmarks; the daemon registers the same servicer on its own server).
+alone (benchmarks, tests); `macmesh run` hosts the same servicer (node.cluster.service).
 """
 
 from __future__ import annotations
@@ -724,42 +724,6 @@ def add_stage_service(
     return service
 
 
-def register_stage_service(daemon: Any) -> StageService:
-    """Host the StageService on a ``node.daemon.Daemon`` (call before ``daemon.start()``).
-
-    Models resolve as checkpoint paths or names under the daemon's ``models_dir``; every
-    stage is unloaded when the daemon stops.
-    """
-    service = StageService(models_dir_resolver(daemon.settings.models_dir))
-    daemon.add_servicer(pb_grpc.add_StageServiceServicer_to_server, service, SERVICE_NAME)
-    daemon.on_stop(lambda _daemon: service.shutdown())
-    return service
-
-
-# macmesh clients ping every 10 s (node.rpc.CHANNEL_OPTIONS); a gRPC server by default
-# tolerates one ping per 5 min without data and then closes the connection with GOAWAY
-# "too_many_pings", killing every long-lived Forward stream on it after ~30 idle seconds (or
-# during a long prefill downstream). Servers that carry Forward streams must accept the pings.
-KEEPALIVE_SERVER_OPTIONS: list[tuple[str, int]] = [
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 5_000),
-    ("grpc.http2.max_ping_strikes", 0),
-]
-
-
-def _make_server() -> tuple[grpc.Server, Any]:
-    from concurrent import futures
-
-    from grpc_health.v1 import health, health_pb2_grpc
-
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="grpc"),
-        options=[*rpc.CHANNEL_OPTIONS, *KEEPALIVE_SERVER_OPTIONS],
-    )
-    health_servicer = health.HealthServicer(experimental_non_blocking=True)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    return server, health_servicer
-
-
 def main(argv: list[str] | None = None) -> int:
     """Serve the StageService alone: ``python -m node.inference.stage --port 0 --port-file F``."""
     parser = argparse.ArgumentParser(description="macmesh stage server (no discovery)")
@@ -767,7 +731,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     args = parser.parse_args(argv)
-    server, health = _make_server()
+    server, health = rpc.make_server()
     add_stage_service(server)
     port = rpc.bind(server, args.host, args.port)
     rpc.mark_serving(health, [SERVICE_NAME])
