@@ -256,6 +256,16 @@ def print_table(rows: list[dict[str, Any]], costs: dict[str, Any]) -> None:
         )
 
 
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=280e6, help="model size (250-300M)")
@@ -291,7 +301,8 @@ def main() -> None:
 
     spec = bench_spec(params=args.params, agreement_level=args.agreement)
     print(
-        f"model: {spec.name()}, {count_parameters(spec) / 1e6:.0f}M parameters (with head), "
+        f"model: {spec.name()}, {count_parameters(spec, include_mtp=False) / 1e6:.0f}M "
+        f"parameters + {(count_parameters(spec) - count_parameters(spec, include_mtp=False)) / 1e6:.0f}M MTP head, "
         f"{spec.num_hidden_layers} layers, fp32",
         flush=True,
     )
@@ -303,6 +314,8 @@ def main() -> None:
     rollbacks = [r for r in args.rollbacks.split(",") if r]
     modes = ["off", "mlx-lm"] + [f"{r}:{k}" for r in rollbacks for k in ks]
 
+    for mode in {"off", "mlx-lm", *(f"{r}:{ks[0]}" for r in rollbacks)}:
+        run_mode(loaded, prompt, 8, mode)  # warm-up: compiled kernels, allocator, caches
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
     for round_ in range(args.repeats):
         for mode in modes:
@@ -329,7 +342,7 @@ def main() -> None:
     report = {
         "machine": {
             "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
+            "processor": _cpu_model(),
             "cpus": os.cpu_count(),
             "mlx": mx.__version__,
             "device": str(mx.default_device()),
@@ -340,7 +353,9 @@ def main() -> None:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": {
             "name": spec.name(),
-            "parameters": count_parameters(spec),
+            "parameters": count_parameters(spec, include_mtp=False),
+            "mtp_head_parameters": count_parameters(spec)
+            - count_parameters(spec, include_mtp=False),
             "layers": spec.num_hidden_layers,
             "agreement_level": args.agreement,
         },

@@ -73,7 +73,8 @@ def mtp_series(report: dict[str, Any]) -> dict[str, list[MtpPoint]]:
     for row in rows:
         if not isinstance(row, dict) or _number(row.get("k")) is None:
             continue
-        speedup = _number(row.get("speedup"))
+        # bench_mtp.py writes wall_* (wall clock) and cpu_* columns; older reports: speedup.
+        speedup = _number(row.get("wall_speedup", row.get("speedup")))
         if speedup is None:
             raise BadReport(f"row {row.get('mode')!r} has K but no numeric 'speedup'")
         method = row.get("rollback") or str(row.get("mode", "mtp")).split(":")[0]
@@ -82,7 +83,9 @@ def mtp_series(report: dict[str, Any]) -> dict[str, list[MtpPoint]]:
                 k=int(row["k"]),
                 speedup=speedup,
                 acceptance=_number(row.get("acceptance")),
-                predicted_speedup=_number(row.get("predicted_speedup")),
+                predicted_speedup=_number(
+                    row.get("wall_predicted_speedup", row.get("predicted_speedup"))
+                ),
             )
         )
     if not series:
