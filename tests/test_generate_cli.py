@@ -118,3 +118,14 @@ def test_bad_values_are_named(high: str) -> None:
     assert "prompt_ids[2]=9999 is outside the vocabulary" in out.stderr
     out = macmesh(high, "Hi", "--local", "--mtp-k", "9")
     assert out.returncode == 2 and "mtp_k=9 is above this model's max_k=4" in out.stderr
+
+
+def test_a_bundled_model_is_found_by_name() -> None:
+    out = macmesh("macmesh-tiny", "Hello", "--local", "--max-tokens", "4", "--json")
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout)
+    assert result["stats"]["engine"] == "native_mtp"
+    assert result["stats"]["generation_tokens"] == 4
+    missing = macmesh("no-such-model", "Hello", "--local")
+    assert missing.returncode == 2
+    assert "no-such-model" in missing.stderr

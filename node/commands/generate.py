@@ -38,10 +38,6 @@ _FLAGS = {
 }
 
 
-class RemoteGenerationUnavailable(RuntimeError):
-    """Generation through a daemon is not in this build yet."""
-
-
 def generate_remote(node: str, model: str, request: Any) -> Iterator[Any]:
     """Send ``request`` for ``model`` to the daemon at ``node`` and stream its events.
 
@@ -147,18 +143,25 @@ def _parse_ids(text: str) -> list[int]:
 
 
 def _checkpoint_dir(model: str) -> Path:
+    """MODEL as a checkpoint directory: a path, a name under the models dir, or a bundled model."""
     candidate = Path(model).expanduser()
     if (candidate / "config.json").is_file():
         return candidate
+    from node.cluster.catalog import resolve_checkpoint_name
+
     try:
         from node.config import load_settings
 
-        under = load_settings().models_dir / model
+        models_dir = load_settings().models_dir
     except Exception:  # settings problems surface elsewhere; MODEL is the issue here
-        under = None
-    if under is not None and (under / "config.json").is_file():
-        return under
-    raise _fail(f"MODEL {model!r} is not a checkpoint directory (no config.json)")
+        models_dir = None
+    found = resolve_checkpoint_name(model, models_dir)
+    if found is not None:
+        return found
+    raise _fail(
+        f"MODEL {model!r} is not a checkpoint directory (no config.json), nor a checkpoint "
+        "in the models directory or among the bundled models"
+    )
 
 
 def _native_mtp_setting() -> tuple[bool, str]:
@@ -259,13 +262,7 @@ def generate(
     except ValidationError as exc:
         raise _fail(_describe_validation(exc)) from None
 
-    if local:
-        events = _generate_local(model, request)
-    else:
-        try:
-            events = generate_remote(node, model, request)
-        except RemoteGenerationUnavailable as exc:
-            raise _fail(str(exc), code=1) from None
+    events = _generate_local(model, request) if local else generate_remote(node, model, request)
     _consume(events, json_output)
 
 
