@@ -67,6 +67,13 @@ from tokenizers import (
 
 from node.checkpoints.layouts import hf_main_weights, hf_mtp_weights, hf_sort_key
 from node.checkpoints.reference_mtp import ReferenceMTP, load_reference_mtp, measure_agreement
+from node.checkpoints.tokenizer import (
+    ADDED_TOKENS,
+    EOS_TOKEN,
+    PAD_TOKEN,
+    SPECIAL_TOKENS,
+    tokenizer_config,
+)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO_ROOT / "node" / "models" / "macmesh-tiny"
@@ -76,16 +83,6 @@ DEFAULT_DOCS = Path("/usr/share/doc/python3.11/html/_sources")
 # Parts of the documentation left out: C-level API reference and the retired distutils.
 SKIPPED_DOC_DIRS = ("c-api", "distutils")
 
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-ADDED_TOKENS = ("<think>", "</think>")
-EOS_TOKEN = "<|im_end|>"
-PAD_TOKEN = "<|endoftext|>"
-CHAT_TEMPLATE = (
-    "{%- for message in messages %}"
-    "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
-)
 CHAT_PROMPTS = ("{title}", "Tell me about {title}.", "Explain {title}.", "Write about {title}.")
 
 
@@ -374,36 +371,6 @@ def train_tokenizer(texts: list[str], vocab_size: int) -> Tokenizer:
             f"expected {vocab_size}: the corpus is too small for this vocabulary"
         )
     return tokenizer
-
-
-def tokenizer_config(tokenizer: Tokenizer) -> dict:
-    added = {
-        str(tokenizer.token_to_id(t)): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": t in SPECIAL_TOKENS,
-        }
-        for t in (*SPECIAL_TOKENS, *ADDED_TOKENS)
-    }
-    return {
-        "add_bos_token": False,
-        "add_prefix_space": False,
-        "added_tokens_decoder": added,
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos_token": None,
-        "chat_template": CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": EOS_TOKEN,
-        "errors": "replace",
-        "model_max_length": 4096,
-        "pad_token": PAD_TOKEN,
-        "split_special_tokens": False,
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "unk_token": None,
-    }
 
 
 def encode_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:

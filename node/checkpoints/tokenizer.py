@@ -98,8 +98,10 @@ def special_token_ids() -> list[int]:
     return [token_id(t) for t in (*SPECIAL_TOKENS, *ADDED_TOKENS)]
 
 
-def tokenizer_config() -> dict:
-    tok = build_tokenizer()
+def tokenizer_config(tok: Tokenizer | None = None) -> dict:
+    """tokenizer_config.json for ``tok`` (the builders' tokenizer by default): Qwen-style
+    specials, eos ``<|im_end|>`` and the chat template. The demo-model trainer uses it too."""
+    tok = tok or build_tokenizer()
     added = {
         str(tok.token_to_id(t)): {
             "content": t,

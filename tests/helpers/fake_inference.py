@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from pydantic import ValidationError
 
+from node.cluster.stops import StopMatcher
 from node.proto.macmesh.v1 import inference_pb2 as pb
 from node.proto.macmesh.v1 import inference_pb2_grpc as pb_grpc
 from node.rpc import bind, enable_reflection, make_server, mark_serving
@@ -47,36 +48,6 @@ class EventLog:
         line = json.dumps({"event": event, "time": time.time(), **fields})
         with self._lock, self.path.open("a") as f:
             f.write(line + "\n")
-
-
-class StopMatcher:
-    """Holds back text that could be the start of a stop string; cuts at the first match."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.pending = ""
-        self.stopped = False
-
-    def feed(self, text: str) -> str:
-        if not self.stops:
-            return text
-        self.pending += text
-        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
-        if hits:
-            self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
-            return out
-        keep = max(
-            (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),
-            default=0,
-        )
-        out = self.pending[: len(self.pending) - keep]
-        self.pending = self.pending[len(self.pending) - keep :]
-        return out
-
-    def flush(self) -> str:
-        out, self.pending = self.pending, ""
-        return out
 
 
 class FakeInferenceService(pb_grpc.InferenceServiceServicer):
