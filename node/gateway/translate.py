@@ -224,15 +224,7 @@ class Reply:
         usage: Usage | None = None,
         macmesh: MacmeshStats | None = None,
     ) -> dict[str, Any]:
-        chunk = ChatCompletionChunk(
-            id=self.id,
-            created=self.created,
-            model=self.model,
-            choices=list(choices),
-            usage=usage,
-            macmesh=macmesh,
-        )
-        return self._chunk_json(chunk, usage, macmesh)
+        return self._chunk(ChatCompletionChunk, choices, usage, macmesh)
 
     def _completion_chunk(
         self,
@@ -240,7 +232,16 @@ class Reply:
         usage: Usage | None = None,
         macmesh: MacmeshStats | None = None,
     ) -> dict[str, Any]:
-        chunk = CompletionChunk(
+        return self._chunk(CompletionChunk, choices, usage, macmesh)
+
+    def _chunk(
+        self,
+        kind: type[ChatCompletionChunk] | type[CompletionChunk],
+        choices: Sequence[Any],
+        usage: Usage | None,
+        macmesh: MacmeshStats | None,
+    ) -> dict[str, Any]:
+        chunk = kind(
             id=self.id,
             created=self.created,
             model=self.model,

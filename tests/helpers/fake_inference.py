@@ -29,6 +29,7 @@ from typing import Any
 import grpc
 from pydantic import ValidationError
 
+from node.cluster.convert import stats_to_proto
 from node.cluster.stops import StopMatcher
 from node.proto.macmesh.v1 import inference_pb2 as pb
 from node.proto.macmesh.v1 import inference_pb2_grpc as pb_grpc
@@ -133,7 +134,9 @@ class FakeInferenceService(pb_grpc.InferenceServiceServicer):
                     tail = stop.flush()
                     if tail:
                         yield pb.GenerateResponse(delta=pb.TextDelta(text=tail))
-                    yield pb.GenerateResponse(final=_engine_stats(event))
+                    yield pb.GenerateResponse(
+                        final=stats_to_proto(event.stats, event.finish_reason)
+                    )
                     self.events.write("finished", request_id=rid, tokens=tokens)
                     return
                 tokens += len(event.token_ids)
@@ -294,33 +297,6 @@ def _message(exc: Exception) -> str:
         where = ".".join(str(p) for p in err["loc"]) or "request"
         return f"{where}={err.get('input')!r}: {err['msg']}"
     return str(exc)
-
-
-def _engine_stats(event: Any) -> pb.GenerationStats:
-    s = event.stats
-    return pb.GenerationStats(
-        engine=s.engine,
-        engine_reason=s.engine_reason,
-        drafter_kind=s.drafter_kind or "",
-        num_draft_tokens=s.num_draft_tokens,
-        proposed_draft_tokens=s.proposed_draft_tokens,
-        accepted_draft_tokens=s.accepted_draft_tokens,
-        acceptance_rate=s.acceptance_rate or 0.0,
-        prompt_tokens=s.prompt_tokens,
-        generation_tokens=s.generation_tokens,
-        prompt_tps=s.prompt_tps,
-        generation_tps=s.generation_tps,
-        stages=[
-            pb.StageStats(
-                node_id=st.node,
-                address="127.0.0.1",
-                start_layer=st.start_layer,
-                end_layer=st.end_layer,
-            )
-            for st in s.stages
-        ],
-        finish_reason=event.finish_reason,
-    )
 
 
 def _request_dict(request: pb.GenerateRequest) -> dict[str, Any]:
