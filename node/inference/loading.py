@@ -18,6 +18,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model, load_tokenizer
 
+from node.inference import forward
 from node.inference.mtp.head import MtpHead
 from node.inference.mtp.recovery import MtpProbe, load_mtp_head, probe_mtp
 from node.logging import get_logger
@@ -57,7 +58,7 @@ class LoadedModel:
 
     @property
     def text_args(self) -> Any:
-        return self.model.language_model.args
+        return forward.language_model(self.model).args
 
     @property
     def vocab_size(self) -> int:
@@ -94,12 +95,12 @@ class LoadedModel:
 
 
 def _parameter_groups(model: nn.Module) -> list[tuple[str, list[mx.array]]]:
-    lm = model.language_model
+    lm = forward.language_model(model)
     groups = [("embedding", [v for _, v in tree_flatten(lm.model.embed_tokens.parameters())])]
     for i, layer in enumerate(lm.model.layers):
         groups.append((f"layer {i}", [v for _, v in tree_flatten(layer.parameters())]))
     head = [v for _, v in tree_flatten(lm.model.norm.parameters())]
-    if hasattr(lm, "lm_head"):
+    if "lm_head" in lm:
         head += [v for _, v in tree_flatten(lm.lm_head.parameters())]
     groups.append(("final norm + lm_head", head))
     return groups

@@ -11,9 +11,9 @@ any prefix length:
 - the convolution input ``[conv_state, qkv]``: the conv state after ``n`` tokens is the
   ``kernel - 1`` rows that end at token ``n``, a slice.
 
-Attention layers, MLPs and MoE blocks are mlx-lm's modules, called exactly as
-``DecoderLayer.__call__`` calls them; only the linear-attention mixer is re-expressed here,
-built from mlx-lm's ``gated_delta`` ops (the Metal kernel on a Mac, the ops loop on CPU).
+The forward is mlx-lm's own; only the linear-attention mixer is re-expressed here, built
+from mlx-lm's ``gated_delta`` ops (the Metal kernel on a Mac, the ops loop on CPU), and swapped
+in for the verify pass alone.
 """
 
 from __future__ import annotations
@@ -23,7 +23,6 @@ from typing import Any
 
 import mlx.core as mx
 import mlx.nn as nn
-from mlx_lm.models.base import create_attention_mask
 from mlx_lm.models.gated_delta import (
     compute_g,
     gated_delta_kernel,
@@ -111,30 +110,43 @@ def gdn_verify(gdn: nn.Module, x: mx.array, cache: Any) -> tuple[mx.array, Pendi
     return out, PendingGdnState(conv_input=conv_input, states=states, keep=keep)
 
 
+class _VerifyMixer(nn.Module):
+    """Stands in for one GatedDeltaNet mixer during a verify pass: computes what the mixer
+    would, keeps every position's state in ``pending``, and leaves the cache untouched."""
+
+    def __init__(self, gdn: nn.Module) -> None:
+        super().__init__()
+        self.gdn = gdn
+        self.pending: PendingGdnState | None = None
+
+    def __call__(self, x: mx.array, mask: Any = None, cache: Any = None) -> mx.array:
+        out, self.pending = gdn_verify(self.gdn, x, cache)
+        return out
+
+
 def verify_forward(
     text_model: nn.Module, inputs: mx.array, cache: list[Any]
 ) -> tuple[mx.array, list[PendingGdnState | None]]:
     """Target forward over ``inputs`` returning post-final-norm hidden states.
 
-    ``text_model`` is ``model.language_model.model`` (``Qwen3_5TextModel``).  Attention
-    caches are extended as usual (trim them afterwards); linear caches are left as they
-    were and a ``PendingGdnState`` per linear layer is returned for ``commit``.
+    This is mlx-lm's own forward (``Qwen3_5TextModel.__call__``: embedding, masks, decoder
+    layers, final norm) with only the linear-attention mixers swapped for ``_VerifyMixer``
+    for the duration of the call. Attention caches are extended as usual (trim them
+    afterwards); linear caches are left as they were and a ``PendingGdnState`` per linear
+    layer is returned for ``commit``.
     """
-    h = text_model.embed_tokens(inputs)
-    fa_mask = None
-    if text_model.fa_idx is not None:
-        fa_mask = create_attention_mask(h, cache[text_model.fa_idx])
-    pending: list[PendingGdnState | None] = []
-    for layer, c in zip(text_model.layers, cache, strict=True):
-        x = layer.input_layernorm(h)
-        if layer.is_linear:
-            r, p = gdn_verify(layer.linear_attn, x, c)
-        else:
-            r, p = layer.self_attn(x, fa_mask, c), None
-        pending.append(p)
-        h = h + r
-        h = h + layer.mlp(layer.post_attention_layernorm(h))
-    return text_model.norm(h), pending
+    layers = text_model.layers
+    mixers = [_VerifyMixer(layer.linear_attn) if layer.is_linear else None for layer in layers]
+    for layer, mixer in zip(layers, mixers, strict=True):
+        if mixer is not None:
+            layer.linear_attn = mixer
+    try:
+        hidden = text_model(inputs, cache)
+    finally:
+        for layer, mixer in zip(layers, mixers, strict=True):
+            if mixer is not None:
+                layer.linear_attn = mixer.gdn
+    return hidden, [None if mixer is None else mixer.pending for mixer in mixers]
 
 
 def commit_verified(
