@@ -179,6 +179,10 @@ class ModelInfo(_Model):
     context_length: int
     native_mtp: NativeMtp | None
     launched: bool
+    has_weights: bool = False
+    download_from: list[str] = []
+    source: str = ""
+    mtp_note: str = ""
 
 
 class ClusterNode(_Model):
@@ -376,6 +380,10 @@ def model_info(msg: pb.ModelInfo) -> ModelInfo:
         context_length=msg.context_length,
         native_mtp=NativeMtp(default_k=mtp.default_k, max_k=mtp.max_k) if mtp else None,
         launched=msg.launched,
+        has_weights=msg.has_weights,
+        download_from=list(msg.download_from),
+        source=msg.source,
+        mtp_note=msg.mtp_note,
     )
 
 

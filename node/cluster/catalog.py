@@ -1,30 +1,42 @@
-"""What models this node can name: shipped cards, checkpoints in the models directory, bundled
-checkpoints; and where a MODEL's checkpoint lives. Reads headers only, never tensors.
+"""What models this node can name, and where a MODEL's files are: a thin layer over the one
+resolver (``node.placement.resolve``), which decides what MODEL means everywhere.
 
-MODEL is a card id or a checkpoint directory (a path, a name under the models directory, or a
-model bundled with macmesh). ``locate`` turns it into the card the planner needs, the local
-checkpoint to load, and the name the other nodes are told to load: the name itself when it
-resolved under a models directory (each node reads its own), the absolute path otherwise (each
-node reads the same path). Nodes resolve names with ``checkpoint_resolver``.
+``locate`` gives the coordinator the card the planner needs, the local checkpoint to load and
+the name the other nodes are told to load (a name under a models directory, ``repo@commit`` for
+a hub snapshot, an absolute path otherwise); ``checkpoint_resolver`` is how a stage node turns
+that name back into its own files. ``list_models`` is ``macmesh models`` / ``ListModels``:
+the checkpoints here, the hub cache, the shipped cards, and every launched instance under the
+name a client must send. Reads headers only, never tensors.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel
 
 from node.logging import get_logger
-from node.placement import ModelCard, card_from_checkpoint, registry, resolve_card
-from node.placement.errors import PlacementError, UnknownModelError
-from node.placement.resolve import BUNDLED_MODELS_DIR, local_checkpoints
+from node.placement import ModelCard, card_from_checkpoint, registry
+from node.placement.errors import PlacementError
+from node.placement.resolve import (
+    BUNDLED,
+    BUNDLED_MODELS_DIR,
+    HUB_CACHE,
+    Found,
+    NoCheckpointError,
+    checkpoint_resolver,
+    download_candidates,
+    find_files,
+    local_checkpoints,
+    resolve,
+)
 
 log = get_logger(__name__)
 
-
-class NoCheckpointError(UnknownModelError):
-    """MODEL names a known card, but no checkpoint for it is on this node."""
+__all__ = ["Located", "ModelEntry", "NoCheckpointError", "checkpoint_resolver", "list_models"]
 
 
 class NativeMtpCapability(BaseModel):
@@ -35,15 +47,19 @@ class NativeMtpCapability(BaseModel):
 class ModelEntry(BaseModel):
     """One row of ``macmesh models`` / ``ListModels``."""
 
-    id: str
+    id: str  # the name a client sends (GenerateRequest.model, the OpenAI "model")
     model_type: str
     num_layers: int
     bytes: int
     context_length: int
     native_mtp: NativeMtpCapability | None
-    source: str  # card | checkpoint | bundled
+    source: str  # checkpoint | bundled | hub_cache | card | instance
     checkpoint: str | None = None  # the directory, when the weights are on this node
+    has_weights: bool = False  # the weights are on this node (or the instance is launched)
+    download_from: list[str] = []  # repos `macmesh pull` can fetch the weights from
+    mtp_note: str = ""  # why native MTP is unavailable, or where the head comes from
     note: str = ""
+    launched: bool = False
 
 
 @dataclass(frozen=True)
@@ -51,78 +67,53 @@ class Located:
     card: ModelCard
     checkpoint: Path
     remote_name: str  # what LoadShard is told; every node resolves it the same way
-
-
-def _roots(models_dir: Path | None) -> list[Path]:
-    return [root for root in (models_dir, BUNDLED_MODELS_DIR) if root is not None]
-
-
-def _under_roots(name: str, models_dir: Path | None) -> Path | None:
-    for root in _roots(models_dir):
-        for candidate in (root / name, root / name.replace("/", "--")):
-            if (candidate / "config.json").is_file():
-                return candidate
-    return None
-
-
-def resolve_checkpoint_name(model: str, models_dir: Path | None) -> Path | None:
-    """MODEL as a checkpoint directory on this node: a path, then a name under the roots."""
-    path = Path(model).expanduser()
-    if path.is_absolute() or model.startswith((".", "~")):
-        return path.resolve() if (path / "config.json").is_file() else None
-    return _under_roots(model, models_dir) or (
-        path.resolve() if (path / "config.json").is_file() else None
-    )
+    found: Found | None = None
 
 
 def locate(model: str, models_dir: Path | None) -> Located:
     """Card, local checkpoint and remote name for MODEL. ``UnknownModelError`` when MODEL is
     nothing known; ``NoCheckpointError`` when it is a card whose weights are not here."""
-    card = resolve_card(model, models_dir)  # raises UnknownModelError naming what is known
-    path = Path(model).expanduser()
-    if (path / "config.json").is_file() and (path.is_absolute() or model.startswith((".", "~"))):
-        return Located(card, path.resolve(), str(path.resolve()))
-    names = [model, card.id, *([card.source_repo] if card.source_repo else [])]
-    for name in names:
-        found = _under_roots(name, models_dir)
-        if found is not None and name != model and not _same_precision(found, card):
-            # e.g. "Qwen3.6-27B-8bit" must not load the bf16 download of its source repo.
-            continue
-        if found is not None:
-            # Found under a root every node has (its own models dir, the bundled models):
-            # the name travels, so each node reads its own copy.
-            return Located(card, found.resolve(), found.name)
-    if (path / "config.json").is_file():  # a relative path from the caller's directory
-        return Located(card, path.resolve(), str(path.resolve()))
-    where = str(models_dir) if models_dir is not None else "the models directory"
-    raise NoCheckpointError(
-        f"model {model!r} is the card {card.id!r}, but its weights are not on this node: put "
-        f"the checkpoint in {where}/{card.id}"
-        + (f" (e.g. download {card.source_repo})" if card.source_repo else "")
-        + " or pass a checkpoint directory"
-    )
+    resolved = resolve(model, models_dir)
+    found = resolved.require_files(models_dir)
+    return Located(resolved.card, found.checkpoint, found.remote_name, found)
 
 
-def _same_precision(checkpoint: Path, card: ModelCard) -> bool:
-    try:
-        return card_from_checkpoint(checkpoint).bits == card.bits
-    except Exception:  # an unreadable checkpoint is not a match
-        return False
+def resolve_checkpoint_name(model: str, models_dir: Path | None) -> Path | None:
+    """MODEL's checkpoint directory on this node, or None (the resolver's order)."""
+    found = find_files(model, models_dir)
+    return found.checkpoint if found else None
 
 
-def _capability(card: ModelCard) -> tuple[NativeMtpCapability | None, str]:
+def mtp_status(card: ModelCard, checkpoint: Path | None) -> tuple[NativeMtpCapability | None, str]:
+    """Native-MTP capability and, when there is none, why (and how to get it)."""
     spec = card.native_mtp
     if spec is None:
-        return None, ""
+        return None, "the model has no MTP head"
+    if checkpoint is not None:
+        from node.inference.mtp.recovery import MtpUnavailable, probe_mtp
+
+        try:
+            probe = probe_mtp(checkpoint)
+        except (MtpUnavailable, OSError, ValueError) as exc:
+            return None, f"MTP weights unreadable: {exc}"
+        if not probe.available:
+            source = card.source_repo or "the original repo"
+            return None, (
+                "checkpoint is stripped of its MTP weights; "
+                f"`macmesh pull MODEL --mtp-from {source}` recovers them"
+            )
+        return NativeMtpCapability(default_k=spec.default_k, max_k=spec.max_k), probe.describe()
     if spec.weights_in_checkpoint is False:
         return None, "config declares an MTP head but the checkpoint has no MTP weights"
     return NativeMtpCapability(default_k=spec.default_k, max_k=spec.max_k), ""
 
 
-def _entry(card: ModelCard, source: str, checkpoint: Path | None) -> ModelEntry:
-    mtp, note = _capability(card)
+def _entry(
+    card: ModelCard, source: str, checkpoint: Path | None, entry_id: str | None = None
+) -> ModelEntry:
+    mtp, why = mtp_status(card, checkpoint)
     return ModelEntry(
-        id=card.id,
+        id=entry_id or card.id,
         model_type=card.model_type,
         num_layers=card.num_layers,
         bytes=card.bytes,
@@ -130,52 +121,142 @@ def _entry(card: ModelCard, source: str, checkpoint: Path | None) -> ModelEntry:
         native_mtp=mtp,
         source=source,
         checkpoint=str(checkpoint) if checkpoint is not None else None,
-        note=note,
+        has_weights=checkpoint is not None,
+        download_from=[] if checkpoint is not None else download_candidates(card),
+        mtp_note=why,
     )
 
 
-def list_models(models_dir: Path | None) -> list[ModelEntry]:
-    """Checkpoints on this node first (models dir, then bundled), then the shipped cards.
+def _hub_snapshots() -> list[tuple[str, Path]]:
+    """(repo id, snapshot of its default branch or newest revision) of the cached model
+    repos that hold a config.json."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
-    A checkpoint hides a card of the same id, as ``resolve_card`` prefers the checkpoint."""
+    from node.hub.refs import hub_cache_dir
+
+    try:
+        info = scan_cache_dir(hub_cache_dir())
+    except (CacheNotFound, OSError):
+        return []
+    out = []
+    for repo in sorted(info.repos, key=lambda r: r.repo_id):
+        if repo.repo_type != "model":
+            continue
+        revisions = sorted(repo.revisions, key=lambda r: ("main" not in r.refs, -r.last_modified))
+        for revision in revisions:
+            if (revision.snapshot_path / "config.json").is_file():
+                out.append((repo.repo_id, revision.snapshot_path))
+                break
+    return out
+
+
+def list_models(
+    models_dir: Path | None, instances: Iterable[Any] = (), *, hub_cache: bool = True
+) -> list[ModelEntry]:
+    """Checkpoints on this node first (models dir, bundled, hub cache), then the shipped cards,
+    then launched instances nothing above names. A checkpoint hides a card of the same id, as
+    ``resolve`` prefers the checkpoint; ``launched`` marks every entry an instance answers to."""
     entries: list[ModelEntry] = []
     seen: set[str] = set()
-    for root, source in ((models_dir, "checkpoint"), (BUNDLED_MODELS_DIR, "bundled")):
-        for name in local_checkpoints(root):
-            if name in seen:
-                continue
-            assert root is not None
-            directory = root / name
-            try:
-                card = card_from_checkpoint(directory)
-            except (PlacementError, OSError, ValueError) as exc:
-                log.warning("unreadable checkpoint skipped", path=str(directory), error=str(exc))
-                continue
-            seen.add(name)
-            entries.append(_entry(card, source, directory))
+    local: list[tuple[str, Path, str | None, str]] = [
+        (name, root / name, None, source)
+        for root, source in ((models_dir, "checkpoint"), (BUNDLED_MODELS_DIR, BUNDLED))
+        if root is not None
+        for name in local_checkpoints(root)
+    ]
+    if hub_cache:
+        local += [(repo, snap, repo, HUB_CACHE) for repo, snap in _hub_snapshots()]
+    for name, directory, card_id, source in local:
+        if name in seen:
+            continue
+        try:
+            card = card_from_checkpoint(directory, card_id=card_id)
+        except (PlacementError, OSError, ValueError) as exc:
+            log.warning("unreadable checkpoint skipped", path=str(directory), error=str(exc))
+            continue
+        seen.add(name)
+        entries.append(_entry(card, source, directory.resolve(), name))
     for card in registry().values():
         if card.id in seen:
             continue
-        checkpoint = _under_roots(card.id, models_dir)
-        if checkpoint is None and card.source_repo:
-            checkpoint = _under_roots(card.source_repo, models_dir)
-        entries.append(_entry(card, "card", checkpoint))
+        found = resolve(card.id, models_dir).found
+        entries.append(_entry(card, "card", found.checkpoint if found else None))
+        seen.add(card.id)
+    for info in instances:
+        names = {info.model, *info.aliases}
+        hits = [e for e in entries if e.id in names or (e.checkpoint or "") in names]
+        for e in hits:
+            e.launched = True
+        if not hits:
+            entries.append(_instance_entry(info, models_dir))
     return entries
 
 
-def checkpoint_resolver(models_dir: Path | None):
-    """The StageService's model resolver: a path, or a name under this node's models
-    directory or the bundled models. Raises ``ShardError`` naming where it looked."""
+def client_name(info: Any) -> str:
+    """The name a client sends to reach an instance: what it was launched as, unless that is
+    a filesystem path (meaningless to a remote client), then its card id."""
+    for name in (info.model, *info.aliases):
+        if name and not name.startswith(("/", ".", "~")):
+            return name
+    return info.instance_id
 
-    def resolve(model: str) -> Path:
-        found = resolve_checkpoint_name(model, models_dir)
-        if found is None:
-            from node.inference.shard import ShardError
 
-            where = ", ".join(str(r) for r in _roots(models_dir))
-            raise ShardError(
-                f"model {model!r} is not a checkpoint directory on this node ({where})"
+def _instance_entry(info: Any, models_dir: Path | None) -> ModelEntry:
+    """An entry for a launched instance that no local checkpoint or card lists (launched
+    from a path, or on another node): listed under the name a client must send."""
+    name = client_name(info)
+    try:
+        resolved = resolve(info.model, models_dir)
+        entry = _entry(resolved.card, "instance", resolved.checkpoint, name)
+    except PlacementError:  # its files are on another node: what the instance says
+        entry = ModelEntry(
+            id=name,
+            model_type="",
+            num_layers=max((s.end_layer for s in info.stages), default=0),
+            bytes=0,
+            context_length=0,
+            native_mtp=None,
+            source="instance",
+        )
+    if info.engine == "native_mtp" and entry.native_mtp is None:
+        entry.native_mtp = resolved_k(info)
+    entry.has_weights, entry.launched = True, True
+    entry.note = f"launched as {info.instance_id} ({info.engine})"
+    return entry
+
+
+def resolved_k(info: Any) -> NativeMtpCapability | None:
+    """(default_k, max_k) of a native-MTP instance whose card is not readable here."""
+    from node.placement import find_card
+
+    for name in (info.model, *info.aliases):
+        card = find_card(name)
+        if card is not None and card.native_mtp is not None:
+            return NativeMtpCapability(
+                default_k=card.native_mtp.default_k, max_k=card.native_mtp.max_k
             )
-        return found
+    return None
 
-    return resolve
+
+def model_info_proto(entry: ModelEntry) -> Any:
+    """A ``ModelEntry`` as the wire's ``ModelInfo``."""
+    from node.proto.macmesh.v1 import inference_pb2 as pb
+
+    msg = pb.ModelInfo(
+        id=entry.id,
+        model_type=entry.model_type,
+        num_layers=entry.num_layers,
+        bytes=entry.bytes,
+        context_length=entry.context_length,
+        launched=entry.launched,
+        has_weights=entry.has_weights,
+        download_from=entry.download_from,
+        source=entry.source,
+        mtp_note=entry.mtp_note,
+    )
+    if entry.native_mtp is not None:
+        msg.native_mtp.CopyFrom(
+            pb.NativeMtp(default_k=entry.native_mtp.default_k, max_k=entry.native_mtp.max_k)
+        )
+    return msg

@@ -37,7 +37,7 @@ import grpc
 from node import rpc
 from node.cluster import convert, peers
 from node.cluster.admission import DEFAULT_HEADROOM, admit_load
-from node.cluster.catalog import checkpoint_resolver, list_models
+from node.cluster.catalog import checkpoint_resolver, list_models, model_info_proto
 from node.cluster.coordinator import Coordinator, LaunchCancelled, LaunchPlan
 from node.cluster.instances import (
     InstanceInfo,
@@ -332,24 +332,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        launched: set[str] = set()
-        for info in self.cluster_instances():
-            launched.update([info.model, *info.aliases])
-        models = []
-        for entry in list_models(self.daemon.settings.models_dir):
-            msg = pb.ModelInfo(
-                id=entry.id,
-                model_type=entry.model_type,
-                num_layers=entry.num_layers,
-                bytes=entry.bytes,
-                context_length=entry.context_length,
-                launched=entry.id in launched or (entry.checkpoint or "") in launched,
-            )
-            if entry.native_mtp is not None:
-                msg.native_mtp.CopyFrom(
-                    pb.NativeMtp(default_k=entry.native_mtp.default_k, max_k=entry.native_mtp.max_k)
-                )
-            models.append(msg)
+        entries = list_models(self.daemon.settings.models_dir, self.cluster_instances())
+        models = [model_info_proto(entry) for entry in entries]
         return pb.ListModelsResponse(models=models)
 
     def ClusterStatus(

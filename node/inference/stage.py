@@ -56,6 +56,7 @@ from node.inference.sampling import (
 )
 from node.inference.shard import Shard, ShardError, load_shard
 from node.logging import get_logger
+from node.placement.resolve import checkpoint_resolver
 from node.proto.macmesh.v1 import stage_pb2 as pb
 from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
 
@@ -129,7 +130,7 @@ def models_dir_resolver(models_dir: Path | None) -> ModelResolver:
     return resolve
 
 
-default_model_resolver = models_dir_resolver(None)
+default_model_resolver = checkpoint_resolver(None)  # node.placement.resolve: the one resolver
 
 
 # ---- per-request state (owned by the worker thread) ----

@@ -50,7 +50,13 @@ class ModelCard(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     id: str = Field(min_length=1)
-    source_repo: str | None = None
+    source_repo: str | None = Field(
+        default=None, description="the original Hugging Face repo (full precision, MTP head kept)"
+    )
+    conversions: list[str] = Field(
+        default_factory=list,
+        description="Hugging Face repos of conversions this card covers (precision from the name)",
+    )
     model_type: str
     num_layers: int = Field(ge=1)
     hidden_size: int = Field(ge=1)
@@ -190,16 +196,30 @@ def known_card_ids() -> list[str]:
 _QUANT_SUFFIX = re.compile(r"^(?P<base>.+?)-(?:(?P<bits>[2-8])bit|(?P<half>bf16|fp16))$", re.I)
 
 
+def precision_suffix(name: str) -> int | None:
+    """Bits a name's ``-4bit`` / ``-8bit`` / ``-bf16`` suffix says (16 for bf16/fp16)."""
+    match = _QUANT_SUFFIX.match(name)
+    if match is None:
+        return None
+    return int(match["bits"]) if match["bits"] else 16
+
+
 def find_card(name: str) -> ModelCard | None:
-    """A shipped card by id or source repo (case-insensitive), or one re-derived at another
-    precision when the name ends in ``-4bit``, ``-8bit``, ``-bf16``… (``Qwen3.6-27B-8bit``).
-    A card shipped at one precision (``Qwen3.5-122B-A10B-4bit``) also answers to its bare name."""
+    """A shipped card by id, source repo or conversion repo (case-insensitive), or one
+    re-derived at another precision when the name ends in ``-4bit``, ``-8bit``, ``-bf16``…
+    (``Qwen3.6-27B-8bit``, ``mlx-community/Qwen3.6-27B-4bit``). A card shipped at one
+    precision (``Qwen3.5-122B-A10B-4bit``) also answers to its bare name."""
     by_name: dict[str, ModelCard] = {}
     for card in registry().values():
         by_name[card.id.lower()] = card
     for card in registry().values():
         if card.source_repo:
             by_name.setdefault(card.source_repo.lower(), card)
+        for repo in card.conversions:
+            bits = precision_suffix(repo.rsplit("/", 1)[-1])
+            by_name.setdefault(
+                repo.lower(), card if bits in (None, card.bits) else requantize(card, bits)
+            )
         if stem := _QUANT_SUFFIX.match(card.id):  # "X-4bit" also answers to "X"
             by_name.setdefault(stem["base"].lower(), card)
     if (card := by_name.get(name.lower())) is not None:

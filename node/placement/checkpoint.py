@@ -198,7 +198,7 @@ def _quantization(config: dict[str, Any], activation_bytes: int) -> tuple[int, i
 
 def _mtp_k_for(name: str) -> tuple[int, int, str]:
     """(default_k, max_k, why): from the shipped card whose id starts the directory name."""
-    lowered = name.lower()
+    lowered = name.lower().rsplit("/", 1)[-1]  # a repo id: "org/Qwen3.6-27B-4bit"
     matches = [
         card
         for card in registry().values()

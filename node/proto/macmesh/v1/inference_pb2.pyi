@@ -150,7 +150,7 @@ class NativeMtp(_message.Message):
     def __init__(self, default_k: _Optional[int] = ..., max_k: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("id", "model_type", "num_layers", "bytes", "context_length", "native_mtp", "launched")
+    __slots__ = ("id", "model_type", "num_layers", "bytes", "context_length", "native_mtp", "launched", "has_weights", "download_from", "source", "mtp_note")
     ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     NUM_LAYERS_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,10 @@ class ModelInfo(_message.Message):
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     NATIVE_MTP_FIELD_NUMBER: _ClassVar[int]
     LAUNCHED_FIELD_NUMBER: _ClassVar[int]
+    HAS_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    DOWNLOAD_FROM_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    MTP_NOTE_FIELD_NUMBER: _ClassVar[int]
     id: str
     model_type: str
     num_layers: int
@@ -165,7 +169,11 @@ class ModelInfo(_message.Message):
     context_length: int
     native_mtp: NativeMtp
     launched: bool
-    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., native_mtp: _Optional[_Union[NativeMtp, _Mapping]] = ..., launched: _Optional[bool] = ...) -> None: ...
+    has_weights: bool
+    download_from: _containers.RepeatedScalarFieldContainer[str]
+    source: str
+    mtp_note: str
+    def __init__(self, id: _Optional[str] = ..., model_type: _Optional[str] = ..., num_layers: _Optional[int] = ..., bytes: _Optional[int] = ..., context_length: _Optional[int] = ..., native_mtp: _Optional[_Union[NativeMtp, _Mapping]] = ..., launched: _Optional[bool] = ..., has_weights: _Optional[bool] = ..., download_from: _Optional[_Iterable[str]] = ..., source: _Optional[str] = ..., mtp_note: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()
