@@ -218,6 +218,7 @@ def _card(model: Any) -> ModelCard:
         context_length=model.context_length,
         bytes=model.bytes,
         launched=model.launched,
+        has_weights=model.has_weights,
     )
 
 

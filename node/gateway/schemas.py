@@ -245,6 +245,7 @@ class ModelCard(_Response):
     context_length: int
     bytes: int
     launched: bool
+    has_weights: bool = False  # the weights are on the cluster node answering (or launched)
 
 
 class ModelList(_Response):

@@ -73,11 +73,10 @@ class Resolved:
 
 
 def download_candidates(card: ModelCard) -> list[str]:
-    """Repos the card's weights can be downloaded from, at the card's precision first."""
-    repos = [r for r in card.conversions if _precision_of(r) == card.bits]
-    if card.source_repo and card.bits == 16:
-        repos.append(card.source_repo)
-    return repos
+    """Repos holding the card's weights at the card's precision: the source repo first (it
+    keeps the MTP head), then the conversions."""
+    repos = [card.source_repo] if card.source_repo and card.bits == 16 else []
+    return repos + [r for r in card.conversions if _precision_of(r) == card.bits]
 
 
 def local_checkpoints(models_dir: Path | None) -> list[str]:
