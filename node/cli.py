@@ -11,7 +11,7 @@ import sys
 import typer
 
 from node import __version__
-from node.commands import demo, gateway, generate, launch, models, place, run, status
+from node.commands import demo, gateway, generate, launch, models, place, pull, run, status
 
 app = typer.Typer(
     name="macmesh",
@@ -66,6 +66,7 @@ app.command("run")(run.run)
 app.command("status")(status.status)
 app.command("models")(models.models)
 app.command("place")(place.place)
+app.command("pull")(pull.pull)
 app.command("launch")(launch.launch)
 app.command("unload")(launch.unload)
 app.command("generate")(generate.generate)

@@ -1,0 +1,87 @@
+"""Which files of a checkpoint a node needs: pure functions over file names and the
+safetensors index, tested without a hub.
+
+A node holding layers [start, end) of an ``num_layers`` model needs config, tokenizer and
+index files, the shards holding its layers, the embedding's shard when it is the first stage
+(or the last with tied embeddings), the final norm's and LM head's shard when it is the last,
+and the MTP head (main shards or the ``mtp.safetensors`` sidecar) only when it holds the whole
+model: native MTP runs on single-node instances only.
+"""
+
+from __future__ import annotations
+
+import re
+
+INDEX = "model.safetensors.index.json"
+SIDECAR = "mtp.safetensors"
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+_MTP = re.compile(r"(?:^|\.)mtp\.")
+# Weights in other formats a repo may carry next to safetensors: never needed.
+_SKIP = (".bin", ".pt", ".pth", ".gguf", ".onnx", ".msgpack", ".h5", ".ckpt", ".md")
+
+
+def support_files(names: list[str]) -> list[str]:
+    """Everything but weights: config, generation config, tokenizer, chat template, index."""
+    return sorted(
+        n
+        for n in names
+        if not n.endswith(".safetensors")
+        and not n.endswith(_SKIP)
+        and not n.startswith(".")
+        and "/" not in n
+    )
+
+
+def tensor_needed(
+    name: str, start: int, end: int, num_layers: int, tied: bool, with_mtp: bool
+) -> bool:
+    if _MTP.search(name):
+        return with_mtp
+    if "visual" in name or "vision_tower" in name:
+        return False
+    if (match := _LAYER.search(name)) is not None:
+        return start <= int(match.group(1)) < end
+    first, last = start == 0, end == num_layers
+    if "embed_tokens" in name:
+        return first or (last and tied)
+    if "lm_head" in name or name.endswith("norm.weight"):
+        return last
+    return True  # anything else top-level is loaded by every stage
+
+
+def files_for_layers(
+    names: list[str],
+    weight_map: dict[str, str] | None,
+    layers: tuple[int, int] | None,
+    num_layers: int,
+    tied: bool,
+) -> list[str]:
+    """The files a node holding ``layers`` (None: the whole model) must have."""
+    shards = sorted(n for n in names if n.endswith(".safetensors"))
+    whole = layers is None or (layers[0] == 0 and layers[1] == num_layers)
+    if weight_map is None or layers is None:
+        wanted = shards
+    else:
+        start, end = layers
+        wanted = sorted(
+            {
+                file
+                for tensor, file in weight_map.items()
+                if tensor_needed(tensor, start, end, num_layers, tied, whole)
+            }
+        )
+    if not whole:
+        wanted = [f for f in wanted if f != SIDECAR]
+    elif SIDECAR in shards and SIDECAR not in wanted:
+        wanted.append(SIDECAR)
+    return support_files(names) + wanted
+
+
+def is_mtp(name: str) -> bool:
+    """An MTP head tensor, in any layout (``mtp.*``, ``language_model.mtp.*``)."""
+    return _MTP.search(name) is not None
+
+
+def mtp_tensors(header: dict) -> dict[str, dict]:
+    """The ``mtp.*`` entries of a safetensors header."""
+    return {k: v for k, v in header.items() if k != "__metadata__" and is_mtp(k)}

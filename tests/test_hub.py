@@ -1,0 +1,242 @@
+"""Models from a Hugging Face hub: a real HTTP hub on 127.0.0.1 (tests/helpers/hub_server.py)
+serving checkpoints the builders make, the real ``huggingface_hub`` pointed at it with
+HF_ENDPOINT, real files in a real hub cache. No internet."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from helpers.daemons import macmesh_env, wait_for
+from helpers.hub_server import HubServer
+
+from node.checkpoints import CheckpointSpec, ensure_checkpoint
+from node.hub.download import CorruptDownload, IncompleteDownload, NoSpace, check_space
+from node.hub.pull import mtp_source_for, pull_model
+from node.hub.refs import parse_repo_ref, repo_folder
+from node.hub.remote import RepoNotFound, RevisionNotFound
+from node.hub.shards import files_for_layers
+from node.placement.errors import UnknownModelError
+from node.placement.resolve import HUB_CACHE, resolve
+
+# 12 layers, so the MTP head (one layer + fc + norms) is a small part of the model.
+SPEC = CheckpointSpec(arch="dense", layout="hf", num_hidden_layers=12, seed=7)
+ORIGINAL = "Qwen/Tiny-Orig"
+STRIPPED = "mlx-community/Tiny-Stripped"
+
+
+@pytest.fixture(scope="module")
+def checkpoints() -> dict[str, Path]:
+    return {
+        ORIGINAL: ensure_checkpoint(SPEC),
+        STRIPPED: ensure_checkpoint(SPEC.with_layout("stripped")),
+    }
+
+
+@pytest.fixture
+def hub(checkpoints, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    with HubServer() as server:
+        for repo, directory in checkpoints.items():
+            server.add_repo(repo, directory)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+        monkeypatch.setenv("HF_ENDPOINT", server.endpoint())
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_HOME", raising=False)
+        yield server
+
+
+def _sizes(directory: Path) -> dict[str, int]:
+    return {
+        str(p.relative_to(directory)): p.stat().st_size for p in directory.rglob("*") if p.is_file()
+    }
+
+
+def test_repo_refs_parse() -> None:
+    assert parse_repo_ref("mlx-community/Qwen3.6-27B-4bit").revision is None
+    ref = parse_repo_ref("Qwen/Qwen3.6-27B@v1.0")
+    assert (ref.repo_id, ref.revision) == ("Qwen/Qwen3.6-27B", "v1.0")
+    assert parse_repo_ref("macmesh-tiny") is None and parse_repo_ref("/abs/path") is None
+    assert parse_repo_ref("../x/y") is None
+    assert mtp_source_for(parse_repo_ref("mlx-community/Qwen3.6-27B-4bit")) == "Qwen/Qwen3.6-27B"
+
+
+def test_full_download_then_found_in_the_cache_offline(hub, checkpoints, monkeypatch) -> None:
+    result = pull_model(STRIPPED, recover_mtp=False)
+    source = _sizes(checkpoints[STRIPPED])
+    assert hub.files_fetched() == {**source, **{}} | {}  # every file once, whole
+    assert result.fetched_bytes == sum(source.values())
+    for name in source:
+        assert (result.snapshot / name).read_bytes() == (checkpoints[STRIPPED] / name).read_bytes()
+    # Offline, with no hub reachable: the resolver finds it in the cache, through the hub's
+    # own lookup, and huggingface_hub itself sees macmesh's download.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")
+    before = len(hub.fetches)
+    resolved = resolve(STRIPPED)
+    assert resolved.origin == HUB_CACHE and resolved.card.id == STRIPPED
+    assert resolved.found.remote_name == f"{STRIPPED}@{result.commit}"
+    assert resolve(f"{STRIPPED}@{result.commit}").checkpoint == result.snapshot
+    from huggingface_hub import hf_hub_download
+
+    path = hf_hub_download(
+        STRIPPED, "config.json", cache_dir=os.environ["HF_HUB_CACHE"], local_files_only=True
+    )
+    assert Path(path).parent == result.snapshot
+    assert len(hub.fetches) == before  # nothing went to the network
+
+
+def test_a_second_pull_fetches_nothing(hub) -> None:
+    pull_model(STRIPPED, recover_mtp=False)
+    again = pull_model(STRIPPED, recover_mtp=False)
+    assert again.fetched_bytes == 0
+
+
+def test_resume_after_a_killed_download(hub, checkpoints, tmp_path) -> None:
+    shard = "model-00001-of-00003.safetensors"
+    size = (checkpoints[STRIPPED] / shard).stat().st_size
+    cut = size // 3
+    hub.stall[(STRIPPED, shard)] = cut
+    env = macmesh_env(tmp_path, {k: os.environ[k] for k in ("HF_HUB_CACHE", "HF_ENDPOINT")})
+    cmd = [sys.executable, "-m", "node.cli", "pull", STRIPPED, "--no-mtp", "--json"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert hub.stalled.wait(120), "the download never reached the stalled shard"
+        blobs = repo_folder(Path(os.environ["HF_HUB_CACHE"]), STRIPPED) / "blobs"
+        partial = wait_for(
+            lambda: [p for p in blobs.glob("*.incomplete") if p.stat().st_size == cut],
+            timeout=60,
+            what="the partial shard on disk",
+        )[0]
+        proc.send_signal(signal.SIGKILL)  # killed mid-file
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert partial.is_file() and partial.stat().st_size == cut
+    assert not resolve_or_none(STRIPPED)  # nothing usable yet: no half-written checkpoint
+    del hub.stall[(STRIPPED, shard)]
+    hub.release_stall()
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    gets = [f for f in hub.fetches if f.path == shard and f.method == "GET"]
+    assert [g.start for g in gets] == [0, cut]  # the second pull asked for the rest only
+    assert sum(g.bytes for g in gets) == size
+    snapshot = resolve(STRIPPED).checkpoint
+    assert (snapshot / shard).read_bytes() == (checkpoints[STRIPPED] / shard).read_bytes()
+
+
+def resolve_or_none(model: str):
+    try:
+        return resolve(model).checkpoint
+    except UnknownModelError:
+        return None
+
+
+@pytest.mark.parametrize("fault", ["corrupt", "truncate"])
+def test_a_bad_download_is_a_clear_error_and_nothing_is_used(hub, fault) -> None:
+    shard = "model-00002-of-00003.safetensors"
+    if fault == "corrupt":
+        hub.corrupt.add((STRIPPED, shard))
+        error, words = CorruptDownload, r"sha256 .* is not the hub's"
+    else:
+        hub.truncate[(STRIPPED, shard)] = 1000
+        error, words = IncompleteDownload, r"the connection ended after \d+ of \d+ bytes"
+    with pytest.raises(error, match=rf"{shard} of {STRIPPED}: {words}"):
+        pull_model(STRIPPED, recover_mtp=False)
+    assert resolve_or_none(STRIPPED) is None  # no snapshot the resolver would use
+    storage = repo_folder(Path(os.environ["HF_HUB_CACHE"]), STRIPPED)
+    assert not (storage / "snapshots").exists() or not list((storage / "snapshots").rglob(shard))
+    hub.corrupt.clear()
+    hub.truncate.clear()
+    assert pull_model(STRIPPED, recover_mtp=False).snapshot.is_dir()  # a retry succeeds
+
+
+def test_missing_repo_and_revision_are_clear_errors(hub, tmp_path) -> None:
+    with pytest.raises(RepoNotFound, match=r"repo 'org/nope' is not on the hub"):
+        pull_model("org/nope")
+    with pytest.raises(RevisionNotFound, match=rf"revision 'v9' of '{STRIPPED}'"):
+        pull_model(f"{STRIPPED}@v9")
+    env = macmesh_env(tmp_path, {k: os.environ[k] for k in ("HF_HUB_CACHE", "HF_ENDPOINT")})
+    cli = subprocess.run(
+        [sys.executable, "-m", "node.cli", "pull", "org/nope"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 2 and "repo 'org/nope' is not on the hub" in cli.stderr
+
+
+def test_no_space_names_node_need_and_free(hub, tmp_path, monkeypatch) -> None:
+    with pytest.raises(
+        NoSpace, match=r"on studio-2 for the download: needs 2\.0 KiB, 1\.0 KiB free in /x"
+    ):
+        check_space(2048, 1024, "studio-2", Path("/x"))
+    small = tmp_path / "small"
+    small.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)]).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        monkeypatch.setenv("HF_HUB_CACHE", str(small / "hub"))
+        with pytest.raises(NoSpace, match=rf"needs .* free in {small}"):
+            pull_model(STRIPPED, recover_mtp=False, node="studio-2")
+        assert not any(small.rglob("*.safetensors*"))  # refused before any weight was fetched
+    finally:
+        subprocess.run(["umount", str(small)], check=False)
+
+
+def test_stage_files_hold_exactly_the_stage_layers(checkpoints) -> None:
+    import json
+
+    directory = checkpoints[ORIGINAL]
+    weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    names = sorted(_sizes(directory))
+    first = files_for_layers(names, weight_map, (0, 4), 12, tied=False)
+    last = files_for_layers(names, weight_map, (8, 12), 12, tied=False)
+    shards = {f for f in weight_map.values()}
+    for tensor, file in weight_map.items():
+        if ".layers.2." in tensor and "mtp" not in tensor:
+            assert file in first
+        if "lm_head" in tensor:
+            assert file in last and (file not in first or ".layers.3." in str(weight_map))
+    assert "config.json" in first and "tokenizer.json" in last
+    assert set(files_for_layers(names, weight_map, None, 12, tied=False)) >= shards
+
+
+def test_mtp_sidecar_by_ranged_reads_gives_the_original_greedy_output(hub, checkpoints) -> None:
+    from node.inference.loading import load_checkpoint
+    from node.inference.requests import GenerateRequest
+    from node.inference.runner import LocalRunner
+
+    plain = pull_model(STRIPPED, recover_mtp=False)
+    assert "stripped" in plain.mtp_note
+    result = pull_model(STRIPPED, mtp_from=ORIGINAL)
+    sidecar = result.sidecar
+    assert sidecar is not None and sidecar.tensors == 15
+    original_bytes = sum(
+        s for n, s in _sizes(checkpoints[ORIGINAL]).items() if n.endswith(".safetensors")
+    )
+    fetched = hub.bytes_fetched(repo=ORIGINAL)
+    index = (checkpoints[ORIGINAL] / "model.safetensors.index.json").stat().st_size
+    assert fetched == sidecar.bytes_fetched + index  # headers + mtp ranges + the index only
+    assert sidecar.bytes_fetched < 0.15 * original_bytes, (sidecar.bytes_fetched, original_bytes)
+    assert "recovered from" in result.mtp_note and ORIGINAL in result.mtp_note
+
+    def greedy(path: Path):
+        runner = LocalRunner(load_checkpoint(path), native_mtp_enabled=True)
+        request = GenerateRequest(
+            prompt_ids=[1, 2, 3, 4, 5], max_tokens=24, ignore_eos=True, mtp_k=2
+        )
+        *_, done = runner.generate(request)
+        return done.token_ids, done.stats
+
+    ids, stats = greedy(result.snapshot)
+    ref_ids, ref_stats = greedy(checkpoints[ORIGINAL])
+    assert stats.engine == ref_stats.engine == "native_mtp"
+    assert ids == ref_ids
+    # the same head: the same drafts accepted, not only the same output
+    assert stats.accepted_draft_tokens == ref_stats.accepted_draft_tokens
