@@ -675,12 +675,14 @@ class MacmeshClient(_ClientBase):
         *,
         min_nodes: int = 0,
         context_length: int = 0,
+        pull: bool = False,
         timeout: float | None = None,
     ) -> Stream[LaunchMessage | Launched]:
         request = pb.LaunchRequest(
             model=model,
             min_nodes=_uint32("min_nodes", min_nodes),
             context_length=_uint32("context_length", context_length),
+            pull=pull,
         )
         return Stream(self._stub.Launch(request, timeout=self._deadline(timeout)), launch_event)
 
@@ -799,12 +801,14 @@ class AsyncMacmeshClient(_ClientBase):
         *,
         min_nodes: int = 0,
         context_length: int = 0,
+        pull: bool = False,
         timeout: float | None = None,
     ) -> AsyncStream[LaunchMessage | Launched]:
         request = pb.LaunchRequest(
             model=model,
             min_nodes=_uint32("min_nodes", min_nodes),
             context_length=_uint32("context_length", context_length),
+            pull=pull,
         )
         call = self._stub.Launch(request, timeout=self._deadline(timeout))
         return AsyncStream(call, launch_event)

@@ -198,24 +198,25 @@ class Coordinator:
         cancel: CancelToken,
         *,
         instance_id: str | None = None,
+        pull: bool = False,
     ) -> Instance:
         """Load ``launch_plan`` (made by ``plan``) and register the instance; returns it ready.
         ``instance_id`` keeps a name (a failed instance placed again keeps its id).
 
         Raises ``NoCheckpointError`` (no weights here), ``LaunchCancelled``, ``PipelineError``
-        (a stage failed to load) or the loader's own errors; nothing stays loaded on failure."""
-        located = locate(model, self.models_dir)
+        (a stage failed to load) or the loader's own errors; nothing stays loaded on failure.
+        ``pull``: every node first downloads the files its layers need (``model`` is then the
+        ``repo@commit`` that ``prepare_pull`` returned)."""
         placement = launch_plan.placement
         names = self._names()
-        stages = [
-            StageRef(
-                node_id=s.node_id,
-                address=self.daemon.address_of(s.node_id) or "",
-                start_layer=s.start_layer,
-                end_layer=s.end_layer,
+        if pull:
+            from node.hub.pull import pull_for_placement
+
+            pull_for_placement(
+                model, self._stage_refs(placement), self.daemon.node_id, names, progress
             )
-            for s in placement.stages
-        ]
+        located = locate(model, self.models_dir)
+        stages = self._stage_refs(placement)
         missing = [s.node_id for s in stages if not s.address]
         if missing:
             raise InstanceUnavailable(f"no address known for node(s) {missing}; are they up?")
@@ -351,6 +352,23 @@ class Coordinator:
                 f"in {shard.load_seconds:.1f} s"
             )
         progress(f"pipeline of {len(shards)} stages loaded in {time.perf_counter() - began:.1f} s")
+
+    def _stage_refs(self, placement: Placement) -> list[StageRef]:
+        return [
+            StageRef(
+                node_id=s.node_id,
+                address=self.daemon.address_of(s.node_id) or "",
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
+            )
+            for s in placement.stages
+        ]
+
+    def prepare_pull(self, model: str) -> str:
+        """MODEL for a launch with --pull (``node.hub.pull.prepare_pull``)."""
+        from node.hub.pull import prepare_pull
+
+        return prepare_pull(model, self.models_dir)
 
     # -- unloading --
 

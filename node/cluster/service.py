@@ -381,10 +381,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> Iterator[pb.LaunchProgress]:
         cancel = _cancel_token(context)
         forwarded = peers.is_forwarded(context)
+        model = request.model
         try:
-            launch_plan = self._plan(
-                request.model, request.min_nodes, request.context_length, pin=forwarded
-            )
+            if request.pull:  # plan from the hub's headers; the nodes download below
+                model = self.coordinator.prepare_pull(request.model)
+            launch_plan = self._plan(model, request.min_nodes, request.context_length, pin=forwarded)
         except Exception as exc:
             _abort(context, exc)
             return
@@ -396,7 +397,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         def work() -> None:
             try:
                 instance = self.coordinator.launch(
-                    request.model, launch_plan, lambda line: progress.put(("line", line)), cancel
+                    model,
+                    launch_plan,
+                    lambda line: progress.put(("line", line)),
+                    cancel,
+                    pull=request.pull,
                 )
                 progress.put(("done", instance))
             except BaseException as exc:
@@ -640,6 +645,9 @@ def install(daemon: Any) -> InferenceServicer:
     )
     servicer = InferenceServicer(daemon)
     daemon.add_servicer(pb_grpc.add_InferenceServiceServicer_to_server, servicer, SERVICE_NAME)
+    from node.hub.service import install as install_hub
+
+    install_hub(daemon)  # HubService: this node's part of a `launch --pull`
     daemon.subscribe(servicer.coordinator.on_peer_event)
     daemon.subscribe(stages.on_peer_event)
 

@@ -66,7 +66,10 @@ def describe_error(error: Any, address: str) -> str:
 
 def launch(
     model: Annotated[
-        str, typer.Argument(metavar="MODEL", help="model card id or checkpoint directory")
+        str,
+        typer.Argument(
+            metavar="MODEL", help="card id, Hugging Face repo id[@revision] or checkpoint directory"
+        ),
     ],
     min_nodes: Annotated[
         int, typer.Option("--min-nodes", help="spread over at least this many nodes")
@@ -82,6 +85,14 @@ def launch(
         bool, typer.Option("--json", help="print the instance as JSON (progress to stderr)")
     ] = False,
     timeout: Annotated[float, typer.Option(help="seconds the launch may take")] = 1800.0,
+    pull: Annotated[
+        bool,
+        typer.Option(
+            "--pull",
+            help="download what is missing from the Hugging Face hub: each node only the "
+            "shards holding its layers",
+        ),
+    ] = False,
 ) -> None:
     """Load MODEL on the cluster: plan, load every stage, pick the engine."""
     from node.client import Launched, MacmeshClient, MacmeshError
@@ -94,7 +105,7 @@ def launch(
     instance = None
     with MacmeshClient(address, timeout=timeout) as client:
         stream = client.launch(
-            model_argument(model), min_nodes=min_nodes, context_length=context or 0
+            model_argument(model), min_nodes=min_nodes, context_length=context or 0, pull=pull
         )
         try:
             for event in stream:

@@ -1,8 +1,12 @@
-"""`macmesh models`: the models this machine can name, with their native-MTP capability.
+"""`macmesh models`: the models this machine can name, where their weights are, and whether
+native MTP is available for each (and why not).
 
-Offline by default: the shipped cards, the checkpoints in the models directory and the models
-bundled with macmesh. With ``--node HOST:PORT`` the list comes from that daemon (its models
-directory) and says which models are launched on the cluster.
+Offline by default: the checkpoints in the models directory, the models bundled with macmesh,
+the model repos in the Hugging Face cache, and the shipped cards (whose weights, when not here,
+can be downloaded with ``macmesh pull`` from the repos listed). MODEL resolves in this order:
+a checkpoint directory, the models directory, the bundled models, the Hugging Face cache, then
+a card (docs/models.md). With ``--node HOST:PORT`` the list comes from that daemon and says
+which models are launched on the cluster, each under the id a client sends.
 """
 
 from __future__ import annotations
@@ -79,17 +83,12 @@ def _print_table(rows: list[dict[str, Any]], launched_known: bool) -> None:
     table.add_column("size", justify="right", no_wrap=True)
     table.add_column("context", justify="right", no_wrap=True)
     table.add_column("MTP K", no_wrap=True)
-    table.add_column("launched" if launched_known else "where", overflow="fold", min_width=9)
+    table.add_column("weights", overflow="fold", min_width=9)
+    if launched_known:
+        table.add_column("launched", no_wrap=True)
     for row in rows:
         mtp = row.get("native_mtp")
         capability = f"{mtp['default_k']}/{mtp['max_k']}" if mtp else "no"
-        if not mtp and row.get("note"):
-            capability = "no (no weights)"
-        if launched_known:
-            last = "yes" if row.get("launched") else ""
-        else:
-            source = row.get("source")
-            last = "bundled" if source == "bundled" else row.get("checkpoint") or "card only"
         table.add_row(
             row["id"],
             row["model_type"],
@@ -97,6 +96,25 @@ def _print_table(rows: list[dict[str, Any]], launched_known: bool) -> None:
             format_bytes(row["bytes"]),
             str(row["context_length"]),
             capability,
-            last,
+            _weights(row),
+            *(["yes" if row.get("launched") else ""] if launched_known else []),
         )
-    Console(soft_wrap=True).print(table)
+    console = Console(soft_wrap=True)
+    console.print(table)
+    console.print("native MTP:", highlight=False)
+    for row in rows:
+        if row.get("mtp_note"):
+            console.print(f"  {row['id']}: {row['mtp_note']}", highlight=False)
+
+
+def _weights(row: dict[str, Any]) -> str:
+    """Where the weights are: a local directory, the hub cache, or what to pull them from."""
+    if row.get("has_weights"):
+        source = row.get("source")
+        if source == "bundled":
+            return "bundled"
+        if source == "hub_cache":
+            return "hub cache"
+        return row.get("checkpoint") or "local"
+    repos = row.get("download_from") or []
+    return f"not here: pull {repos[0]}" if repos else "not here"

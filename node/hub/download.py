@@ -266,3 +266,13 @@ def read_local_json(storage: Path, file: RemoteFile) -> dict:
     import json
 
     return json.loads((storage / "blobs" / file.etag).read_text())
+
+
+def fetch_json(repo: RemoteRepo, name: str, cache_dir: Path | None = None) -> dict:
+    """A small JSON file of ``repo`` (config, index), verified into the hub cache once."""
+    storage = repo_folder(cache_dir or hub_cache_dir(), repo.ref.repo_id)
+    file = repo.files.get(name)
+    if file is None:
+        raise HubError(f"{repo.ref} has no {name}")
+    _fetch(repo, file, storage, _Tracker(str(repo.ref), "", 0, 0, None))
+    return read_local_json(storage, file)

@@ -69,7 +69,7 @@ def pull_model(
 
     ref = repo_for(model)
     pulled = pull(ref, layers=layers, progress=progress, node=node, endpoint=endpoint)
-    if layers is not None:
+    if layers is not None:  # one stage of a pipeline: native MTP runs on single nodes only
         return PullResult(ref, pulled.snapshot, pulled.commit, pulled.fetched_bytes, None, "")
     probe = probe_mtp(pulled.snapshot)
     sidecar, note = None, probe.describe()
@@ -90,3 +90,81 @@ def pull_model(
         note = f"{ref} is stripped of its MTP weights (not recovered)"
     fetched = pulled.fetched_bytes + (sidecar.bytes_fetched if sidecar else 0)
     return PullResult(ref, pulled.snapshot, pulled.commit, fetched, sidecar, note)
+
+
+def prepare_pull(model: str, models_dir: Path | None) -> str:
+    """MODEL for a launch with --pull: unchanged when its files are on this node, else its
+    repo pinned to the current commit (``repo@commit``), whose card is read from the hub's
+    headers first so the placement can be planned before any weight moves."""
+    from node.hub.card import remote_card
+    from node.placement.errors import UnknownModelError
+    from node.placement.resolve import resolve
+
+    try:
+        if resolve(model, models_dir).found is not None:
+            return model
+    except UnknownModelError:
+        pass
+    ref = repo_for(model)
+    _, repo = remote_card(ref)
+    return f"{ref.repo_id}@{repo.commit}"
+
+
+def pull_for_placement(
+    model: str,
+    stages: list,
+    local_id: str,
+    names: dict[str, str],
+    progress: Callable[[str], None],
+) -> None:
+    """Every node of a placement downloads what its layers need, in parallel; each node's
+    progress goes to ``progress`` as lines. Raises the first failure, naming the node."""
+    import threading
+
+    from node import rpc
+    from node.proto.macmesh.v1 import hub_pb2 as pb
+    from node.proto.macmesh.v1 import hub_pb2_grpc as pb_grpc
+
+    ref = parse_repo_ref(model)
+    if ref is None:
+        return  # files already local (a path or a models-dir name): nothing to pull
+    whole = len(stages) == 1
+    mtp_from = mtp_source_for(ref) if whole else None
+    errors: list[BaseException] = []
+
+    def one(stage) -> None:
+        name = names.get(stage.node_id, stage.node_id)
+        layers = None if whole else (stage.start_layer, stage.end_layer)
+        try:
+            if stage.node_id == local_id:
+                pull_model(
+                    str(ref),
+                    layers=layers,
+                    mtp_from=mtp_from,
+                    progress=lambda p: progress(p.line()),
+                    node=name,
+                )
+                return
+            request = pb.PullRequest(
+                repo=ref.repo_id,
+                revision=ref.revision or "",
+                start_layer=stage.start_layer,
+                end_layer=stage.end_layer,
+                whole=whole,
+                mtp_from=mtp_from or "",
+            )
+            with rpc.channel(stage.address) as channel:
+                for message in pb_grpc.HubServiceStub(channel).Pull(request):
+                    progress(message.line)
+        except Exception as exc:
+            details = getattr(exc, "details", None)
+            text = details() if callable(details) else str(exc)
+            errors.append(HubError(f"download on {name} failed: {text}"))
+
+    threads = [threading.Thread(target=one, args=(s,), daemon=True) for s in stages]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

@@ -81,6 +81,11 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{str(path)!r} has an unreadable header: {exc}") from None
+    return tensors_from_header(header, path.name, str(path))
+
+
+def tensors_from_header(header: dict[str, Any], file: str, where: str) -> list[TensorInfo]:
+    """The tensors of a parsed safetensors header (a local file's, or one read by range)."""
     tensors = []
     for name, entry in header.items():
         if name == "__metadata__":
@@ -88,10 +93,10 @@ def read_safetensors_header(path: Path) -> list[TensorInfo]:
         try:
             begin, end = entry["data_offsets"]
             tensors.append(
-                TensorInfo(name, entry["dtype"], tuple(entry["shape"]), end - begin, path.name)
+                TensorInfo(name, entry["dtype"], tuple(entry["shape"]), end - begin, file)
             )
         except (KeyError, TypeError, ValueError):
-            raise CheckpointError(f"{str(path)!r}: tensor {name!r} has a malformed entry") from None
+            raise CheckpointError(f"{where!r}: tensor {name!r} has a malformed entry") from None
     return tensors
 
 
@@ -221,6 +226,16 @@ def card_from_checkpoint(path: Path | str, card_id: str | None = None) -> ModelC
     if not directory.is_dir():
         raise CheckpointError(f"{str(directory)!r} is not a directory")
     config = read_config(directory)
+    tensors = [t for f in checkpoint_files(directory) for t in read_safetensors_header(f)]
+    return card_from_parts(config, tensors, card_id or directory.name, str(directory))
+
+
+def card_from_parts(
+    config: dict[str, Any], tensors: list[TensorInfo], name: str, where: str
+) -> ModelCard:
+    """A card from a config and the tensors' headers, wherever they were read (a directory, or
+    a hub repo by ranged reads before any weight is downloaded)."""
+    directory = where
     tc = arch.text_config(config)
     try:
         kinds = arch.layer_types(tc)
@@ -228,8 +243,6 @@ def card_from_checkpoint(path: Path | str, card_id: str | None = None) -> ModelC
         hidden_size = int(tc["hidden_size"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{str(directory)!r}: config.json lacks a usable {exc}") from None
-
-    tensors = [t for f in checkpoint_files(directory) for t in read_safetensors_header(f)]
     buckets = _classify(tensors, n_layers)
     empty = [i for i, size in enumerate(buckets.layers) if size == 0]
     if empty:
@@ -253,7 +266,6 @@ def card_from_checkpoint(path: Path | str, card_id: str | None = None) -> ModelC
             f"{str(directory)!r}: config.json lacks attention geometry ({exc})"
         ) from None
 
-    name = card_id or directory.name
     notes = [f"derived from the checkpoint at {directory}"]
     if buckets.unknown:
         notes.append(f"{buckets.unknown} bytes of unrecognised tensors counted with the embedding")

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from node.placement.cards import ModelCard, find_card, known_card_ids
 from node.placement.checkpoint import card_from_checkpoint
-from node.placement.errors import UnknownModelError
+from node.placement.errors import CheckpointError, UnknownModelError
 
 BUNDLED_MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 
@@ -149,6 +149,8 @@ def resolve(model: str, models_dir: Path | None = None) -> Resolved:
     found = find_files(model, models_dir)
     if found is not None:
         return Resolved(_card_of(found), found)
+    if (card := _pulled_card(model)) is not None:  # planned for a pull, weights not here yet
+        return Resolved(card, None)
     card = find_card(model)
     if card is None:
         raise UnknownModelError(_unknown(model, models_dir))
@@ -169,7 +171,27 @@ def resolve_card(model: str, models_dir: Path | None = None) -> ModelCard:
 
 def _card_of(found: Found) -> ModelCard:
     # A hub snapshot's directory is a commit hash; the card answers to the repo id.
-    return card_from_checkpoint(found.checkpoint, card_id=found.repo)
+    try:
+        return card_from_checkpoint(found.checkpoint, card_id=found.repo)
+    except CheckpointError:
+        # A node of a pipeline holds only its own shards: the card read from the hub's
+        # headers when the download was planned describes the whole model.
+        if found.repo and found.revision:
+            from node.hub.card import cached_card
+
+            if (card := cached_card(found.repo, found.revision)) is not None:
+                return card
+        raise
+
+
+def _pulled_card(model: str) -> ModelCard | None:
+    from node.hub.card import cached_card
+    from node.hub.refs import parse_repo_ref
+
+    ref = parse_repo_ref(model)
+    if ref is None or ref.revision is None:
+        return None
+    return cached_card(ref.repo_id, ref.revision)
 
 
 def _precision_of(name: str) -> int | None:

@@ -220,14 +220,16 @@ class Placement(_message.Message):
     def __init__(self, model: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[PlannedStage, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., explanation: _Optional[str] = ...) -> None: ...
 
 class LaunchRequest(_message.Message):
-    __slots__ = ("model", "min_nodes", "context_length")
+    __slots__ = ("model", "min_nodes", "context_length", "pull")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_NODES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    PULL_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_nodes: int
     context_length: int
-    def __init__(self, model: _Optional[str] = ..., min_nodes: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    pull: bool
+    def __init__(self, model: _Optional[str] = ..., min_nodes: _Optional[int] = ..., context_length: _Optional[int] = ..., pull: _Optional[bool] = ...) -> None: ...
 
 class LaunchProgress(_message.Message):
     __slots__ = ("message", "instance")
