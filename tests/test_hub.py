@@ -240,3 +240,16 @@ def test_mtp_sidecar_by_ranged_reads_gives_the_original_greedy_output(hub, check
     assert ids == ref_ids
     # the same head: the same drafts accepted, not only the same output
     assert stats.accepted_draft_tokens == ref_stats.accepted_draft_tokens
+
+
+def test_models_listing_shows_the_hub_cache_and_where_the_head_came_from(hub) -> None:
+    from node.cluster.catalog import list_models
+
+    pull_model(STRIPPED, recover_mtp=False)
+    entry = {e.id: e for e in list_models(None)}[STRIPPED]
+    assert entry.source == "hub_cache" and entry.has_weights and entry.native_mtp is None
+    assert f"macmesh pull {STRIPPED} --mtp-from" in entry.mtp_note
+    result = pull_model(STRIPPED, mtp_from=ORIGINAL)
+    entry = {e.id: e for e in list_models(None)}[STRIPPED]
+    assert entry.native_mtp is not None
+    assert f"fetched from {ORIGINAL}@" in entry.mtp_note and result.commit

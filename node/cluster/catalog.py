@@ -90,22 +90,38 @@ def mtp_status(card: ModelCard, checkpoint: Path | None) -> tuple[NativeMtpCapab
     if spec is None:
         return None, "the model has no MTP head"
     if checkpoint is not None:
-        from node.inference.mtp.recovery import MtpUnavailable, probe_mtp
+        from node.inference.mtp.recovery import MtpLayout, MtpUnavailable, probe_mtp
 
         try:
             probe = probe_mtp(checkpoint)
         except (MtpUnavailable, OSError, ValueError) as exc:
             return None, f"MTP weights unreadable: {exc}"
         if not probe.available:
-            source = card.source_repo or "the original repo"
+            source = card.source_repo or "ORIGINAL_REPO"
             return None, (
                 "checkpoint is stripped of its MTP weights; "
-                f"`macmesh pull MODEL --mtp-from {source}` recovers them"
+                f"`macmesh pull {card.id} --mtp-from {source}` recovers them"
             )
-        return NativeMtpCapability(default_k=spec.default_k, max_k=spec.max_k), probe.describe()
+        where = probe.describe()
+        if probe.layout is MtpLayout.SIDECAR and (origin := sidecar_source(checkpoint)):
+            where += f" (fetched from {origin})"
+        return NativeMtpCapability(default_k=spec.default_k, max_k=spec.max_k), where
     if spec.weights_in_checkpoint is False:
         return None, "config declares an MTP head but the checkpoint has no MTP weights"
     return NativeMtpCapability(default_k=spec.default_k, max_k=spec.max_k), ""
+
+
+def sidecar_source(checkpoint: Path) -> str | None:
+    """The ``repo@commit`` a sidecar written by ``macmesh pull`` names in its metadata."""
+    import json
+    import struct
+
+    try:
+        with (checkpoint / "mtp.safetensors").open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            return json.loads(f.read(length)).get("__metadata__", {}).get("source")
+    except (OSError, ValueError, struct.error):
+        return None
 
 
 def _entry(
