@@ -67,7 +67,7 @@ def test_repo_refs_parse() -> None:
 def test_full_download_then_found_in_the_cache_offline(hub, checkpoints, monkeypatch) -> None:
     result = pull_model(STRIPPED, recover_mtp=False)
     source = _sizes(checkpoints[STRIPPED])
-    assert hub.files_fetched() == {**source, **{}} | {}  # every file once, whole
+    assert hub.files_fetched() == source  # every file once, whole
     assert result.fetched_bytes == sum(source.values())
     for name in source:
         assert (result.snapshot / name).read_bytes() == (checkpoints[STRIPPED] / name).read_bytes()
@@ -189,22 +189,28 @@ def test_no_space_names_node_need_and_free(hub, tmp_path, monkeypatch) -> None:
         subprocess.run(["umount", str(small)], check=False)
 
 
-def test_stage_files_hold_exactly_the_stage_layers(checkpoints) -> None:
+@pytest.mark.parametrize("layers", [(0, 4), (4, 8), (8, 12)])
+def test_a_stage_loads_from_only_the_files_chosen_for_it(checkpoints, tmp_path, layers) -> None:
+    """The real shard loader, given a directory holding only the files chosen for a stage,
+    loads that stage; and the choice leaves out shards it does not need."""
     import json
 
-    directory = checkpoints[ORIGINAL]
-    weight_map = json.loads((directory / "model.safetensors.index.json").read_text())["weight_map"]
+    from node.inference.shard import load_shard
+
+    directory = checkpoints[STRIPPED]
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
     names = sorted(_sizes(directory))
-    first = files_for_layers(names, weight_map, (0, 4), 12, tied=False)
-    last = files_for_layers(names, weight_map, (8, 12), 12, tied=False)
-    shards = {f for f in weight_map.values()}
-    for tensor, file in weight_map.items():
-        if ".layers.2." in tensor and "mtp" not in tensor:
-            assert file in first
-        if "lm_head" in tensor:
-            assert file in last and (file not in first or ".layers.3." in str(weight_map))
-    assert "config.json" in first and "tokenizer.json" in last
-    assert set(files_for_layers(names, weight_map, None, 12, tied=False)) >= shards
+    chosen = files_for_layers(names, index["weight_map"], layers, 12, tied=False)
+    only = tmp_path / "only"
+    only.mkdir()
+    for name in chosen:
+        (only / name).symlink_to(directory / name)
+    shard = load_shard(only, *layers)
+    assert (shard.start_layer, shard.end_layer) == layers
+    assert set(index["weight_map"].values()) - set(chosen)  # some shard was not needed
+    assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(chosen)
+    whole = files_for_layers(names, index["weight_map"], None, 12, tied=False)
+    assert set(whole) >= set(index["weight_map"].values())
 
 
 def test_mtp_sidecar_by_ranged_reads_gives_the_original_greedy_output(hub, checkpoints) -> None:
