@@ -10,9 +10,11 @@ import struct
 from helpers.cluster_client import generate
 from helpers.daemons import DaemonCluster
 from helpers.hub_server import HubServer
+from typer.testing import CliRunner
 
 from node.checkpoints import CheckpointSpec, ensure_checkpoint
-from node.client import Launched, MacmeshClient
+from node.cli import app
+from node.client import Instance
 from node.hub.shards import files_for_layers
 
 SPEC = CheckpointSpec(arch="dense", layout="stripped", num_hidden_layers=12, seed=7)
@@ -36,17 +38,17 @@ def test_each_stage_downloads_only_its_shards(tmp_path) -> None:
         a = cluster.start("a", mdns=False, env=env("a"))
         b = cluster.start("b", mdns=False, peers=[a.address], env=env("b"))
         cluster.wait_connected([a, b], timeout=15)
-        lines, instance = [], None
-        with MacmeshClient(a.address, timeout=300) as client:
-            for event in client.launch(REPO, min_nodes=2, pull=True):
-                if isinstance(event, Launched):
-                    instance = event.instance
-                else:
-                    lines.append(event.message)
-        assert instance is not None and instance.engine == "pipeline", lines
+        # The CLI, as a user runs it: one bar per node while the shards download.
+        result = CliRunner().invoke(
+            app, ["launch", REPO, "--pull", "--min-nodes", "2", "--node", a.address, "--json"]
+        )
+        assert result.exit_code == 0, result.output
+        instance = Instance.model_validate_json(result.stdout)
+        assert instance.engine == "pipeline"
         assert instance.model == f"{REPO}@{commit}"
-        assert any(line.startswith(f"downloaded {REPO}@{commit} on a") for line in lines), lines
-        assert any(line.startswith(f"downloaded {REPO}@{commit} on b") for line in lines), lines
+        bars = [line.split() for line in result.stderr.splitlines() if "%" in line]
+        # a finished bar per node, drawn from the launch's progress stream
+        assert sorted(bar[0] for bar in bars if "100%" in bar) == ["a", "b"], result.stderr
 
         stages = {s.node_id: s for s in instance.stages}
         assert set(stages) == {a.node_id, b.node_id}

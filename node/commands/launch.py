@@ -103,7 +103,8 @@ def launch(
         raise typer.BadParameter(f"must be >= 1, got {context}", param_hint="--context")
     address = daemon_address(node)
     instance = None
-    with MacmeshClient(address, timeout=timeout) as client:
+    bars = _DownloadBars(err=json_output)
+    with MacmeshClient(address, timeout=timeout) as client, bars:
         stream = client.launch(
             model_argument(model), min_nodes=min_nodes, context_length=context or 0, pull=pull
         )
@@ -111,8 +112,8 @@ def launch(
             for event in stream:
                 if isinstance(event, Launched):
                     instance = event.instance
-                else:
-                    typer.echo(f"  {event.message}", err=json_output)
+                elif not bars.update(event.message):
+                    bars.echo(f"  {event.message}")
         except MacmeshError as exc:
             typer.echo(f"macmesh launch: {describe_error(exc, address)}", err=True)
             raise typer.Exit(code=exit_code_for(exc)) from None
@@ -131,6 +132,46 @@ def launch(
     )
     typer.echo(f"launched {instance.model} as {instance.instance_id} on {stages}")
     typer.echo(f"  engine {instance.engine_reason}")
+
+
+class _DownloadBars:
+    """One progress bar per node for the download lines of a ``launch --pull``; every other
+    line is printed as it comes."""
+
+    def __init__(self, err: bool) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.console = Console(stderr=err, soft_wrap=True)
+        self.progress = Progress(
+            TextColumn("  {task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}% {task.fields[detail]}"),
+            console=self.console,
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _DownloadBars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def update(self, line: str) -> bool:
+        from node.hub.download import PROGRESS_LINE
+
+        match = PROGRESS_LINE.match(line)
+        if match is None:
+            return False
+        key = f"{match['repo']} on {match['node']}"
+        if key not in self.tasks:
+            self.tasks[key] = self.progress.add_task(match["node"], total=100, detail="")
+        self.progress.update(self.tasks[key], completed=int(match["pct"]), detail=match["detail"])
+        return True
+
+    def echo(self, line: str) -> None:
+        self.progress.console.print(line, highlight=False, markup=False)
 
 
 def unload(

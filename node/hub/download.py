@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import threading
 import time
@@ -43,6 +44,13 @@ class CorruptDownload(HubError):
 
 class IncompleteDownload(HubError):
     pass
+
+
+# PullProgress.line(), read back by `macmesh launch` to draw a bar per node.
+PROGRESS_LINE = re.compile(
+    r"^(?P<state>downloading|downloaded) (?P<repo>\S+) on (?P<node>.+?): "
+    r"(?P<pct>\d+)% \((?P<detail>.*)\)$"
+)
 
 
 @dataclass(frozen=True)

@@ -155,7 +155,8 @@ def pull_for_placement(
             )
             with rpc.channel(stage.address) as channel:
                 for message in pb_grpc.HubServiceStub(channel).Pull(request):
-                    progress(message.line)
+                    if message.line:
+                        progress(message.line)
         except Exception as exc:
             details = getattr(exc, "details", None)
             text = details() if callable(details) else str(exc)

@@ -62,9 +62,8 @@ class HubServicer(pb_grpc.HubServiceServicer):
             if kind == "progress":
                 yield progress_proto(payload)
             elif kind == "done":
-                yield pb.PullProgress(
+                yield pb.PullProgress(  # the last word: where it went (no line to show)
                     finished=True,
-                    line=f"{model} ready on {self.node_name}: {payload.mtp_note}",
                     snapshot=str(payload.snapshot),
                     fetched_bytes=payload.fetched_bytes,
                 )
