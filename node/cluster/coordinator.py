@@ -212,9 +212,19 @@ class Coordinator:
         if pull:
             from node.hub.pull import pull_for_placement
 
-            pull_for_placement(
-                model, self._stage_refs(placement), self.daemon.node_id, names, progress
-            )
+            def pulling(line: str) -> None:
+                if cancel.is_set():  # stops this node's download; a rerun resumes it
+                    raise LaunchCancelled("the launch was cancelled by its caller")
+                progress(line)
+
+            try:
+                pull_for_placement(
+                    model, self._stage_refs(placement), self.daemon.node_id, names, pulling
+                )
+            except Exception:
+                if cancel.is_set():
+                    raise LaunchCancelled("the launch was cancelled by its caller") from None
+                raise
         located = locate(model, self.models_dir)
         stages = self._stage_refs(placement)
         missing = [s.node_id for s in stages if not s.address]
@@ -308,6 +318,10 @@ class Coordinator:
             # Recover the head now: the first request should not pay for it, and a head that
             # cannot be recovered must show in status, not surprise a request.
             engine, reason = runner.select("auto")
+            from node.cluster.catalog import sidecar_source
+
+            if engine == "native_mtp" and (origin := sidecar_source(located.checkpoint)):
+                reason += f" (fetched from {origin})"  # a head `macmesh pull` recovered
             instance.choice = EngineChoice(engine, reason)
             if engine == "native_mtp":
                 progress(f"native MTP head ready on {where}")

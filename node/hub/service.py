@@ -43,13 +43,18 @@ class HubServicer(pb_grpc.HubServiceServicer):
         layers = None if request.whole else (request.start_layer, request.end_layer)
         events: SimpleQueue[tuple[str, Any]] = SimpleQueue()
 
+        def report(p: PullProgress) -> None:
+            if not context.is_active():  # the coordinator went away: stop (resumable)
+                raise HubError(f"the pull of {model} was cancelled by its caller")
+            events.put(("progress", p))
+
         def work() -> None:
             try:
                 result = pull_model(
                     model,
                     layers=layers,
                     mtp_from=request.mtp_from or None,
-                    progress=lambda p: events.put(("progress", p)),
+                    progress=report,
                     node=self.node_name,
                 )
                 events.put(("done", result))
