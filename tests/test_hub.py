@@ -198,7 +198,7 @@ def test_no_space_names_node_need_and_free(hub, tmp_path, monkeypatch) -> None:
 def test_a_stage_loads_from_only_the_files_chosen_for_it(checkpoints, tmp_path, layers) -> None:
     """The real shard loader, given a directory holding only the files chosen for a stage,
     loads that stage; and the choice leaves out shards it does not need."""
-    from node.inference.shard import load_shard
+    from node.inference.shard import ShardError, load_shard
 
     directory = checkpoints[STRIPPED]
     index = json.loads((directory / "model.safetensors.index.json").read_text())
@@ -210,8 +210,20 @@ def test_a_stage_loads_from_only_the_files_chosen_for_it(checkpoints, tmp_path, 
         (only / name).symlink_to(directory / name)
     shard = load_shard(only, *layers)
     assert (shard.start_layer, shard.end_layer) == layers
+    # exactly the weights a load from the whole checkpoint gives (none left at their init)
+    from mlx.utils import tree_flatten
+
+    full = dict(tree_flatten(load_shard(directory, *layers).model.parameters()))
+    part = dict(tree_flatten(shard.model.parameters()))
+    assert part.keys() == full.keys()
+    assert all(bool((part[k] == full[k]).all()) for k in full)
     assert set(index["weight_map"].values()) - set(chosen)  # some shard was not needed
     assert {"config.json", "tokenizer.json", "model.safetensors.index.json"} <= set(chosen)
+    # a shard the stage needs is missing: a clear error, never a stage with random weights
+    needed = next(f for f in chosen if f.endswith(".safetensors"))
+    (only / needed).unlink()
+    with pytest.raises(ShardError, match=rf"lacks {needed}, needed for layers \[{layers[0]}, "):
+        load_shard(only, *layers)
     whole = files_for_layers(names, index["weight_map"], None, N, tied=False)
     assert set(whole) >= set(index["weight_map"].values())
 

@@ -11,6 +11,7 @@ model: native MTP runs on single-node instances only.
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 INDEX = "model.safetensors.index.json"
 SIDECAR = "mtp.safetensors"
@@ -85,3 +86,29 @@ def is_mtp(name: str) -> bool:
 def mtp_tensors(header: dict) -> dict[str, dict]:
     """The ``mtp.*`` entries of a safetensors header."""
     return {k: v for k, v in header.items() if k != "__metadata__" and is_mtp(k)}
+
+
+def stage_files_on_disk(path: Path, start: int, end: int) -> tuple[list[str], bool]:
+    """(files layers [start, end) need that are absent, whether any indexed file is absent).
+
+    A node that pulled only its own shards holds a partial checkpoint: the loader may then
+    skip the strict every-weight check, once this says the stage's own files are all there
+    (mlx-lm's ``sharded_load`` loads its per-stage downloads the same way)."""
+    import json
+
+    from node.placement import architecture as arch
+
+    index = path / INDEX
+    if not index.is_file():
+        return [], False
+    weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+    absent = {f for f in weight_map.values() if not (path / f).is_file()}
+    if not absent:
+        return [], False
+    config = json.loads((path / "config.json").read_text())
+    num_layers = len(arch.layer_types(arch.text_config(config)))
+    tied = arch.tie_word_embeddings(config)
+    needed = files_for_layers(
+        sorted(set(weight_map.values())), weight_map, (start, end), num_layers, tied
+    )
+    return sorted(absent & set(needed)), True

@@ -39,6 +39,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.models.cache import make_prompt_cache
 from mlx_lm.utils import load_model
 
+from node.hub.shards import stage_files_on_disk
 from node.inference import forward
 from node.logging import get_logger
 
@@ -189,7 +190,12 @@ def load_shard(path: str | Path, start_layer: int, end_layer: int) -> Shard:
     # Freed MLX buffers stay cached for reuse and would hide the growth: return them first.
     mx.clear_cache()
     began, rss_before = time.perf_counter(), _rss()
-    model, config = load_model(path, lazy=True)  # nothing is read from disk yet
+    missing, partial = stage_files_on_disk(path, start_layer, end_layer)  # a per-node pull
+    if missing:
+        raise ShardError(
+            f"{path} lacks {', '.join(missing)}, needed for layers [{start_layer}, {end_layer})"
+        )
+    model, config = load_model(path, lazy=True, strict=not partial)  # nothing is read yet
     args = forward.language_model(model).args
     num_layers = len(forward.text_model(model).layers)
     check_range(start_layer, end_layer, num_layers)
