@@ -283,3 +283,26 @@ def test_models_listing_shows_the_hub_cache_and_where_the_head_came_from(hub) ->
     entry = {e.id: e for e in list_models(None)}[STRIPPED]
     assert entry.native_mtp is not None
     assert f"fetched from {ORIGINAL}@" in entry.mtp_note and result.commit
+
+
+def test_one_resolution_order_for_every_caller(hub, checkpoints, tmp_path) -> None:
+    """Path, then models directory, then hub cache; the stage resolver, the coordinator's
+    ``locate`` and ``resolve`` agree on the files, and the card comes from those files."""
+    import shutil
+
+    from node.cluster.catalog import locate
+    from node.placement.resolve import MODELS_DIR, PATH, checkpoint_resolver
+
+    pulled = pull_model(STRIPPED, recover_mtp=False)
+    models = tmp_path / "models"
+    flat = models / STRIPPED.replace("/", "--")
+    shutil.copytree(checkpoints[ORIGINAL], flat)  # same name, other weights (with MTP)
+    stage = checkpoint_resolver(models)
+    assert resolve(STRIPPED, models).origin == MODELS_DIR  # models dir beats the hub cache
+    assert stage(STRIPPED) == locate(STRIPPED, models).checkpoint == flat.resolve()
+    assert resolve(STRIPPED, models).card.native_mtp.weights_in_checkpoint is True  # its card
+    assert resolve(STRIPPED, None).origin == HUB_CACHE  # no models dir: the cache
+    assert stage(f"{STRIPPED}@{pulled.commit}") == pulled.snapshot
+    assert resolve(str(pulled.snapshot), models).origin == PATH  # a path is a path
+    with pytest.raises(UnknownModelError, match=r"macmesh pull org/absent"):
+        resolve("org/absent", models)
