@@ -253,16 +253,6 @@ def child(blas: str, tokens: int, bf16_tokens: int, limit: int | None) -> dict[s
     }
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.platform()
-
-
 def slim(report: dict[str, Any]) -> dict[str, Any]:
     """Per case, keep the counts and only the runs that diverged (the summary counts them all)."""
     cases = []
@@ -274,6 +264,8 @@ def slim(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
+    from bench_mtp import _cpu_model  # scripts/ is on sys.path when this file runs
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blas", choices=["both", "openblas", "reference"], default="both")
     parser.add_argument("--tokens", type=int, default=200, help="generated tokens, long cases")
@@ -316,7 +308,7 @@ def main() -> None:
         json.dumps(
             {
                 "command": "python scripts/exactness_report.py " + " ".join(sys.argv[1:]),
-                "machine": f"{platform.system()} {platform.machine()}, {cpu_name()}",
+                "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}",
                 "cpus": os.cpu_count(),
                 "near_tie": NEAR_TIE,
                 "tokens": args.tokens,
