@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """How exact native MTP is, counted over the exactness matrix of tests/test_mtp_engine.py.
 
-    nice python scripts/exactness_report.py --tokens 32 --bf16-tokens 40   # both BLAS, ~22 min
+    nice python scripts/exactness_report.py --tokens 32 --bf16-tokens 40   # both BLAS, ~25 min
     nice python scripts/exactness_report.py --blas openblas                # one of them
 
 For every (model, prompt) of the matrix — the same prompts, lengths and models as the tests
