@@ -73,32 +73,18 @@ def _argmax(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 
 
-def _upcast(tokens: mx.array, logits: mx.array) -> mx.array:
-    return logits.astype(mx.float32)
-
-
 @cache
 def reference(name: str, prompt_key: tuple[int, ...], n: int) -> list[int]:
-    """mlx-lm's target-only greedy tokens.
+    """Stock mlx-lm's target-only greedy tokens, what ``mlx_lm.generate`` gives a user.
 
-    bf16 models get a logits processor that upcasts to fp32: mlx-lm otherwise takes the argmax
-    of a bf16 log-softmax, whose rounding turns near-ties into exact ties broken by index
-    (measured: logits 2.375 vs 2.359 both become -4.3125), while our sampling works in fp32.
+    No upcast for bf16 models: mlx-lm takes the argmax of a bf16 log-softmax, whose rounding
+    turns near-ties into exact ties broken by the lower token id (measured: logits 2.375 vs
+    2.359 both become -4.3125), and our greedy sampling normalizes in the logits' dtype too.
     """
-    model = loaded(name).model
-    processors = [_upcast] if _is_half(model) else None
     steps = generate_step(
-        mx.array(list(prompt_key)),
-        model,
-        max_tokens=n,
-        sampler=_argmax,
-        logits_processors=processors,
+        mx.array(list(prompt_key)), loaded(name).model, max_tokens=n, sampler=_argmax
     )
     return [int(token) for token, _ in steps]
-
-
-def _is_half(model) -> bool:
-    return model.language_model.model.embed_tokens.weight.dtype in (mx.bfloat16, mx.float16)
 
 
 def run(name: str, ids: list[int], n: int, k: int, **kwargs) -> GenerationDone:

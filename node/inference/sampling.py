@@ -8,7 +8,7 @@ reproduces each one with the same MLX ops in the same order, vectorized over N p
    the last `repetition_context_size` tokens), presence penalty (subtracted once per distinct token)
    and frequency penalty (subtracted once per occurrence), both over the last
    `penalty_context_size` tokens;
-2. `logprobs = logits - logsumexp(logits)`;
+2. `logprobs = logits - logsumexp(logits)` (greedy: stages 1-2 in the logits' dtype, as mlx-lm);
 3. the sampler (`make_sampler`): temperature 0 is argmax of the logprobs and ignores every filter;
    otherwise top_p, then min_p, then top_k mask the *untempered* logprobs to -inf (no
    renormalization in between), and `categorical(masked * (1 / temp))` draws the token.
@@ -109,11 +109,13 @@ def processed_logits(
     history: mx.array | Sequence[int],
     drafts: mx.array | Sequence[int] | None = None,
 ) -> mx.array:
-    """Float32 logits [N, V] after mlx-lm's logits processors (logit bias, repetition, presence
-    and frequency penalties), row i conditioned on `history ++ drafts[:i]`.
+    """Logits [N, V] after mlx-lm's logits processors (logit bias, repetition, presence and
+    frequency penalties), row i conditioned on `history ++ drafts[:i]`; in the logits' own dtype
+    for greedy params, float32 when sampling.
 
-    Greedy decoding only needs this: normalizing does not move the argmax, so these rows can go
-    straight to `greedy_tokens` / greedy `speculative_accept` and skip a log-softmax pass.
+    Greedy drafts only need this: in float32 normalizing does not move the argmax, so these rows
+    can go straight to `greedy_tokens` and skip a log-softmax pass. (In bf16 it can, by rounding
+    a near-tie into a tie: target tokens come from `processed_logprobs`, as in mlx-lm.)
     Arguments as for `processed_logprobs`.
     """
     if logits.ndim != 2:
@@ -125,7 +127,12 @@ def processed_logits(
     if drafts.size != num_rows - 1:
         raise ValueError(f"{num_rows} logits rows need {num_rows - 1} drafts, got {drafts.size}")
 
-    logits = logits.astype(mx.float32)
+    if not params.is_greedy:
+        # Sampling needs an accurate distribution (and the p/q ratios of speculative acceptance).
+        # Greedy instead runs mlx-lm's ops in the model's dtype, as generate_step does: in bf16 a
+        # near-tie can round to an exact tie that argmax breaks by the lower token id, and only
+        # the same roundings give stock mlx-lm's tokens (bf16 matrix: docs/exactness.md).
+        logits = logits.astype(mx.float32)
     if params.logit_bias:
         indices = mx.array(list(params.logit_bias.keys()), dtype=mx.int32)
         values = mx.array(list(params.logit_bias.values()), dtype=mx.float32)
