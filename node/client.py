@@ -164,6 +164,7 @@ class FinalStats(_Model):
     generation_tps: float
     stages: list[StageInfo]
     finish_reason: str  # stop | length | cancelled
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason "stop")
 
 
 class NativeMtp(_Model):
@@ -361,6 +362,7 @@ def final_stats(msg: pb.GenerationStats) -> FinalStats:
         generation_tps=msg.generation_tps,
         stages=[_stage(s) for s in msg.stages],
         finish_reason=msg.finish_reason,
+        stop_sequence=msg.stop_sequence or None,
     )
 
 

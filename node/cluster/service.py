@@ -301,7 +301,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         instance, choice, len(prompt_ids), tokens, began, first_at
                     )
                     instance.record(stats)
-                    yield pb.GenerateResponse(final=convert.stats_to_proto(stats, "stop"))
+                    final = convert.stats_to_proto(stats, "stop")
+                    final.stop_sequence = stop.matched or ""
+                    yield pb.GenerateResponse(final=final)
                     return
         finally:
             cancel.set()  # whatever ended the stream, the request ends with it

@@ -13,6 +13,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self.pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         """The part of ``pending + text`` that is safe to send now."""
@@ -22,7 +23,9 @@ class StopMatcher:
         hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
         if hits:
             self.stopped = True
-            out, self.pending = self.pending[: min(hits)], ""
+            at = min(hits)
+            self.matched = next(s for s in self.stops if self.pending.find(s) == at)
+            out, self.pending = self.pending[:at], ""
             return out
         keep = max(
             (k for s in self.stops for k in range(1, len(s)) if self.pending.endswith(s[:k])),

@@ -1,4 +1,7 @@
-"""The aiohttp application: OpenAI-compatible HTTP in front of one node's InferenceService.
+"""The aiohttp application: the gateway's router. OpenAI (chat, completions, responses),
+Anthropic (messages) and Ollama (``/api/*``) HTTP APIs, Prometheus ``/metrics`` and the dashboard
+(``/``), all in front of one node's InferenceService through the typed client; each API lives in
+its own module, and errors take the shape of the API the path belongs to.
 
 A streaming generation sends its HTTP headers only once the node has accepted the request (the
 node sends gRPC headers after validating and admitting it, or with the first token at the
@@ -11,6 +14,7 @@ request on every stage.
 
 from __future__ import annotations
 
+import base64
 import hmac
 import json
 import re
@@ -24,17 +28,20 @@ from pydantic import BaseModel, ValidationError
 
 from node.client import (
     AsyncMacmeshClient,
-    FinalStats,
     GenerateOptions,
     MacmeshError,
     Unauthenticated,
 )
+from node.gateway import anthropic, dashboard, ollama, responses
 from node.gateway.errors import (
     HttpError,
     bad_request,
     from_client_error,
     from_validation_error,
 )
+from node.gateway.generation import CLIENT, METRICS, Generation
+from node.gateway.generation import stream as send_stream
+from node.gateway.metrics import gateway_metrics, metrics_endpoint
 from node.gateway.openapi import openapi_document
 from node.gateway.schemas import (
     ChatCompletionRequest,
@@ -69,16 +76,10 @@ API_KEY_ENV = "MACMESH_API_KEY"
 
 
 CONFIG = web.AppKey("config", GatewayConfig)
-CLIENT = web.AppKey("client", AsyncMacmeshClient)
 MAX_BODY_BYTES = 32 * 1024 * 1024
 # A caller's X-Request-Id travels to the node as the request id (for its logs) when it is sane.
 REQUEST_ID_HEADER = "X-Request-Id"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
-SSE_HEADERS = {
-    "Content-Type": "text/event-stream",
-    "Cache-Control": "no-cache",
-    "X-Accel-Buffering": "no",
-}
 
 
 def create_app(
@@ -92,14 +93,26 @@ def create_app(
         middlewares=[_errors_as_json, _require_api_key], client_max_size=MAX_BODY_BYTES
     )
     app[CONFIG] = GatewayConfig(node_address, request_timeout, api_key or None)
+    app[METRICS] = gateway_metrics()
     app.on_startup.append(_open_client)
     app.on_cleanup.append(_close_client)
-    app.router.add_get("/health", health)
-    app.router.add_get("/v1/models", list_models)
-    app.router.add_get("/v1/models/{model:.+}", get_model)
-    app.router.add_post("/v1/chat/completions", chat_completions)
-    app.router.add_post("/v1/completions", completions)
-    app.router.add_get("/openapi.json", openapi)
+    add = app.router
+    add.add_get("/health", health)
+    add.add_get("/v1/models", list_models)
+    add.add_get("/v1/models/{model:.+}", get_model)
+    add.add_post("/v1/chat/completions", chat_completions)
+    add.add_post("/v1/completions", completions)
+    add.add_post("/v1/responses", responses.create)
+    add.add_post("/v1/messages", anthropic.messages)
+    add.add_get("/api/version", ollama.version)
+    add.add_get("/api/tags", ollama.tags)
+    add.add_get("/api/ps", ollama.ps)
+    add.add_post("/api/show", ollama.show)
+    add.add_post("/api/chat", ollama.chat)
+    add.add_post("/api/generate", ollama.generate)
+    add.add_get("/metrics", metrics_endpoint)
+    add.add_get("/openapi.json", openapi)
+    dashboard.add_routes(app)
     return app
 
 
@@ -116,12 +129,9 @@ async def _close_client(app: web.Application) -> None:
 @web.middleware
 async def _require_api_key(request: web.Request, handler: Any) -> web.StreamResponse:
     key = request.app[CONFIG].api_key
-    if key is None or request.path in OPEN_PATHS:
+    if key is None or request.path in OPEN_PATHS or _key_matches(request, key):
         return await handler(request)
-    given = request.headers.get("Authorization", "")
-    scheme, _, token = given.partition(" ")
-    if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), key.encode()):
-        return await handler(request)
+    given = request.headers.get("Authorization") or request.headers.get("x-api-key")
     message = (
         "Incorrect API key provided."
         if given
@@ -129,6 +139,23 @@ async def _require_api_key(request: web.Request, handler: Any) -> web.StreamResp
         "<key>' (the gateway runs with --api-key / MACMESH_API_KEY)."
     )
     raise HttpError(401, message, "invalid_request_error", None, "invalid_api_key")
+
+
+def _key_matches(request: web.Request, key: str) -> bool:
+    """Bearer (OpenAI, Ollama clients), x-api-key (Anthropic clients), or HTTP Basic with the
+    key as the password (a browser on the dashboard)."""
+    wanted = key.encode()
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    candidates = [request.headers.get("x-api-key", "")]
+    if scheme.lower() == "bearer":
+        candidates.append(token.strip())
+    elif scheme.lower() == "basic":
+        try:
+            decoded = base64.b64decode(token.strip(), validate=True).decode()
+        except (ValueError, UnicodeDecodeError):
+            decoded = ""
+        candidates.append(decoded.partition(":")[2])
+    return any(hmac.compare_digest(c.encode(), wanted) for c in candidates if c)
 
 
 @web.middleware
@@ -166,10 +193,22 @@ def _error_response(request: web.Request, error: HttpError) -> web.Response:
         param=error.detail.param,
         message=error.detail.message,
     )
-    return web.json_response(error.body(), status=error.status)
+    headers = {}
+    if error.status == 401:  # a browser then asks for the key (any user name, the key)
+        headers["WWW-Authenticate"] = 'Basic realm="macmesh", charset="UTF-8"'
+    return web.json_response(error_body(request.path, error), status=error.status, headers=headers)
 
 
-async def _parse(request: web.Request, model: type[BaseModel]) -> Any:
+def error_body(path: str, error: HttpError) -> dict[str, Any]:
+    """The error in the shape of the API ``path`` belongs to."""
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return anthropic.error_body(error)
+    if path.startswith("/api/"):
+        return ollama.error_body(error)
+    return error.body()
+
+
+async def parse(request: web.Request, model: type[BaseModel]) -> Any:
     body = await request.read()
     try:
         return model.model_validate_json(body)
@@ -227,16 +266,16 @@ async def openapi(request: web.Request) -> web.Response:
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body: ChatCompletionRequest = await _parse(request, ChatCompletionRequest)
+    body: ChatCompletionRequest = await parse(request, ChatCompletionRequest)
     reply = _reply("chatcmpl", body.model, chat=True, usage=include_usage(body))
-    options = _options(chat_options, body, _request_id(request, reply))
+    options = _options(chat_options, body, request_id(request, reply.id))
     return await _generate(request, options, reply, stream=bool(body.stream))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body: CompletionRequest = await _parse(request, CompletionRequest)
+    body: CompletionRequest = await parse(request, CompletionRequest)
     reply = _reply("cmpl", body.model, chat=False, usage=include_usage(body))
-    options = _options(completion_options, body, _request_id(request, reply))
+    options = _options(completion_options, body, request_id(request, reply.id))
     return await _generate(request, options, reply, stream=bool(body.stream))
 
 
@@ -250,9 +289,10 @@ def _reply(prefix: str, model: str, *, chat: bool, usage: bool) -> Reply:
     )
 
 
-def _request_id(request: web.Request, reply: Reply) -> str:
+def request_id(request: web.Request, default: str) -> str:
+    """The caller's X-Request-Id when it is sane, else ``default`` (the response's id)."""
     given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _REQUEST_ID.match(given) else reply.id
+    return given if _REQUEST_ID.match(given) else default
 
 
 def _options(build: Any, body: Any, request_id: str) -> GenerateOptions:
@@ -270,89 +310,28 @@ def _options(build: Any, body: Any, request_id: str) -> GenerateOptions:
 async def _generate(
     request: web.Request, options: GenerateOptions, reply: Reply, *, stream: bool
 ) -> web.StreamResponse:
-    started = time.monotonic()
-    events = request.app[CLIENT].generate_with(options)
-    outcome = "cancelled"
-    try:
-        if stream:
-            # The node answers its headers once it has validated and admitted the request, so
-            # its refusals (unknown model, bad values, no capacity) still become HTTP statuses.
-            await events.wait_started()
-            response = await _stream(request, events, reply, options.request_id)
-        else:
-            response = await _collect(events, reply, options.request_id)
-        outcome = "done"
-        return response
-    except MacmeshError:
-        outcome = "error"
-        raise
-    finally:
-        events.cancel()  # a no-op when the call finished; frees the request when it did not
-        log.info(
-            "gateway.generate",
-            id=reply.id,
-            request_id=options.request_id,
-            model=options.model,
-            stream=stream,
-            outcome=outcome,
-            seconds=round(time.monotonic() - started, 3),
+    api = "openai_chat" if reply.chat else "openai_completions"
+    headers = {REQUEST_ID_HEADER: options.request_id}
+    async with Generation(request.app, options, api=api) as gen:
+        if not stream:
+            text, stats = await gen.collect()
+            return web.json_response(reply.response(text, stats), headers=headers)
+        return await send_stream(
+            request,
+            gen,
+            content_type="text/event-stream",
+            headers={"X-Accel-Buffering": "no", **headers},
+            opening=[_sse(c) for c in reply.opening_chunks()],
+            piece=lambda text: _sse(reply.text_chunk(text)),
+            closing=lambda stats: [*(_sse(c) for c in reply.closing_chunks(stats)), DONE],
+            # Headers are gone; tell the client in-band, the way OpenAI-compatible servers do.
+            error=lambda error: _sse(error.body()) + DONE,
         )
 
 
-async def _collect(events: Any, reply: Reply, request_id: str) -> web.Response:
-    parts: list[str] = []
-    event = await anext(events, None)
-    while event is not None:
-        if isinstance(event, FinalStats):
-            body = reply.response("".join(parts), event)
-            return web.json_response(body, headers={REQUEST_ID_HEADER: request_id})
-        parts.append(event.text)
-        event = await anext(events, None)
-    raise _no_final_stats()
+DONE = b"data: [DONE]\n\n"
 
 
-async def _stream(
-    request: web.Request, events: Any, reply: Reply, request_id: str
-) -> web.StreamResponse:
-    response = web.StreamResponse(
-        status=200, headers={**SSE_HEADERS, REQUEST_ID_HEADER: request_id}
-    )
-    await response.prepare(request)
-    try:
-        await _send_events(response, events, reply)
-        await response.write(b"data: [DONE]\n\n")
-        await response.write_eof()
-    except ConnectionResetError:
-        # The client went away; the caller's finally cancels the gRPC call.
-        log.info("gateway.client_disconnected", id=reply.id)
-    return response
-
-
-async def _send_events(response: web.StreamResponse, events: Any, reply: Reply) -> None:
-    for chunk in reply.opening_chunks():
-        await _send(response, chunk)
-    try:
-        event = await anext(events, None)
-        while event is not None:
-            if isinstance(event, FinalStats):
-                for chunk in reply.closing_chunks(event):
-                    await _send(response, chunk)
-                break
-            if event.text:
-                await _send(response, reply.text_chunk(event.text))
-            event = await anext(events, None)
-        else:
-            await _send(response, _no_final_stats().body())
-    except MacmeshError as exc:
-        # Headers are gone; tell the client in-band, the way OpenAI-compatible servers do.
-        await _send(response, from_client_error(exc).body())
-
-
-def _no_final_stats() -> HttpError:
-    return HttpError(502, "the node ended the generation without final stats", "server_error")
-
-
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+def _sse(payload: dict[str, Any]) -> bytes:
     data = json.dumps(payload, ensure_ascii=False, separators=(",", ":"))
-    # A closed connection raises ConnectionResetError here.
-    await response.write(f"data: {data}\n\n".encode())
+    return f"data: {data}\n\n".encode()

@@ -75,6 +75,19 @@ class GenerationFields(_Request):
     ignore_eos: bool | None = None
 
 
+class MacmeshExtensions(_Request):
+    """macmesh's own request fields, for the APIs whose requests are not GenerationFields."""
+
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0)
+    seed: int | None = Field(None, ge=0, le=UINT64_MAX)
+    mtp_k: int | None = Field(
+        None, ge=0, le=UINT32_MAX, description="draft tokens per step; 0 = the model's default_k"
+    )
+    engine: Engine | None = Field(None, description="override the instance's engine choice")
+    ignore_eos: bool | None = None
+
+
 class TextPart(_Request):
     type: Literal["text"]
     text: str

@@ -26,6 +26,7 @@ from node.gateway.schemas import (
     CompletionRequest,
     FinishReason,
     GenerationFields,
+    MacmeshExtensions,
     MacmeshStats,
     StageOut,
     Usage,
@@ -56,6 +57,29 @@ def sampling(req: GenerationFields) -> Sampling:
         logit_bias={int(token): bias for token, bias in (req.logit_bias or {}).items()},
         seed=req.seed,
     )
+
+
+def extension_options(
+    req: MacmeshExtensions,
+    *,
+    temperature: float,
+    top_p: float | None,
+    top_k: int | None,
+) -> dict[str, Any]:
+    """GenerateOptions fields from macmesh's extensions plus an API's own sampling values."""
+    return {
+        "sampling": Sampling(
+            temperature=temperature,
+            top_p=top_p or 1.0,
+            top_k=max(top_k or 0, 0),
+            min_p=req.min_p or 0.0,
+            repetition_penalty=req.repetition_penalty or 1.0,
+            seed=req.seed,
+        ),
+        "engine": req.engine or "auto",
+        "mtp_k": req.mtp_k or 0,
+        "ignore_eos": bool(req.ignore_eos),
+    }
 
 
 def stop_strings(stop: str | list[str] | None) -> list[str]:

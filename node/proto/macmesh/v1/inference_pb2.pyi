@@ -96,7 +96,7 @@ class StageStats(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason")
+    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason", "stop_sequence")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class GenerationStats(_message.Message):
     GENERATION_TPS_FIELD_NUMBER: _ClassVar[int]
     STAGES_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     engine: str
     engine_reason: str
     drafter_kind: str
@@ -123,7 +124,8 @@ class GenerationStats(_message.Message):
     generation_tps: float
     stages: _containers.RepeatedCompositeFieldContainer[StageStats]
     finish_reason: str
-    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ...) -> None: ...
+    stop_sequence: str
+    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
