@@ -70,11 +70,14 @@ Hook = Callable[["Daemon"], None]
 
 
 def _make_server(
-    sec: Security | None = None, max_message_bytes: int | None = None
+    sec: Security | None = None,
+    max_message_bytes: int | None = None,
+    extra: list[grpc.ServerInterceptor] | None = None,
 ) -> tuple[grpc.Server, health.HealthServicer]:
+    interceptors = [*(sec.server_interceptors() if sec else []), *(extra or [])]
     return make_server(
         max_workers=GRPC_WORKERS,
-        interceptors=None if sec is None else sec.server_interceptors(),
+        interceptors=interceptors or None,
         max_message_bytes=max_message_bytes,
     )
 
@@ -136,6 +139,8 @@ class Daemon:
         self.bind_address = ""  # what the server listens on, e.g. "[::]:52700"
         self.interface: str | None = None
         self.security = Security()
+        self.metrics_port: int | None = None  # set by node.metrics.install
+        self._interceptors: list[grpc.ServerInterceptor] = []
 
     # -- extension points (call before start) ------------------------------------------------
 
@@ -155,6 +160,12 @@ class Daemon:
         """Shorthand for generated code: ``add_servicer(x_pb2_grpc.add_XServicer_to_server,
         XServicer(...), "macmesh.v1.X")``."""
         self.add_service(name, lambda server: add_fn(servicer, server))
+
+    def add_interceptor(self, interceptor: grpc.ServerInterceptor) -> None:
+        """Wrap every call on the server (after the cluster-secret check); before start."""
+        if self._started:
+            raise RuntimeError("add interceptors before Daemon.start()")
+        self._interceptors.append(interceptor)
 
     def on_start(self, hook: Hook) -> None:
         """Run ``hook(daemon)`` after the server serves and membership runs."""
@@ -243,7 +254,7 @@ class Daemon:
         security.configure(self.security)
         security.warn_if_open(self.security)
         sec = self.security
-        server, self._health = _make_server(sec, s.max_message_bytes)
+        server, self._health = _make_server(sec, s.max_message_bytes, self._interceptors)
         self._server = server
         if self.interface:
             self.port = _bind(server, self.interface, s.grpc_port, sec)
@@ -352,6 +363,7 @@ class Daemon:
             "address": self.address,
             "port": self.port,
             "client_address": self.client_address(),
+            "metrics_port": self.metrics_port,
         }
         path = self.settings.state_dir / DAEMON_FILE
         tmp = path.with_name(f".{DAEMON_FILE}.{os.getpid()}")

@@ -112,7 +112,8 @@ class GenerationMetrics:
         )
 
     def track(self, **labels: str) -> RequestTracker:
-        return RequestTracker(self, {k: labels.get(k, "") for k in self.labels})
+        """A tracker for one request whose failures are logged, never raised."""
+        return Guarded(RequestTracker(self, {k: labels.get(k, "") for k in self.labels}))  # type: ignore[return-value]
 
 
 class RequestTracker:
@@ -126,16 +127,19 @@ class RequestTracker:
         self.engine = "none"  # until the final stats say which engine ran
         self._ended = False
 
+    def _labelled(self, histogram: Histogram) -> Histogram:
+        return histogram.labels(**self.labels) if self.labels else histogram
+
     def tokens(self, count: int) -> None:
         if count <= 0:
             return
         now = time.perf_counter()
         if self.last is None:
-            self.metrics.ttft.labels(**self.labels).observe(now - self.began)
+            self._labelled(self.metrics.ttft).observe(now - self.began)
             count -= 1
         elif count:
             gap = (now - self.last) / count
-            itl = self.metrics.itl.labels(**self.labels)
+            itl = self._labelled(self.metrics.itl)
             for _ in range(count):
                 itl.observe(gap)
         self.last = now
@@ -279,6 +283,24 @@ class DaemonMetrics:
         return ""
 
 
+class Guarded:
+    """A tracker whose failures are logged, never raised: metrics must not fail a request."""
+
+    def __init__(self, tracker: RequestTracker) -> None:
+        self._tracker = tracker
+
+    def __getattr__(self, name: str) -> Callable[..., None]:
+        method = getattr(self._tracker, name)
+
+        def call(*args: Any, **kwargs: Any) -> None:
+            try:
+                method(*args, **kwargs)
+            except Exception:
+                log.exception("metrics.failed", method=name)
+
+        return call
+
+
 class _MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: DaemonMetrics) -> None:
         self.metrics = metrics
@@ -332,6 +354,8 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                 elif not relayed:
                     tracker.tokens(len(message.delta.token_ids))
                 yield message
+        except GeneratorExit:  # closed by gRPC: the client left (or went after the final)
+            raise
         except BaseException:
             code = context.code()
             outcome = code.name.lower() if isinstance(code, grpc.StatusCode) else "error"

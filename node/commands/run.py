@@ -64,6 +64,15 @@ def run(
     max_tokens_limit: Annotated[
         int | None, typer.Option(help="refuse requests asking for more tokens (default 32768)")
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            envvar="MACMESH_METRICS_PORT",
+            min=0,
+            max=65535,
+            help="serve Prometheus /metrics on this port (0 picks one; default: off)",
+        ),
+    ] = None,
 ) -> None:
     """Start this machine's node: serve gRPC, find peers, exchange heartbeats."""
     try:
@@ -97,11 +106,18 @@ def run(
     daemon = Daemon(settings)
     from node.cluster.service import install
 
-    install(daemon)  # InferenceService + the pipeline's StageService
+    servicer = install(daemon)  # InferenceService + the pipeline's StageService
     try:
+        if metrics_port is not None:
+            from node import metrics
+
+            metrics.install(daemon, servicer, metrics_port)
         daemon.start()
     except DaemonError as exc:
         typer.echo(f"macmesh run: {exc}", err=True)
+        raise typer.Exit(code=1) from None
+    except (OSError, ValueError) as exc:  # the metrics port, or an --interface it cannot use
+        typer.echo(f"macmesh run: cannot serve metrics on port {metrics_port}: {exc}", err=True)
         raise typer.Exit(code=1) from None
 
     discovery = f"mDNS on {daemon.interface or 'all interfaces'}" if settings.mdns else "mDNS off"
@@ -112,6 +128,7 @@ def run(
         f"  listening on {daemon.bind_address} (gRPC); peers dial {daemon.address}, "
         f"clients on this machine {daemon.client_address()}\n"
         f"  discovery: {discovery}\n"
+        f"{_metrics_line(daemon)}"
         "  stop with Ctrl-C"
     )
     sys.stdout.flush()
@@ -125,6 +142,14 @@ def run(
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _metrics_line(daemon: object) -> str:
+    port = getattr(daemon, "metrics_port", None)
+    if not port:
+        return ""
+    host = daemon.client_address().rsplit(":", 1)[0]  # type: ignore[attr-defined]
+    return f"  metrics: http://{host}:{port}/metrics\n"
 
 
 class _ShutdownSignals:
