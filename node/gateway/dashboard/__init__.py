@@ -74,7 +74,11 @@ async def state(request: web.Request) -> web.Response:
         body = inst.model_dump(mode="json")
         for stage in body["stages"]:
             stage["name"] = names.get(stage["node_id"], stage["node_id"])
-        body["acceptance"] = acceptance.get(inst.model)
+        # the gateway counts drafts by the name requests used: the instance id or the model
+        mtp = inst.engine == "native_mtp"
+        body["acceptance"] = (
+            acceptance.get(inst.instance_id, acceptance.get(inst.model)) if mtp else None
+        )
         instances.append(body)
     return web.json_response(
         {

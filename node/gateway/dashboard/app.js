@@ -56,12 +56,14 @@ function drawInstances(instances) {
       el("div", { class: "reason" }, inst.engine_reason),
       el("div", { class: "pipeline" }, ...stages));
   }));
+  // The chat box can address a model (the cluster picks an instance) or one instance.
   const select = $("chat-model");
-  const models = [...new Set(instances.map((i) => i.model))];
+  const choices = [...new Set(instances.map((i) => i.model))].map((m) => [m, `${m} (any instance)`]);
+  for (const i of instances) choices.push([i.instance_id, `${i.instance_id} · ${i.engine}`]);
   const current = select.value;
-  if (models.join("\n") !== [...select.options].map((o) => o.value).join("\n")) {
-    select.replaceChildren(...models.map((m) => el("option", { value: m }, m)));
-    if (models.includes(current)) select.value = current;
+  if (choices.map((c) => c[0]).join("\n") !== [...select.options].map((o) => o.value).join("\n")) {
+    select.replaceChildren(...choices.map(([value, label]) => el("option", { value }, label)));
+    if (choices.some((c) => c[0] === current)) select.value = current;
   }
 }
 
