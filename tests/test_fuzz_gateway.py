@@ -1,6 +1,7 @@
 """Fuzz the OpenAI gateway over its own OpenAPI schema (schemathesis) against a real daemon with
 the bundled model launched: whatever the body, headers or path, the gateway never answers 500,
-every error is an OpenAI-style JSON body, and it still serves a good request afterwards.
+every error is a JSON body in the shape of the API its path belongs to (OpenAI, Anthropic,
+Ollama), and it still serves a good request afterwards.
 
 Half the generated bodies name the launched model, so the fuzz reaches the node's validation
 and generation, not only "model not found". The node caps max_tokens at 16 so every accepted
@@ -48,10 +49,20 @@ CASES = st.one_of(*(operation.as_strategy() for operation in OPERATIONS))
 
 def test_the_schema_covers_every_endpoint():
     paths = {(o.method, o.path) for o in OPERATIONS}
-    assert ("post", "/v1/chat/completions") in paths and ("post", "/v1/completions") in paths
+    for path in (
+        "/v1/chat/completions",
+        "/v1/completions",
+        "/v1/responses",
+        "/v1/messages",
+        "/api/chat",
+        "/api/generate",
+        "/api/show",
+    ):
+        assert ("post", path) in paths, path
+    assert ("get", "/api/tags") in paths
 
 
-@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(case=CASES, name_the_model=st.booleans())
 def test_gateway_never_answers_500(gateway, case, name_the_model):
     if isinstance(case.body, dict) and name_the_model:
@@ -60,8 +71,18 @@ def test_gateway_never_answers_500(gateway, case, name_the_model):
     event(f"HTTP {response.status_code}")
     assert response.status_code != 500, f"{case.method} {case.path}: {response.text[:500]}"
     if response.status_code >= 400:
-        error = response.json()["error"]
-        assert error["message"] and error["type"], response.text[:500]
+        assert_error_shape(case.path, response.json(), response.text[:500])
+
+
+def assert_error_shape(path: str, body: dict, text: str) -> None:
+    """Each API's own error shape: Anthropic's, Ollama's, or OpenAI's."""
+    if path == "/v1/messages":
+        assert body["type"] == "error", text
+        assert body["error"]["type"] and body["error"]["message"], text
+    elif path.startswith("/api/"):
+        assert set(body) == {"error"} and isinstance(body["error"], str) and body["error"], text
+    else:
+        assert body["error"]["message"] and body["error"]["type"], text
 
 
 def test_gateway_still_serves_after_fuzzing(gateway):

@@ -181,6 +181,7 @@ def test_ollama_lists_and_shows_models(llama):
     assert shown.details.family == "qwen3_5"
     assert shown.modelinfo["general.architecture"] == "qwen3_5"
     assert shown.modelinfo["macmesh.native_mtp.default_k"] >= 1
+    assert [m.model for m in llama.ps().models] == [MODEL]  # the launched one
     with pytest.raises(ollama.ResponseError) as missing:
         llama.show("no-such-model")
     assert missing.value.status_code == 404 and "no-such-model" in missing.value.error

@@ -1,4 +1,5 @@
-"""`macmesh gateway`: OpenAI-compatible HTTP in front of a node's gRPC InferenceService.
+"""`macmesh gateway`: HTTP in front of a node's gRPC InferenceService: the OpenAI, Anthropic and
+Ollama APIs, Prometheus ``/metrics`` and the dashboard at ``/`` (docs/apis.md).
 
 Prints one line, ``macmesh gateway on http://HOST:PORT -> node ADDRESS``, once it listens
 (with ``--port 0`` that line carries the port picked), and serves until SIGINT/SIGTERM.
@@ -40,7 +41,7 @@ def gateway(
         str | None,
         typer.Option(
             envvar="MACMESH_API_KEY",
-            help="require 'Authorization: Bearer KEY' on every path but /health",
+            help="require the key (Bearer, x-api-key or Basic password) on every path but /health",
             show_default=False,
         ),
     ] = None,
@@ -49,7 +50,9 @@ def gateway(
     ] = None,
     tls_key: Annotated[Path | None, typer.Option(help="private key for --tls-cert (PEM)")] = None,
 ) -> None:
-    """Serve the OpenAI API (/v1/chat/completions, /v1/completions, /v1/models) over a node."""
+    """Serve HTTP APIs over a node: OpenAI (/v1/chat/completions, /v1/completions,
+    /v1/responses, /v1/models), Anthropic (/v1/messages), Ollama (/api/*), /metrics and the
+    dashboard at /."""
     if node is None:
         from node.commands.status import _local_daemon_address
 

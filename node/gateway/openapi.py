@@ -10,6 +10,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from node import __version__
+from node.gateway import anthropic, ollama, responses
 from node.gateway.schemas import (
     ChatCompletion,
     ChatCompletionChunk,
@@ -81,6 +82,69 @@ def _generation_path(summary: str, request: str, response: str) -> dict[str, Any
     }
 
 
+OPENAI_ERROR: dict[str, Any] = _ref("ErrorBody")
+ANTHROPIC_ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["type", "error"],
+    "properties": {
+        "type": {"const": "error"},
+        "error": {
+            "type": "object",
+            "required": ["type", "message"],
+            "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+        },
+    },
+}
+OLLAMA_ERROR: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "string"}},
+}
+
+
+def _error_responses(error: dict[str, Any], *statuses: int) -> dict[str, Any]:
+    return {
+        str(s): {
+            "description": "an error, in this API's own shape",
+            "content": {"application/json": {"schema": error}},
+        }
+        for s in statuses
+    }
+
+
+def _post(
+    summary: str, request: dict[str, Any], response: dict[str, Any], error: dict[str, Any]
+) -> dict[str, Any]:
+    return {
+        "post": {
+            "summary": summary,
+            "requestBody": {"required": True, "content": request},
+            "responses": {
+                "200": {
+                    "description": "the reply (JSON), or a stream",
+                    "content": {"application/json": {"schema": response}},
+                },
+                **_error_responses(error, 400, 401, 404, 429, 502, 503, 504),
+            },
+        }
+    }
+
+
+def _get(summary: str, error: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "get": {
+            "summary": summary,
+            "responses": {
+                "200": {
+                    "description": "the answer",
+                    "content": {"application/json": {"schema": {"type": "object"}}},
+                },
+                **_error_responses(error, 401, 503, 504),
+            },
+        }
+    }
+
+
 @cache
 def openapi_document() -> dict[str, Any]:
     models: list[tuple[type[BaseModel], str]] = [
@@ -94,9 +158,19 @@ def openapi_document() -> dict[str, Any]:
         (ModelCard, "serialization"),
         (ErrorBody, "serialization"),
         (Health, "serialization"),
+        (anthropic.MessagesRequest, "validation"),
+        (anthropic.Message, "serialization"),
+        (responses.ResponsesRequest, "validation"),
+        (ollama.ChatRequest, "validation"),
+        (ollama.GenerateRequest, "validation"),
+        (ollama.ShowRequest, "validation"),
     ]
-    _, top = models_json_schema(models, ref_template=_REF)  # type: ignore[arg-type]
+    refs, top = models_json_schema(models, ref_template=_REF)  # type: ignore[arg-type]
     schemas = top.get("$defs", {})
+
+    def ref(model: type[BaseModel], mode: str = "validation") -> dict[str, Any]:
+        return {"application/json": {"schema": refs[(model, mode)]}}  # type: ignore[index]
+
     return {
         "openapi": "3.1.0",
         "info": {
@@ -151,6 +225,39 @@ def openapi_document() -> dict[str, Any]:
             "/v1/completions": _generation_path(
                 "text completion", "CompletionRequest", "Completion"
             ),
+            "/v1/responses": _post(
+                "OpenAI Responses (text in, text out); stream=true sends Responses events",
+                ref(responses.ResponsesRequest),
+                {"type": "object"},
+                OPENAI_ERROR,
+            ),
+            "/v1/messages": _post(
+                "Anthropic Messages; stream=true sends Anthropic's server-sent events",
+                ref(anthropic.MessagesRequest),
+                ref(anthropic.Message, "serialization")["application/json"]["schema"],
+                ANTHROPIC_ERROR,
+            ),
+            "/api/chat": _post(
+                "Ollama chat; NDJSON unless stream is false",
+                ref(ollama.ChatRequest),
+                {"type": "object"},
+                OLLAMA_ERROR,
+            ),
+            "/api/generate": _post(
+                "Ollama generate; NDJSON unless stream is false",
+                ref(ollama.GenerateRequest),
+                {"type": "object"},
+                OLLAMA_ERROR,
+            ),
+            "/api/show": _post(
+                "Ollama: one model's details",
+                ref(ollama.ShowRequest),
+                {"type": "object"},
+                OLLAMA_ERROR,
+            ),
+            "/api/tags": _get("Ollama: the models the cluster knows", OLLAMA_ERROR),
+            "/api/ps": _get("Ollama: the launched models", OLLAMA_ERROR),
+            "/api/version": _get("Ollama: the gateway's version", OLLAMA_ERROR),
             "/openapi.json": {
                 "get": {
                     "summary": "this document",
