@@ -18,8 +18,8 @@ stays free of metrics code:
 At scrape time a collector reads the instances this node coordinates (requests in flight,
 queue length, batch size, recent tok/s) and the node's memory. ``set_batch_size`` is how a
 batched engine reports its current batch; until one does, an instance that computes counts as
-a batch of 1 (the engines here run one request at a time) and the rest of its admitted
-requests as its queue.
+a batch of 1 and, on a single node, the rest of its admitted requests as its queue (a
+pipeline has them all in flight at some stage: no queue). See ``batch_and_queue``.
 """
 
 from __future__ import annotations
@@ -187,10 +187,18 @@ def clear_batch_size(instance_id: str) -> None:
         _batch_sizes.pop(instance_id, None)
 
 
-def batch_size(instance_id: str, in_flight: int) -> int:
+def batch_and_queue(instance_id: str, engine: str, in_flight: int) -> tuple[int, int]:
+    """(batch size, queue length) of an instance with ``in_flight`` admitted requests.
+
+    A batched engine's reported batch wins. Otherwise a local / native-MTP instance computes
+    one request at a time and the rest wait; a pipeline has every admitted request in flight
+    at some stage (each stage computes one frame at a time), so nothing waits in a queue."""
     with _batch_lock:
         reported = _batch_sizes.get(instance_id)
-    return min(in_flight, 1) if reported is None else reported
+    if reported is not None:
+        return reported, max(in_flight - reported, 0)
+    size = min(in_flight, 1)
+    return size, 0 if engine == "pipeline" else max(in_flight - size, 0)
 
 
 class NodeCollector(Collector):
@@ -233,10 +241,10 @@ class NodeCollector(Collector):
         for instance in self.instances():
             info = instance.info()
             values = [info.instance_id, info.model, info.engine]
-            size = batch_size(info.instance_id, info.in_flight)
+            size, waiting = batch_and_queue(info.instance_id, info.engine, info.in_flight)
             in_flight.add_metric(values, info.in_flight)
             batch.add_metric(values, size)
-            queue.add_metric(values, max(info.in_flight - size, 0))
+            queue.add_metric(values, waiting)
             tps.add_metric(values, info.recent_generation_tps)
         yield from (in_flight, queue, batch, tps)
 

@@ -110,3 +110,17 @@ def test_translations_put_the_system_prompt_first():
 )
 def test_the_api_key_in_every_form_clients_send_it(headers, ok):
     assert _key_matches(make_mocked_request("GET", "/", headers=headers), "k1") is ok
+
+
+def test_batch_and_queue_until_and_after_an_engine_reports_its_batch():
+    from node.metrics import batch_and_queue, clear_batch_size, set_batch_size
+
+    assert batch_and_queue("i-units", "native_mtp", 0) == (0, 0)
+    assert batch_and_queue("i-units", "native_mtp", 3) == (1, 2)  # one computes, two wait
+    assert batch_and_queue("i-units", "pipeline", 3) == (1, 0)  # all three are at some stage
+    set_batch_size("i-units", 2)
+    try:
+        assert batch_and_queue("i-units", "local", 3) == (2, 1)
+    finally:
+        clear_batch_size("i-units")
+    assert batch_and_queue("i-units", "local", 3) == (1, 2)
