@@ -10,6 +10,8 @@ API's own shape (the clients' typed exceptions prove the status, the bodies are 
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+
 import anthropic
 import ollama
 import openai
@@ -18,6 +20,8 @@ import requests
 from helpers.cluster_client import launch
 from helpers.daemons import DaemonCluster
 from helpers.gateway_processes import start_gateway
+
+from node.client import MacmeshClient
 
 MODEL = "macmesh-tiny"
 KEY = "sk-apis"
@@ -34,6 +38,7 @@ def gateway(tmp_path_factory):
         cluster.wait_connected([coordinator, other], timeout=15)
         launch(coordinator.address, MODEL)
         gw = start_gateway(root, other.address, "--api-key", KEY)
+        gw.coordinator = coordinator.address  # type: ignore[attr-defined]
         try:
             yield gw
         finally:
@@ -300,3 +305,62 @@ def test_responses_errors_have_openais_shape(oai):
     with pytest.raises(openai.BadRequestError) as bad:
         oai.responses.create(model=MODEL, input="hi", temperature=3)
     assert bad.value.body["param"] == "temperature"
+
+
+# ----------------------------------------------------------------------------- mid-stream
+
+
+def unloaded_mid_stream(gateway, start: Callable[[str], Iterator]) -> list:
+    """Stream from a fresh instance, unload it after the first event; return what came."""
+    _, instance = launch(gateway.coordinator, MODEL)
+    events = start(instance.instance_id)
+    seen = [next(events)]
+    with MacmeshClient(gateway.coordinator, timeout=60) as client:
+        assert client.unload(instance_id=instance.instance_id) == 1
+    seen.extend(events)  # ends (or raises) once the node reports the unload
+    return seen
+
+
+LONG = 20000
+
+
+def test_a_failure_after_the_stream_started_is_in_each_apis_own_shape(gateway, claude, llama, oai):
+    with pytest.raises(anthropic.APIStatusError) as failed:
+        unloaded_mid_stream(
+            gateway,
+            lambda model: iter(
+                claude.messages.create(
+                    model=model,
+                    max_tokens=LONG,
+                    messages=[{"role": "user", "content": "Go on."}],
+                    stream=True,
+                    extra_body={"ignore_eos": True},
+                )
+            ),
+        )
+    assert failed.value.body["type"] == "error"
+    assert failed.value.body["error"]["type"] == "overloaded_error"
+    assert "unloaded" in failed.value.body["error"]["message"]
+
+    with pytest.raises(ollama.ResponseError) as failed_ollama:
+        unloaded_mid_stream(
+            gateway,
+            lambda model: llama.generate(
+                model=model, prompt="Go on.", stream=True, options={"num_predict": LONG}
+            ),
+        )
+    assert "unloaded" in failed_ollama.value.error
+
+    seen = unloaded_mid_stream(
+        gateway,
+        lambda model: iter(
+            oai.responses.create(
+                model=model,
+                input="Go on.",
+                max_output_tokens=LONG,
+                stream=True,
+                extra_body={"ignore_eos": True},
+            )
+        ),
+    )
+    assert seen[-1].type == "error" and "unloaded" in seen[-1].message
