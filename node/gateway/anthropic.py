@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.client import ChatMessage, FinalStats, GenerateOptions
 from node.gateway.errors import HttpError
-from node.gateway.generation import Generation, stream
+from node.gateway.generation import Generation, parse, request_id, stream
 from node.gateway.schemas import UINT32_MAX, MacmeshExtensions, MacmeshStats, StopString
 from node.gateway.translate import extension_options, macmesh_stats
 
@@ -209,8 +209,6 @@ def closing_events(stats: FinalStats) -> list[bytes]:
 
 
 async def messages(request: web.Request) -> web.StreamResponse:
-    from node.gateway.app import parse, request_id
-
     body: MessagesRequest = await parse(request, MessagesRequest)
     id_ = f"msg_{uuid.uuid4().hex}"
     opts = options(body, request_id(request, id_))

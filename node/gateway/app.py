@@ -17,7 +17,6 @@ from __future__ import annotations
 import base64
 import hmac
 import json
-import re
 import time
 import uuid
 from dataclasses import dataclass
@@ -39,7 +38,14 @@ from node.gateway.errors import (
     from_client_error,
     from_validation_error,
 )
-from node.gateway.generation import CLIENT, METRICS, Generation
+from node.gateway.generation import (
+    CLIENT,
+    METRICS,
+    REQUEST_ID_HEADER,
+    Generation,
+    parse,
+    request_id,
+)
 from node.gateway.generation import stream as send_stream
 from node.gateway.metrics import gateway_metrics, metrics_endpoint
 from node.gateway.openapi import openapi_document
@@ -67,7 +73,7 @@ log = get_logger(__name__)
 class GatewayConfig:
     node_address: str
     request_timeout: float | None  # each gRPC call's deadline, seconds
-    api_key: str | None = None  # callers must send "Authorization: Bearer <api_key>"
+    api_key: str | None = None  # callers must send it (Bearer, x-api-key or Basic password)
 
 
 # Paths that answer without the API key: a liveness probe must not need a secret.
@@ -77,9 +83,6 @@ API_KEY_ENV = "MACMESH_API_KEY"
 
 CONFIG = web.AppKey("config", GatewayConfig)
 MAX_BODY_BYTES = 32 * 1024 * 1024
-# A caller's X-Request-Id travels to the node as the request id (for its logs) when it is sane.
-REQUEST_ID_HEADER = "X-Request-Id"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
 
 
 def create_app(
@@ -87,7 +90,7 @@ def create_app(
 ) -> web.Application:
     """The gateway app for the node at ``node_address``; ``request_timeout`` is each gRPC
     call's deadline in seconds (None = none). With ``api_key`` every path but ``/health``
-    needs ``Authorization: Bearer <api_key>`` (401, OpenAI-style, without it).
+    needs the key (see ``_key_matches``; 401 in the path's API shape without it).
     Run it with ``handler_cancellation=True``."""
     app = web.Application(
         middlewares=[_errors_as_json, _require_api_key], client_max_size=MAX_BODY_BYTES
@@ -208,14 +211,6 @@ def error_body(path: str, error: HttpError) -> dict[str, Any]:
     return error.body()
 
 
-async def parse(request: web.Request, model: type[BaseModel]) -> Any:
-    body = await request.read()
-    try:
-        return model.model_validate_json(body)
-    except ValidationError as exc:
-        raise from_validation_error(exc) from None
-
-
 def _json(model: BaseModel, status: int = 200) -> web.Response:
     return web.json_response(model.model_dump(mode="json"), status=status)
 
@@ -287,12 +282,6 @@ def _reply(prefix: str, model: str, *, chat: bool, usage: bool) -> Reply:
         chat=chat,
         include_usage=usage,
     )
-
-
-def request_id(request: web.Request, default: str) -> str:
-    """The caller's X-Request-Id when it is sane, else ``default`` (the response's id)."""
-    given = request.headers.get(REQUEST_ID_HEADER, "")
-    return given if _REQUEST_ID.match(given) else default
 
 
 def _options(build: Any, body: Any, request_id: str) -> GenerateOptions:

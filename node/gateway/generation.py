@@ -14,14 +14,16 @@ error), which frees the request on every stage.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel, ValidationError
 
 from node.client import AsyncMacmeshClient, FinalStats, GenerateOptions, MacmeshError
-from node.gateway.errors import HttpError, from_client_error
+from node.gateway.errors import HttpError, from_client_error, from_validation_error
 from node.logging import get_logger
 from node.metrics import GenerationMetrics, RequestTracker
 
@@ -29,6 +31,23 @@ log = get_logger(__name__)
 
 CLIENT = web.AppKey("client", AsyncMacmeshClient)
 METRICS = web.AppKey("metrics", GenerationMetrics)
+# A caller's X-Request-Id travels to the node as the request id (for its logs) when it is sane.
+REQUEST_ID_HEADER = "X-Request-Id"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:/-]{1,128}$")
+
+
+async def parse(request: web.Request, model: type[BaseModel]) -> Any:
+    body = await request.read()
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        raise from_validation_error(exc) from None
+
+
+def request_id(request: web.Request, default: str) -> str:
+    """The caller's X-Request-Id when it is sane, else ``default`` (the response's id)."""
+    given = request.headers.get(REQUEST_ID_HEADER, "")
+    return given if _REQUEST_ID.match(given) else default
 
 
 def no_final_stats() -> HttpError:

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from node import __version__
 from node.client import ChatMessage, FinalStats, GenerateOptions, ModelInfo, Sampling
 from node.gateway.errors import HttpError
-from node.gateway.generation import CLIENT, Generation, stream
+from node.gateway.generation import CLIENT, Generation, parse, request_id, stream
 from node.gateway.schemas import UINT64_MAX, StopString
 from node.gateway.translate import macmesh_stats
 
@@ -210,8 +210,6 @@ async def ps(request: web.Request) -> web.Response:
 
 
 async def show(request: web.Request) -> web.Response:
-    from node.gateway.app import parse
-
     body: ShowRequest = await parse(request, ShowRequest)
     for model in await request.app[CLIENT].list_models():
         if model.id == body.model:
@@ -238,8 +236,6 @@ async def show(request: web.Request) -> web.Response:
 
 
 async def chat(request: web.Request) -> web.StreamResponse:
-    from node.gateway.app import parse, request_id
-
     body: ChatRequest = await parse(request, ChatRequest)
     opts = chat_options(body, request_id(request, f"ollama-{time.time_ns()}"))
 
@@ -255,8 +251,6 @@ async def chat(request: web.Request) -> web.StreamResponse:
 
 
 async def generate(request: web.Request) -> web.StreamResponse:
-    from node.gateway.app import parse, request_id
-
     body: GenerateRequest = await parse(request, GenerateRequest)
 
     def piece(text: str) -> dict[str, Any]:

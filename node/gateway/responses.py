@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.client import ChatMessage, FinalStats, GenerateOptions
 from node.gateway.errors import HttpError
-from node.gateway.generation import Generation, stream
+from node.gateway.generation import Generation, parse, request_id, stream
 from node.gateway.schemas import UINT32_MAX, MacmeshExtensions
 from node.gateway.translate import OPENAI_DEFAULT_TEMPERATURE, extension_options, macmesh_stats
 
@@ -217,8 +217,6 @@ class Reply:
 
 
 async def create(request: web.Request) -> web.StreamResponse:
-    from node.gateway.app import parse, request_id
-
     body: ResponsesRequest = await parse(request, ResponsesRequest)
     reply = Reply(body)
     opts = options(body, request_id(request, reply.id))
