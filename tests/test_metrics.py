@@ -182,3 +182,16 @@ def test_queue_length_and_batch_size_while_requests_wait(cluster):
     finally:
         first.close()
         second.close()
+
+
+def test_a_metrics_port_in_use_fails_the_start_and_names_the_port(tmp_path):
+    import socket
+
+    with socket.socket() as taken, DaemonCluster(tmp_path) as daemons:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        daemon = daemons.spawn("busy", mdns=False, extra_args=["--metrics-port", str(port)])
+        assert daemon.proc.wait(timeout=120) == 1, daemon.log_text()
+        assert f"cannot serve metrics on port {port}" in daemon.log_text()
+        assert not (daemon.state_dir / "daemon.json").exists()  # it never joined a cluster
