@@ -8,8 +8,9 @@ stays free of metrics code:
 
 - ``InferenceService.Generate``: requests by engine and outcome, prompt and generated tokens,
   time to first token, inter-token latency, and native-MTP proposed / accepted draft tokens per
-  instance. A request this node relays to the instance's coordinator is counted once, by the
-  coordinator; the relay counts it under ``macmesh_relayed_requests_total``.
+  instance. A request this node relays to the instance's coordinator is counted and timed
+  once, by the coordinator; the relay counts it under ``macmesh_relayed_requests_total``
+  (a refusal is counted by every node that answered it: the coordinator and its relay).
 - ``StageService.Forward``: ``macmesh_stage_forward_seconds``, from an activation arriving at
   a stage to the token sampled for it passing back through that stage (this stage's compute
   plus every later stage and hop). The difference between consecutive stages' values is the
@@ -341,15 +342,16 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         tracker = self.metrics.generation.track()
         forwarded = is_forwarded(context)
         outcome = "cancelled"
-        relayed = False
+        # A request for a model this node coordinates no instance of is relayed (the final
+        # stats confirm it): its tokens are timed on the coordinator, not twice.
+        relayed = not forwarded and not self.metrics.servicer.registry.matching(request.model)
         try:
             for message in inner(request, context):
                 if message.WhichOneof("event") == "final":
                     final = message.final
                     instance = self.metrics.instance_for(request.model, list(final.stages))
-                    if not instance and not forwarded:
-                        relayed = True  # the coordinator counts this one
-                    else:
+                    relayed = not instance and not forwarded
+                    if not relayed:
                         tracker.final(
                             final.engine,
                             final.prompt_tokens,
@@ -365,8 +367,10 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         except GeneratorExit:  # closed by gRPC: the client left (or went after the final)
             raise
         except BaseException:
-            code = context.code()
-            outcome = code.name.lower() if isinstance(code, grpc.StatusCode) else "error"
+            if outcome == "cancelled":  # no final yet (after it, the client just left early)
+                code = context.code()
+                outcome = code.name.lower() if isinstance(code, grpc.StatusCode) else "error"
+                relayed = False  # a refusal counts where it is answered (a relayed one: twice)
             raise
         finally:
             if relayed:

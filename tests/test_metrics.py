@@ -125,6 +125,8 @@ def test_requests_tokens_latency_mtp_and_hops_are_counted_where_they_happen(clus
 
     other = scrape(metrics_url(cluster["other"]))
     assert value(other, "macmesh_relayed_requests_total") == 4
+    assert value(other, "macmesh_time_to_first_token_seconds_count") == 0  # timed once, there
+    assert value(other, "macmesh_inter_token_latency_seconds_count") == 0
     assert value(other, "macmesh_requests_total", engine="none", outcome="not_found") == 1
     assert "macmesh_requests_total" not in other or not any(
         ls.get("outcome") == "length" for ls, _ in other["macmesh_requests_total"]
