@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=1_000_000, ge=1)
     max_prompt_tokens: int = Field(default=131_072, ge=1)
     max_tokens_limit: int = Field(default=32_768, ge=1)
+    # Requests a single-node instance decodes together in one batch (the rest wait in its
+    # queue); the planner budgets KV and GatedDeltaNet state for this many sequences.
+    max_batch: int = Field(default=8, ge=1, le=256)
     # Admission: a launch must leave this fraction of a node's memory free.
     launch_memory_headroom: float = Field(default=0.10, ge=0.0, lt=1.0)
 

@@ -115,6 +115,8 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str) -> pb.GenerationS
             for s in stats.stages
         ],
         finish_reason=finish_reason,
+        queue_seconds=stats.queue_seconds,
+        time_to_first_token_seconds=stats.time_to_first_token_seconds,
     )
 
 
@@ -138,4 +140,6 @@ def stats_from_proto(msg: pb.GenerationStats) -> GenerationStats:
             )
             for s in msg.stages
         ],
+        queue_seconds=max(0.0, msg.queue_seconds),
+        time_to_first_token_seconds=max(0.0, msg.time_to_first_token_seconds),
     )

@@ -294,6 +294,7 @@ class Coordinator:
         progress: Progress,
         cancel: CancelToken,
     ) -> None:
+        from node.inference.batching.scheduler import DEFAULT_MAX_BATCH
         from node.inference.loading import LoadProgress, load_checkpoint
         from node.inference.runner import LocalRunner
 
@@ -313,6 +314,7 @@ class Coordinator:
             loaded,
             native_mtp_enabled=self.native_mtp_enabled,
             disabled_by=self.disabled_by,
+            max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
         )
         if instance.choice.engine == "native_mtp":
             # Recover the head now: the first request should not pay for it, and a head that

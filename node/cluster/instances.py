@@ -86,6 +86,8 @@ class InstanceInfo(BaseModel):
     recent_generation_tps: float = 0.0
     in_flight: int = 0
     requests_served: int = 0
+    batch_size: int = 0  # requests computing together now
+    queued: int = 0  # admitted, waiting for a place in the batch
 
     def answers_to(self, name: str) -> bool:
         """Whether ``GenerateRequest.model == name`` reaches this instance."""
@@ -105,6 +107,8 @@ class InstanceInfo(BaseModel):
             in_flight=self.in_flight,
             requests_served=self.requests_served,
             coordinator_address=self.coordinator_address,
+            batch_size=self.batch_size,
+            queued=self.queued,
         )
 
     @classmethod
@@ -122,6 +126,8 @@ class InstanceInfo(BaseModel):
             recent_generation_tps=msg.recent_generation_tps,
             in_flight=msg.in_flight,
             requests_served=msg.requests_served,
+            batch_size=msg.batch_size,
+            queued=msg.queued,
         )
 
 

@@ -1,7 +1,7 @@
 """Instances as their coordinator holds them: admission, cancellation, and the engines.
 
-``LocalInstance`` runs the whole model in this daemon (one request computes at a time, the
-others wait their turn); ``PipelineInstance`` drives a ``PipelineEngine`` whose stages sit on
+``LocalInstance`` runs the whole model in this daemon (up to ``max_batch`` requests decode
+together in one batch, the others wait their turn); ``PipelineInstance`` drives a ``PipelineEngine`` whose stages sit on
 several nodes (many requests in flight at once). Both generate on the caller's thread, stop at
 the request's ``CancelToken``, and free the request's caches when they stop. ``release_instance``
 frees the weights on every stage and hands the memory back to the system.
@@ -34,7 +34,6 @@ from node.placement import ModelCard
 
 log = get_logger(__name__)
 
-LOCK_POLL_S = 0.05
 DEFAULT_MAX_QUEUED = 16  # requests admitted per instance (running + waiting)
 
 
@@ -127,6 +126,8 @@ class Instance:
             recent_generation_tps=self.rate.value(),
             in_flight=self._in_flight,
             requests_served=self.served,
+            batch_size=self.batch_size,
+            queued=self.queued,
         )
 
     def admit(self, cancel: CancelToken) -> Callable[[], None]:
@@ -209,6 +210,16 @@ class Instance:
     # -- what subclasses implement --
 
     @property
+    def batch_size(self) -> int:
+        """Requests computing together right now."""
+        return 0
+
+    @property
+    def queued(self) -> int:
+        """Admitted requests waiting for a place in the batch."""
+        return 0
+
+    @property
     def tokenizer(self) -> Any:
         raise NotImplementedError
 
@@ -226,10 +237,9 @@ class Instance:
 
 @dataclass
 class LocalInstance(Instance):
-    """The whole model in this daemon: one request computes at a time, others wait their turn."""
+    """The whole model in this daemon: requests decode together in the runner's batch."""
 
     runner: Any = None  # node.inference.runner.LocalRunner
-    _device: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def tokenizer(self) -> Any:
@@ -257,27 +267,31 @@ class LocalInstance(Instance):
         return ids
 
     def generate(self, request: Any, choice: EngineChoice, cancel: CancelToken) -> Iterator[Any]:
-        while not self._device.acquire(timeout=LOCK_POLL_S):
-            if cancel.is_set():
-                return
+        runner = self.runner
+        if runner is None or cancel.is_set():
+            return
+        engine = "native_mtp" if choice.engine == "native_mtp" else "local"
+        # The runner's batch scheduler runs it with the instance's other requests.
+        events = runner.submit(request.model_copy(update={"engine": engine}), cancel)
         try:
-            if cancel.is_set() or self.runner is None:
-                return
-            engine = "native_mtp" if choice.engine == "native_mtp" else "local"
-            events = self.runner.generate(request.model_copy(update={"engine": engine}))
-            try:
-                for event in events:
-                    if cancel.is_set():
-                        return
-                    yield event
-            finally:
-                events.close()  # frees the request's caches now, not at garbage collection
+            yield from events
         finally:
-            self._device.release()
+            events.close()  # a request that stops early leaves the batch at the next step
+
+    @property
+    def batch_size(self) -> int:
+        runner = self.runner
+        return runner.batch_size if runner is not None else 0
+
+    @property
+    def queued(self) -> int:
+        runner = self.runner
+        return runner.queued if runner is not None else 0
 
     def release(self) -> None:
-        with self._device:  # no request computes once we hold it (all were cancelled)
-            self.runner = None
+        runner, self.runner = self.runner, None
+        if runner is not None:
+            runner.close()  # the scheduler ends every request and stops computing
 
 
 @dataclass

@@ -73,6 +73,10 @@ def run(
             help="serve Prometheus /metrics on this port (0 picks one; default: off)",
         ),
     ] = None,
+    max_batch: Annotated[
+        int | None,
+        typer.Option(help="requests an instance on this node decodes together (default 8)"),
+    ] = None,
 ) -> None:
     """Start this machine's node: serve gRPC, find peers, exchange heartbeats."""
     try:
@@ -93,6 +97,7 @@ def run(
             tls_ca=tls_ca,
             max_prompt_tokens=max_prompt_tokens,
             max_tokens_limit=max_tokens_limit,
+            max_batch=max_batch,
         )
     except SettingsError as exc:
         typer.echo(f"macmesh run: {exc}", err=True)

@@ -207,6 +207,8 @@ def render_instances(
     table.add_column("stages (node: layers)", overflow="fold")
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("reqs", justify="right", no_wrap=True)
+    table.add_column("batch", justify="right", no_wrap=True)
+    table.add_column("queue", justify="right", no_wrap=True)
     reasons = Text()
     for i in instances:
         stages = " → ".join(
@@ -224,6 +226,8 @@ def render_instances(
             stages,
             f"{i.recent_generation_tps:.1f}" if i.recent_generation_tps else "-",
             busy,
+            str(i.batch_size),
+            str(i.queued),
         ]
         table.add_row(*row)
         reasons.append(f"{i.instance_id}: ", style="bold")

@@ -1,6 +1,10 @@
 """Run requests against one loaded checkpoint, choosing the engine per request.
 
-This is what the CLI's ``--local`` mode and a single-node daemon instance call.  The MTP head
+``generate`` runs one request on the caller's thread (the CLI's ``--local`` mode);
+``submit`` hands it to the instance's batch scheduler (a single-node daemon instance), which
+runs every request of the instance on one worker thread: ``local`` requests decode together
+in one batch of up to ``max_batch``, ``native_mtp`` requests run their cycles in turn with
+it (``node.inference.batching``). The MTP head
 is recovered the first time a request selects ``native_mtp``; if recovery fails although the
 probe looked fine, ``auto`` requests fall back to ``local`` with the reason and explicit
 ``native_mtp`` requests get the ``MtpUnavailable`` error.
@@ -8,8 +12,11 @@ probe looked fine, ``auto`` requests fall back to ``local`` with the reason and 
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
+from node.inference.batching.scheduler import DEFAULT_MAX_BATCH, BatchScheduler, Cancel
+from node.inference.batching.steps import GeneratorStep, LocalBatchStep
 from node.inference.engine import LocalEngine
 from node.inference.events import GenerationEvent
 from node.inference.loading import LoadedModel
@@ -31,6 +38,7 @@ class LocalRunner:
         native_mtp_enabled: bool = True,
         disabled_by: str = DEFAULT_DISABLED_BY,
         rollback: Rollback = "capture",
+        max_batch: int = DEFAULT_MAX_BATCH,
     ) -> None:
         self.loaded = loaded
         self.native_mtp_enabled = native_mtp_enabled
@@ -39,6 +47,9 @@ class LocalRunner:
         self._rollback = rollback
         self._mtp: MtpEngine | None = None
         self._mtp_failure: str | None = None
+        self.max_batch = max_batch
+        self._scheduler: BatchScheduler | None = None
+        self._scheduler_lock = threading.Lock()
 
     def select(self, requested: RequestedEngine = "auto") -> tuple[EngineKind, str]:
         """(engine, reason) for a request asking for ``requested``; may load the MTP head."""
@@ -69,3 +80,43 @@ class LocalRunner:
             assert self._mtp is not None
             return self._mtp.generate(request, reason=reason)
         return self.local.generate(request, reason=reason)
+
+    @property
+    def scheduler(self) -> BatchScheduler:
+        with self._scheduler_lock:
+            if self._scheduler is None:
+                self._scheduler = BatchScheduler(
+                    {
+                        "local": LocalBatchStep(self.loaded, self.max_batch),
+                        "native_mtp": GeneratorStep(self._start_mtp),
+                    },
+                    max_batch=self.max_batch,
+                    name=f"batch-{self.loaded.card.id}" if self.loaded.card else "batch",
+                )
+            return self._scheduler
+
+    def _start_mtp(self, request: GenerateRequest, reason: str) -> Iterator[GenerationEvent]:
+        assert self._mtp is not None
+        return self._mtp.generate(request, reason=reason)
+
+    def submit(
+        self, request: GenerateRequest, cancel: Cancel | None = None
+    ) -> Iterator[GenerationEvent]:
+        """Queue ``request`` on the batch scheduler; iterate the result for its events."""
+        kind, reason = self.select(request.engine)
+        return self.scheduler.submit(request, kind, reason, cancel)
+
+    @property
+    def batch_size(self) -> int:
+        return self._scheduler.batch_size if self._scheduler is not None else 0
+
+    @property
+    def queued(self) -> int:
+        return self._scheduler.queued if self._scheduler is not None else 0
+
+    def close(self) -> None:
+        """End every request and stop the scheduler's worker (the instance is unloading)."""
+        with self._scheduler_lock:
+            scheduler = self._scheduler
+        if scheduler is not None:
+            scheduler.close()

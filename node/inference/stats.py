@@ -37,6 +37,10 @@ class GenerationStats(BaseModel):
     prompt_tps: float = Field(0.0, ge=0.0)
     generation_tps: float = Field(0.0, ge=0.0)
     stages: list[StageStats] = Field(default_factory=list)
+    queue_seconds: float = Field(0.0, ge=0.0, description="waiting for a place in the batch")
+    time_to_first_token_seconds: float = Field(
+        0.0, ge=0.0, description="from arrival at the instance to the first token"
+    )
 
 
 def rate(count: int, seconds: float) -> float:

@@ -96,7 +96,7 @@ class StageStats(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason", "stop_sequence")
+    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason", "stop_sequence", "queue_seconds", "time_to_first_token_seconds")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -111,6 +111,8 @@ class GenerationStats(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     engine: str
     engine_reason: str
     drafter_kind: str
@@ -125,7 +127,9 @@ class GenerationStats(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageStats]
     finish_reason: str
     stop_sequence: str
-    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_sequence: _Optional[str] = ...) -> None: ...
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_sequence: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
@@ -242,7 +246,7 @@ class LaunchProgress(_message.Message):
     def __init__(self, message: _Optional[str] = ..., instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps", "aliases", "in_flight", "requests_served", "coordinator_address")
+    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps", "aliases", "in_flight", "requests_served", "coordinator_address", "batch_size", "queued")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -255,6 +259,8 @@ class Instance(_message.Message):
     IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_SERVED_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     coordinator_node_id: str
@@ -267,7 +273,9 @@ class Instance(_message.Message):
     in_flight: int
     requests_served: int
     coordinator_address: str
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., requests_served: _Optional[int] = ..., coordinator_address: _Optional[str] = ...) -> None: ...
+    batch_size: int
+    queued: int
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., requests_served: _Optional[int] = ..., coordinator_address: _Optional[str] = ..., batch_size: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("model", "instance_id")

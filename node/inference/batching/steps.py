@@ -1,0 +1,218 @@
+"""Step functions for ``BatchScheduler``: what one batched step computes.
+
+``LocalBatchStep`` is plain batched decode on mlx-lm's own continuous batcher
+(``mlx_lm.generate.BatchGenerator``). It serves as it is: per-sequence samplers and logits
+processors, per-sequence ``max_tokens``, ``insert``/``remove`` between steps, batch caches for
+qwen3_5 (``BatchKVCache`` with per-sequence offsets and left padding, ``ArraysCache`` with
+``lengths``/``filter``/``extend`` for GatedDeltaNet), and prompt processing in chunks of
+``prefill_step_size`` interleaved with the decode steps of the running batch (each ``next()``
+is one decode step plus at most one chunk per newcomer). What is ours: the sampling (the
+request's own ``SamplingParams`` through ``node.inference.sampling``, with its own PRNG key
+stream) and the output bookkeeping (EOS, ``max_tokens``, context room, detokenized deltas,
+stats) shared with the single-sequence engines.
+
+``GeneratorStep`` runs per-request generator engines (the single-sequence native-MTP engine)
+one cycle each per step: they share the device with the batch fairly, without batching.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import mlx.core as mx
+
+from node.inference.batching.scheduler import Sequence, StepOutput
+from node.inference.engine import (
+    PREFILL_CHUNK,
+    Clock,
+    PreparedRequest,
+    build_stats,
+    prepare_request,
+)
+from node.inference.events import GenerationDone, GenerationEvent
+from node.inference.loading import LoadedModel
+from node.inference.requests import GenerateRequest
+from node.inference.sampling import (
+    KeyStream,
+    SamplingParams,
+    greedy_tokens,
+    processed_logits,
+    processed_logprobs,
+    sample_tokens,
+)
+
+# Prompt tokens per prefill chunk while others decode: running streams wait at most one
+# chunk's forward for a newcomer.
+BATCH_PREFILL_CHUNK = min(256, PREFILL_CHUNK)
+
+
+def logits_processor(params: SamplingParams) -> Callable[[mx.array, mx.array], mx.array]:
+    """mlx-lm logits processor applying the request's logit bias and penalties.
+
+    mlx-lm hands it ``tokens`` = prompt + generated so far, exactly the history
+    ``processed_logits`` expects."""
+
+    def process(tokens: mx.array, logits: mx.array) -> mx.array:
+        return processed_logits(logits, params, tokens)
+
+    return process
+
+
+def sampler(params: SamplingParams, keys: KeyStream) -> Callable[[mx.array], mx.array]:
+    """mlx-lm sampler for one sequence: its filters and temperature, then a draw from its own
+    key stream (bias and penalties already ran in the logits processor)."""
+    filters_only = params.model_copy(
+        update={
+            "logit_bias": {},
+            "repetition_penalty": 1.0,
+            "presence_penalty": 0.0,
+            "frequency_penalty": 0.0,
+        }
+    )
+
+    def sample(logprobs: mx.array) -> mx.array:
+        return sample_tokens(processed_logprobs(logprobs, filters_only, []), keys.next())
+
+    return sample
+
+
+@dataclass
+class _Slot:
+    seq: Sequence
+    prepared: PreparedRequest
+    clock: Clock
+
+
+class LocalBatchStep:
+    """Batched target-only decode (the ``local`` engine) for every sequence it holds."""
+
+    def __init__(
+        self, loaded: LoadedModel, max_batch: int, prefill_chunk: int = BATCH_PREFILL_CHUNK
+    ) -> None:
+        self.loaded = loaded
+        self.max_batch = max_batch
+        self.prefill_chunk = prefill_chunk
+        self._generator: Any = None
+        self._slots: dict[int, _Slot] = {}  # BatchGenerator uid -> slot
+        self._uids: dict[int, int] = {}  # scheduler uid -> BatchGenerator uid
+
+    def __len__(self) -> int:
+        return len(self._slots)
+
+    def _gen(self) -> Any:
+        if self._generator is None:
+            from mlx_lm.generate import BatchGenerator
+
+            # The scheduler admits at most max_batch sequences; EOS is ours to decide
+            # (ignore_eos is per request), so the generator gets no stop tokens.
+            self._generator = BatchGenerator(
+                self.loaded.model,
+                sampler=greedy_tokens,
+                completion_batch_size=self.max_batch,
+                prefill_batch_size=self.max_batch,
+                prefill_step_size=self.prefill_chunk,
+            )
+        return self._generator
+
+    def join(self, seq: Sequence) -> None:
+        prepared = prepare_request(self.loaded, seq.request, max_k=None)
+        params = prepared.params
+        needs_processor = bool(params.logit_bias) or params.has_penalties
+        # Greedy rows share one sampler object, so mlx-lm samples them in one batched argmax.
+        sample = greedy_tokens if params.is_greedy else sampler(params, KeyStream(params.seed))
+        (uid,) = self._gen().insert(
+            [prepared.prompt_ids],
+            max_tokens=[prepared.output.remaining],
+            samplers=[sample],
+            logits_processors=[[logits_processor(params)] if needs_processor else []],
+        )
+        self._slots[uid] = _Slot(seq, prepared, Clock())
+        self._uids[seq.uid] = uid
+
+    def leave(self, seq: Sequence) -> None:
+        uid = self._uids.pop(seq.uid, None)
+        if uid is None:
+            return
+        self._slots.pop(uid, None)
+        self._generator.remove([uid])  # a no-op when the generator finished it itself
+
+    def step(self) -> StepOutput:
+        _, responses = self._gen().next()
+        out: StepOutput = []
+        for response in responses:
+            slot = self._slots.get(response.uid)
+            if slot is None:
+                continue
+            output = slot.prepared.output
+            if slot.clock.first_token is None:
+                slot.clock.mark_first_token()
+            delta = output.add([response.token])
+            if delta is not None:
+                out.append((slot.seq, delta))
+            if output.done or response.finish_reason is not None:
+                if output.finish_reason is None:
+                    output.finish_reason = "length"
+                slot.clock.mark_end()
+                out.append((slot.seq, self._done(slot)))
+        return out
+
+    def _done(self, slot: _Slot) -> GenerationDone:
+        output = slot.prepared.output
+        assert output.finish_reason is not None
+        return GenerationDone(
+            text=output.text,
+            token_ids=output.tokens,
+            finish_reason=output.finish_reason,
+            stats=build_stats(
+                engine="local",
+                reason=slot.seq.reason,
+                loaded=self.loaded,
+                prepared=slot.prepared,
+                clock=slot.clock,
+            ),
+        )
+
+    def reset(self) -> None:
+        generator, self._generator = self._generator, None
+        self._slots.clear()
+        self._uids.clear()
+        if generator is not None:
+            generator.close()
+
+
+class GeneratorStep:
+    """Per-request generator engines, one event each per step (no batching across them)."""
+
+    def __init__(self, start: Callable[[GenerateRequest, str], Iterator[GenerationEvent]]) -> None:
+        self._start = start
+        self._running: dict[int, tuple[Sequence, Iterator[GenerationEvent]]] = {}
+
+    def __len__(self) -> int:
+        return len(self._running)
+
+    def join(self, seq: Sequence) -> None:
+        self._running[seq.uid] = (seq, self._start(seq.request, seq.reason))
+
+    def leave(self, seq: Sequence) -> None:
+        entry = self._running.pop(seq.uid, None)
+        if entry is not None:
+            close = getattr(entry[1], "close", None)
+            if close is not None:
+                close()  # frees the request's caches now
+
+    def step(self) -> StepOutput:
+        out: StepOutput = []
+        for seq, events in list(self._running.values()):
+            try:
+                out.append((seq, next(events)))
+            except StopIteration:
+                out.append((seq, RuntimeError("the engine ended without a final event")))
+            except Exception as exc:  # this request fails alone
+                out.append((seq, exc))
+        return out
+
+    def reset(self) -> None:
+        for seq, _ in list(self._running.values()):
+            self.leave(seq)
