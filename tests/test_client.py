@@ -1,7 +1,8 @@
 """The typed InferenceService client (``node.client``) against a real node process.
 
-The node comes from the ``node`` fixture: the HTTP-layer test double (real local/MTP engine on
-a tiny checkpoint) until the daemon serves InferenceService; swapping in the daemon is one line.
+The node is a real ``macmesh run`` daemon serving a tiny native-MTP checkpoint (the real
+servicer: admission, batching, deadlines, cancellation); its request log shows what became of
+each request.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from helpers.gateway_processes import InferenceNode, dead_address, start_fake_node
+from helpers.gateway_processes import InferenceNode, dead_address, start_daemon_node
 
 from node.client import (
     AsyncMacmeshClient,
@@ -43,9 +44,8 @@ LONG = {"max_tokens": 4000, "ignore_eos": True}
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceNode]:
-    checkpoint = tmp_path_factory.getbasetemp() / "gateway-tiny-mtp"
-    handle = start_fake_node(  # swap for the real daemon here
-        tmp_path_factory.mktemp("client-node"), checkpoint, max_in_flight=MAX_IN_FLIGHT
+    handle = start_daemon_node(  # a real daemon: the real servicer, batching on
+        tmp_path_factory.mktemp("client-node"), max_in_flight=MAX_IN_FLIGHT
     )
     yield handle
     handle.stop()
@@ -124,10 +124,15 @@ def test_cluster_calls_are_typed(client: MacmeshClient, node: InferenceNode) -> 
     assert status.instances[0].engine == "native_mtp"
     plan = client.place(node.model_id)
     assert plan.stages[0].end_layer > 0
-    events = list(client.launch(node.model_id))
+    events = list(client.launch(node.model_id))  # a second instance of the model
     assert isinstance(events[0], LaunchMessage)
     assert isinstance(events[-1], Launched) and events[-1].instance.state == "ready"
-    assert client.unload(node.model_id) >= 0
+    second = events[-1].instance.instance_id
+    assert second != status.instances[0].instance_id
+    assert client.unload(instance_id=second) == 1
+    assert [i.instance_id for i in client.cluster_status().instances] == [
+        status.instances[0].instance_id
+    ]
     client.check_health()
     with pytest.raises(NotFound, match="no-such"):
         client.place("no-such-model")
@@ -162,7 +167,7 @@ def test_resource_exhausted(client: MacmeshClient, node: InferenceNode) -> None:
     try:
         for stream in held:
             stream.wait_started()
-        with pytest.raises(ResourceExhausted, match="in flight"):
+        with pytest.raises(ResourceExhausted, match=f"its limit is {MAX_IN_FLIGHT}"):
             list(client.generate(node.model_id, "x", max_tokens=2))
     finally:
         for stream in held:

@@ -1,8 +1,7 @@
 """The OpenAI gateway, end to end: the official ``openai`` client -> a real ``macmesh gateway``
-process -> an InferenceService node process (real local/MTP engine on a tiny checkpoint).
-
-The node comes from the ``node`` fixture below; it is the HTTP-layer test double until the
-daemon serves InferenceService, and swapping in the daemon is that fixture's one line.
+process -> a real ``macmesh run`` daemon serving a tiny native-MTP checkpoint (the real
+servicer: admission, batching, stop strings, cancellation), whose request log shows what
+became of each request.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from helpers.gateway_processes import (
     Gateway,
     InferenceNode,
     dead_address,
-    start_fake_node,
+    start_daemon_node,
     start_gateway,
 )
 
@@ -30,9 +29,8 @@ MAX_IN_FLIGHT = 4
 
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[InferenceNode]:
-    checkpoint = tmp_path_factory.getbasetemp() / "gateway-tiny-mtp"
-    handle = start_fake_node(  # swap for the real daemon here
-        tmp_path_factory.mktemp("node"), checkpoint, max_in_flight=MAX_IN_FLIGHT
+    handle = start_daemon_node(  # a real daemon: the real servicer, batching on
+        tmp_path_factory.mktemp("node"), max_in_flight=MAX_IN_FLIGHT
     )
     yield handle
     handle.stop()

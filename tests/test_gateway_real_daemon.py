@@ -1,9 +1,9 @@
 """The OpenAI gateway in front of real daemons: the official `openai` client, a real
 `macmesh gateway` process and a real 2-node cluster on 127.0.0.1 (no test double).
 
-The wider gateway suite (tests/test_gateway.py) drives a scripted node so it can observe
-cancellations precisely; this file checks the same paths end to end on the real cluster, with
-the request landing on a node that is not the instance's coordinator."""
+The wider gateway suite (tests/test_gateway.py) drives one real daemon; this file checks the
+main paths on a real 2-node cluster, with the request landing on a node that is not the
+instance's coordinator."""
 
 from __future__ import annotations
 

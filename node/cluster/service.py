@@ -237,8 +237,9 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         ).start()
         context.send_initial_metadata(())  # accepted: the request is validated and queued
         yield from self._stream(
-            instance, choice, prompt_ids, list(request.stop), events, cancel, context
-        )
+            instance, choice, prompt_ids, list(request.stop), events, cancel, context,
+            request.request_id,
+        )  # fmt: skip
 
     def _stream(
         self,
@@ -249,6 +250,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         events: SimpleQueue[Any],
         cancel: CancelToken,
         context: grpc.ServicerContext,
+        request_id: str = "",
     ) -> Iterator[pb.GenerateResponse]:
         from node.inference.events import GenerationDone
 
@@ -256,6 +258,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         began = time.perf_counter()
         first_at: float | None = None
         tokens = 0
+        outcome = "cancelled"  # unless it ends any other way
         try:
             while True:
                 try:
@@ -269,6 +272,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         )
                     return  # the client is gone (or its deadline passed); the worker stopped
                 if kind == "error":
+                    outcome = "failed"
                     _abort(context, payload)
                     return
                 if kind == "end":
@@ -284,6 +288,7 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                         update={"engine_reason": choice.reason, "stages": instance.stage_stats()}
                     )
                     instance.record(stats)
+                    outcome = "finished"
                     yield pb.GenerateResponse(
                         final=convert.stats_to_proto(stats, payload.finish_reason)
                     )
@@ -303,10 +308,19 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     instance.record(stats)
                     final = convert.stats_to_proto(stats, "stop")
                     final.stop_sequence = stop.matched or ""
+                    outcome = "finished"
                     yield pb.GenerateResponse(final=final)
                     return
         finally:
             cancel.set()  # whatever ended the stream, the request ends with it
+            # The request's fate, under the caller's request_id (the proto's contract).
+            log.info(
+                "request ended",
+                request_id=request_id,
+                instance=instance.instance_id,
+                outcome=outcome,
+                tokens=tokens,
+            )
 
     def _relay_generate(
         self, target: InstanceInfo, request: pb.GenerateRequest, context: grpc.ServicerContext

@@ -1,9 +1,10 @@
 """Start the processes the gateway and client tests talk to: an InferenceService node and a
 ``macmesh gateway``, each a real OS process on 127.0.0.1.
 
-The node is, for now, the test double in ``fake_inference.py`` (real local engine on a tiny
-checkpoint). ``InferenceNode`` is all tests rely on, so a handle on a real daemon with the same
-four members replaces it without touching the tests.
+The node is a real daemon (``start_daemon_node``: ``macmesh run`` with the tiny checkpoint
+launched, the real servicer with batching on); its request log (``request ended`` lines with
+the caller's ``request_id``) tells tests what became of each request. ``InferenceNode`` is
+all tests rely on.
 """
 
 from __future__ import annotations
@@ -76,59 +77,65 @@ def _stop(process: subprocess.Popen[str]) -> None:
 
 
 @dataclass
-class FakeNode:
-    """A running ``fake_inference.py`` (the HTTP-layer test double)."""
+class DaemonNode:
+    """A real ``macmesh run`` daemon with ``model_id`` launched on it."""
 
-    process: subprocess.Popen[str]
+    cluster: Any  # helpers.daemons.DaemonCluster
+    daemon: Any  # helpers.daemons.DaemonProcess
     address: str
     model_id: str
-    events_path: Path
 
-    def events(self) -> list[dict[str, Any]]:
-        if not self.events_path.exists():
-            return []
-        return [json.loads(line) for line in self.events_path.read_text().splitlines() if line]
+    def records(self) -> list[dict[str, Any]]:
+        """The daemon's JSON log lines about finished requests."""
+        out = []
+        for line in self.daemon.log_text().splitlines():
+            if line.startswith("{") and '"request ended"' in line:
+                out.append(json.loads(line))
+        return out
 
     def wait_for_event(self, event: str, request_id: str, timeout: float = 10.0) -> dict:
+        """The log record of ``request_id`` ending with outcome ``event`` (finished, cancelled,
+        failed)."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            for record in self.events():
-                if record["event"] == event and record["request_id"] == request_id:
+            for record in self.records():
+                if record["request_id"] == request_id and record["outcome"] == event:
                     return record
             time.sleep(0.05)
-        seen = [(r["event"], r["request_id"]) for r in self.events()][-10:]
-        raise AssertionError(f"no {event!r} event for {request_id!r} in {timeout}s; last: {seen}")
-
-    def request_as_received(self, request_id: str) -> dict[str, Any]:
-        return self.wait_for_event("started", request_id)["request"]
+        seen = [(r["outcome"], r["request_id"]) for r in self.records()][-10:]
+        raise AssertionError(f"no {event!r} record for {request_id!r} in {timeout}s; last: {seen}")
 
     def stop(self) -> None:
-        _stop(self.process)
+        self.cluster.stop_all()
 
 
-def start_fake_node(work_dir: Path, checkpoint: Path, *, max_in_flight: int = 4) -> FakeNode:
-    """Start the test double serving a tiny checkpoint (written there first if absent)."""
+def start_daemon_node(
+    work_dir: Path, *, max_in_flight: int = 4, model_id: str = FAKE_MODEL_ID
+) -> DaemonNode:
+    """A daemon serving the tiny native-MTP checkpoint as ``model_id``, admitting
+    ``max_in_flight`` requests (RESOURCE_EXHAUSTED beyond)."""
+    sys.path.insert(0, str(HELPERS.parent))
+    from helpers.cluster_client import launch
+    from helpers.daemons import DaemonCluster
+    from helpers.tiny_checkpoint import write_tiny_checkpoint
+
     work_dir.mkdir(parents=True, exist_ok=True)
-    events = work_dir / "events.jsonl"
-    log = work_dir / "fake_node.log"
-    command = [
-        sys.executable,
-        str(HELPERS / "fake_inference.py"),
-        "--checkpoint",
-        str(checkpoint),
-        "--write-checkpoint",
-        "--model-id",
-        FAKE_MODEL_ID,
-        "--events",
-        str(events),
-        "--max-in-flight",
-        str(max_in_flight),
-    ]
-    process = subprocess.Popen(
-        command, stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=_env(), cwd=REPO
-    )
-    port = _read_line_matching(process, r"READY (\d+)", STARTUP_SECONDS, log).group(1)
-    return FakeNode(process, f"127.0.0.1:{port}", FAKE_MODEL_ID, events)
+    write_tiny_checkpoint(work_dir / "models" / model_id)  # the daemons' models directory
+    cluster = DaemonCluster(work_dir)
+    try:
+        daemon = cluster.start(
+            "node",
+            mdns=False,
+            env={
+                "MACMESH_MAX_QUEUED_REQUESTS": str(max_in_flight),
+                "MACMESH_LOG_FORMAT": "json",
+            },
+        )
+        launch(daemon.address, model_id)
+    except BaseException:
+        cluster.stop_all()
+        raise
+    return DaemonNode(cluster, daemon, daemon.address, model_id)
 
 
 @dataclass
