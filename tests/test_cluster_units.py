@@ -121,6 +121,22 @@ def test_placement_elsewhere_when_the_launching_node_is_too_small() -> None:
         choose_placement(card, nodes(4, 4), "n1")
 
 
+def test_placement_budgets_cache_and_state_for_every_sequence_of_a_batch() -> None:
+    card = get_card("Qwen3.6-27B-4bit")
+    one = choose_placement(card, nodes(60), "n0", context_length=32768)
+    eight = choose_placement(card, nodes(60), "n0", context_length=32768, sequences=8)
+    # KV (the MTP head's too) and GatedDeltaNet state, per sequence.
+    per_sequence = card.kv_bytes_per_token * 32768 + card.linear_state_bytes
+    assert one.stages[0].cache_bytes >= per_sequence
+    assert eight.stages[0].cache_bytes == 8 * one.stages[0].cache_bytes
+    assert eight.max_concurrent_sequences == 8
+    # What fits one sequence on a node may need two nodes for a batch of 8.
+    room = one.stages[0].bytes / 0.9 / GIB + 0.5  # GiB free: one sequence fits, 8 do not
+    assert choose_placement(card, nodes(room), "n0", context_length=32768).single_node
+    with pytest.raises(InsufficientMemoryError, match="8 sequences"):
+        choose_placement(card, nodes(room), "n0", context_length=32768, sequences=8)
+
+
 # -- stop strings, throughput, cancellation -----------------------------------------------------
 
 

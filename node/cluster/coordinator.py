@@ -98,14 +98,20 @@ def choose_placement(
     min_nodes: int = 1,
     context_length: int | None = None,
     pin_local: bool = False,
+    sequences: int = 1,
 ) -> Placement:
     """Where an instance launched on ``local_id`` goes. Pure.
 
     The launching node holds the whole model when it can (the instance then runs in its
     daemon, native MTP included); otherwise the planner's choice over all live nodes — which
     may be a single other node (the launch is then delegated there) or several. ``pin_local``
-    keeps this node in the placement whatever it costs (a delegated launch)."""
-    base = {"min_nodes": max(1, min_nodes), "context_length": context_length}
+    keeps this node in the placement whatever it costs (a delegated launch). Memory is budgeted
+    for ``sequences`` concurrent sequences at the context (the instance's ``max_batch``)."""
+    base = {
+        "min_nodes": max(1, min_nodes),
+        "context_length": context_length,
+        "max_concurrent_sequences": max(1, sequences),
+    }
     if any(n.id == local_id for n in nodes) and (min_nodes <= 1 or pin_local):
         try:
             here = plan(card, nodes, PlanOptions(**base, pinned_nodes=[local_id]))
@@ -182,6 +188,7 @@ class Coordinator:
             min_nodes=min_nodes,
             context_length=context_length,
             pin_local=pin_local,
+            sequences=int(getattr(self.daemon.settings, "max_batch", 1)),
         )
         delegate = None
         if placement.single_node and placement.stages[0].node_id != local_id and not pin_local:
