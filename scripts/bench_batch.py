@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""Benchmark continuous batching on one node against mlx-lm's own BatchGenerator.
+
+    nice python scripts/bench_batch.py --json bench_batch.json --plot docs/img/batch_tps.png
+
+(The script re-executes itself with OpenBLAS preloaded and OPENBLAS_NUM_THREADS=1 unless set,
+when the library exists and is not preloaded.)
+
+The model is built on the fly (cached): ``node.checkpoints.bench_spec``, a ~200M-parameter fp32
+qwen3_5. For each number of concurrent streams S (default 1, 2, 4, 8, 16) one round runs S
+greedy requests with different prompts, all submitted at once, through
+
+- ``macmesh``: the instance's batch scheduler (``LocalRunner.submit``, ``max_batch`` = the
+  largest S), i.e. what a daemon instance runs, detokenization and stats included;
+- ``mlx-lm``: ``mlx_lm.generate.BatchGenerator`` on the same model (the anchor), inserting the
+  same prompts and stepping until every sequence is done.
+
+Aggregate tok/s = generated tokens of all streams / wall time from submission to the last
+token; per-stream tok/s = the median over streams of tokens / that stream's own wall time.
+Modes and stream counts are interleaved across ``--repeats`` rounds and medians are reported:
+the machine is shared, other processes only ever slow a round down, and interleaving spreads
+that over every mode. Peak memory (MLX's allocator) is recorded per round.
+
+Time to first token of a newcomer: a request with a ``--newcomer-tokens`` prompt submitted to
+an idle instance, and the same request submitted while 8 other streams are decoding (it joins
+their batch: ``max_batch`` 16), interleaved, medians of the TTFT its final stats report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def prompts_for(streams: int, length: int, seed: int = 0) -> list[list[int]]:
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(0, 500) for _ in range(length)] for _ in range(streams)]
+
+
+def run_macmesh(runner: Any, prompts: list[list[int]], tokens: int) -> dict[str, Any]:
+    import mlx.core as mx
+
+    from node.inference.requests import GenerateRequest
+
+    mx.reset_peak_memory()
+    began, cpu = time.perf_counter(), time.process_time()
+    streams = [
+        runner.submit(GenerateRequest(prompt_ids=p, max_tokens=tokens, ignore_eos=True))
+        for p in prompts
+    ]
+    finished: list[float] = []
+    outputs: list[list[int]] = []
+    for stream in streams:  # the worker never waits for a reader: reading in turn is fair
+        done = list(stream)[-1]
+        finished.append(time.perf_counter())
+        outputs.append(done.token_ids)
+    wall = max(finished) - began
+    # A stream's own rate: its tokens over the time from submission to its last token.
+    per_stream = [len(o) / (t - began) for o, t in zip(outputs, finished, strict=True)]
+    return _result(outputs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory())
+
+
+def run_mlx_lm(model: Any, prompts: list[list[int]], tokens: int) -> dict[str, Any]:
+    import mlx.core as mx
+    from mlx_lm.generate import BatchGenerator
+
+    mx.reset_peak_memory()
+    began, cpu = time.perf_counter(), time.process_time()
+    generator = BatchGenerator(
+        model,
+        max_tokens=tokens,
+        completion_batch_size=len(prompts),
+        prefill_batch_size=len(prompts),
+        prefill_step_size=256,
+    )
+    uids = generator.insert(prompts, max_tokens=[tokens] * len(prompts))
+    outputs: dict[int, list[int]] = {u: [] for u in uids}
+    finished: dict[int, float] = {}
+    while len(finished) < len(uids):
+        for response in generator.next_generated():
+            outputs[response.uid].append(response.token)
+            if response.finish_reason is not None:
+                finished[response.uid] = time.perf_counter()
+    generator.close()
+    wall = max(finished.values()) - began
+    per_stream = [len(outputs[u]) / (finished[u] - began) for u in uids]
+    outs = [outputs[u] for u in uids]
+    return _result(outs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory())
+
+
+def _result(
+    outputs: list[list[int]], wall: float, cpu: float, per_stream: list[float], peak: int
+) -> dict[str, Any]:
+    """CPU time (this process, every thread) is the cross-check on a shared machine: it
+    counts the work done, not the moments other processes held the cores."""
+    total = sum(len(o) for o in outputs)
+    return {
+        "tokens": outputs,
+        "aggregate_tps": total / wall,
+        "aggregate_cpu_tps": total / cpu,
+        "per_stream_tps": statistics.median(per_stream),
+        "wall_s": wall,
+        "peak_memory_bytes": int(peak),
+    }
+
+
+def newcomer_ttft(runner: Any, prompt: list[int], background: int) -> float:
+    """TTFT of ``prompt`` submitted while ``background`` long streams decode (0: idle)."""
+    from node.cluster.live import CancelToken
+    from node.inference.requests import GenerateRequest
+
+    cancels = [CancelToken() for _ in range(background)]
+    running = [
+        runner.submit(GenerateRequest(prompt_ids=p, max_tokens=100_000, ignore_eos=True), cancel)
+        for p, cancel in zip(prompts_for(background, 16, seed=9), cancels, strict=True)
+    ]
+    try:
+        for stream in running:
+            next(stream)  # every background stream is decoding now
+        done = list(runner.submit(GenerateRequest(prompt_ids=prompt, max_tokens=2)))[-1]
+        return done.stats.time_to_first_token_seconds
+    finally:
+        for cancel in cancels:
+            cancel.set()
+        for stream in running:
+            for _ in stream:  # drain until the scheduler dropped it
+                pass
+        while runner.batch_size:  # the cancelled ones leave at the next step
+            time.sleep(0.01)
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def print_table(rows: list[dict[str, Any]], ttft: dict[str, Any]) -> None:
+    print()
+    print(
+        f"{'streams':>7} | {'macmesh tok/s':>13} | {'per stream':>10} | {'x 1 stream':>10} | "
+        f"{'mlx-lm tok/s':>12} | {'per stream':>10} | {'x mlx-lm':>8} | "
+        f"{'cpu: x 1':>8} | {'cpu: x mlx':>10} | {'peak MB':>8} | exact"
+    )
+    print("-" * 136)
+    for r in rows:
+        print(
+            f"{r['streams']:>7} | {r['macmesh']['aggregate_tps']:>13.1f} | "
+            f"{r['macmesh']['per_stream_tps']:>10.1f} | {r['scaling']:>9.2f}x | "
+            f"{r['mlx_lm']['aggregate_tps']:>12.1f} | {r['mlx_lm']['per_stream_tps']:>10.1f} | "
+            f"{r['vs_mlx_lm']:>7.2f}x | {r['cpu_scaling']:>7.2f}x | {r['cpu_vs_mlx_lm']:>9.2f}x | "
+            f"{r['macmesh']['peak_memory_bytes'] / 2**20:>8.0f} | "
+            f"{r['exact_streams']}/{r['streams']}"
+        )
+    print()
+    print(
+        f"newcomer TTFT ({ttft['prompt_tokens']}-token prompt): alone "
+        f"{ttft['alone_s'] * 1e3:.0f} ms, into a running batch of {ttft['background']} "
+        f"{ttft['into_batch_s'] * 1e3:.0f} ms ({ttft['ratio']:.2f}x)"
+    )
+
+
+def plot(rows: list[dict[str, Any]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot", file=sys.stderr)
+        return
+    streams = [r["streams"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0))
+    ax.plot(streams, [r["macmesh"]["aggregate_tps"] for r in rows], "o-", label="macmesh")
+    ax.plot(streams, [r["mlx_lm"]["aggregate_tps"] for r in rows], "s--", label="mlx-lm")
+    ax.plot(
+        streams,
+        [r["macmesh"]["per_stream_tps"] for r in rows],
+        "o:",
+        label="macmesh, per stream",
+    )
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(streams, [str(s) for s in streams])
+    ax.set_xlabel("concurrent streams")
+    ax.set_ylabel("tok/s")
+    ax.set_title("Continuous batching on one node (aggregate decode)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--params", type=float, default=200e6, help="model size")
+    parser.add_argument("--streams", default="1,2,4,8,16")
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--tokens", type=int, default=48, help="generated tokens per stream")
+    parser.add_argument("--newcomer-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--json", type=Path, default=Path("bench_batch.json"))
+    parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
+    parser.add_argument("--no-preload", action="store_true", help="do not re-exec with OpenBLAS")
+    args = parser.parse_args()
+
+    if (
+        not args.no_preload
+        and Path(OPENBLAS).exists()
+        and OPENBLAS not in os.environ.get("LD_PRELOAD", "")
+    ):
+        env = {**os.environ, "LD_PRELOAD": OPENBLAS}
+        env.setdefault("OPENBLAS_NUM_THREADS", "1")
+        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+
+    import mlx.core as mx
+
+    from node.checkpoints import bench_spec, count_parameters, ensure_checkpoint
+    from node.inference.loading import load_checkpoint
+    from node.inference.runner import LocalRunner
+
+    spec = bench_spec(params=args.params)
+    print(
+        f"model: {spec.name()}, {count_parameters(spec, include_mtp=False) / 1e6:.0f}M "
+        f"parameters, {spec.num_hidden_layers} layers, fp32",
+        flush=True,
+    )
+    loaded = load_checkpoint(ensure_checkpoint(spec))
+    counts = [int(s) for s in args.streams.split(",")]
+    runner = LocalRunner(loaded, native_mtp_enabled=False, max_batch=max(max(counts), 16))
+    weights = mx.get_active_memory()
+
+    for s in (1, max(counts)):  # warm-up: kernels, allocator
+        run_macmesh(runner, prompts_for(s, args.prompt_tokens), 4)
+        run_mlx_lm(loaded.model, prompts_for(s, args.prompt_tokens), 4)
+    results: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    newcomer = prompts_for(1, args.newcomer_tokens, seed=5)[0]
+    ttfts: dict[str, list[float]] = {"alone": [], "into_batch": []}
+    for round_ in range(args.repeats):
+        for s in counts:
+            prompts = prompts_for(s, args.prompt_tokens, seed=s)
+            for mode in ("macmesh", "mlx-lm"):
+                if mode == "macmesh":
+                    result = run_macmesh(runner, prompts, args.tokens)
+                else:
+                    result = run_mlx_lm(loaded.model, prompts, args.tokens)
+                results.setdefault((mode, s), []).append(result)
+                print(
+                    f"  round {round_ + 1} {mode:>8} x{s:<2}: {result['aggregate_tps']:7.1f} "
+                    f"tok/s aggregate, {result['per_stream_tps']:6.1f} per stream",
+                    flush=True,
+                )
+        ttfts["alone"].append(newcomer_ttft(runner, newcomer, 0))
+        ttfts["into_batch"].append(newcomer_ttft(runner, newcomer, 8))
+        print(
+            f"  round {round_ + 1} newcomer TTFT: alone {ttfts['alone'][-1] * 1e3:.0f} ms, "
+            f"into 8 {ttfts['into_batch'][-1] * 1e3:.0f} ms",
+            flush=True,
+        )
+    runner.close()
+
+    def median(mode: str, s: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[(mode, s)])
+
+    rows = []
+    base = median("macmesh", counts[0], "aggregate_tps")
+    cpu_base = median("macmesh", counts[0], "aggregate_cpu_tps")
+    for s in counts:
+        ours, anchor = (
+            {
+                k: median(mode, s, k)
+                for k in ("aggregate_tps", "aggregate_cpu_tps", "per_stream_tps", "wall_s")
+            }
+            for mode in ("macmesh", "mlx-lm")
+        )
+        ours["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("macmesh", s)])
+        anchor["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("mlx-lm", s)])
+        reference = results[("mlx-lm", s)][0]["tokens"]
+        exact = sum(
+            a == b for a, b in zip(results[("macmesh", s)][0]["tokens"], reference, strict=True)
+        )
+        rows.append(
+            {
+                "streams": s,
+                "macmesh": ours,
+                "mlx_lm": anchor,
+                "scaling": ours["aggregate_tps"] / base,
+                "cpu_scaling": ours["aggregate_cpu_tps"] / cpu_base,
+                "vs_mlx_lm": ours["aggregate_tps"] / anchor["aggregate_tps"],
+                "cpu_vs_mlx_lm": ours["aggregate_cpu_tps"] / anchor["aggregate_cpu_tps"],
+                "exact_streams": exact,
+            }
+        )
+    alone, into = statistics.median(ttfts["alone"]), statistics.median(ttfts["into_batch"])
+    ttft = {
+        "prompt_tokens": args.newcomer_tokens,
+        "background": 8,
+        "alone_s": alone,
+        "into_batch_s": into,
+        "ratio": into / alone,
+        "rounds": ttfts,
+    }
+    print_table(rows, ttft)
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": _cpu_model(),
+            "cpus": os.cpu_count(),
+            "mlx": mx.__version__,
+            "device": str(mx.default_device()),
+            "blas_preload": os.environ.get("LD_PRELOAD", ""),
+            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
+            "load_average": os.getloadavg(),
+        },
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "model": {
+            "name": spec.name(),
+            "parameters": count_parameters(spec, include_mtp=False),
+            "layers": spec.num_hidden_layers,
+            "weights_bytes": int(weights),
+        },
+        "settings": {
+            "prompt_tokens": args.prompt_tokens,
+            "tokens": args.tokens,
+            "repeats": args.repeats,
+        },
+        "rows": rows,
+        "newcomer_ttft": ttft,
+    }
+    args.json.write_text(json.dumps(report, indent=2))
+    print(f"json: {args.json}")
+    if args.plot is not None:
+        plot(rows, args.plot)
+
+
+if __name__ == "__main__":
+    main()
