@@ -20,6 +20,7 @@ from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors
 
 from node.checkpoints import PRESETS, ensure_checkpoint
+from node.client import MacmeshClient
 from node.inference.loading import load_checkpoint
 from node.proto.macmesh.v1 import inference_pb2 as pb
 
@@ -143,3 +144,21 @@ def test_status_shows_batch_and_queue_and_admission_refuses_beyond_it(daemon) ->
         timeout=60,
         what="cancelled requests leaving the batch",
     )
+
+
+def test_generation_stays_within_the_memory_the_launch_budgeted(daemon) -> None:
+    """A launch's context_length is the memory budget per sequence (x max_batch): a prompt
+    beyond it is RESOURCE_EXHAUSTED naming the budget, a generation stops at it."""
+    node, _, checkpoint = daemon
+    with MacmeshClient(node.address, timeout=120) as client:
+        events = list(client.launch(str(checkpoint), context_length=64))
+    small = events[-1].instance.instance_id
+    channel, inference = stub(node.address)
+    with channel:
+        with pytest.raises(grpc.RpcError) as refused:
+            list(inference.Generate(request(small, ids(70, 1), 4, False), timeout=60))
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "64 tokens per sequence x 3 sequences" in refused.value.details()
+        final = list(inference.Generate(request(small, ids(50, 2), 100, False), timeout=120))[-1]
+        assert (final.final.finish_reason, final.final.generation_tokens) == ("length", 14)
+        assert inference.Unload(pb.UnloadRequest(instance_id=small), timeout=60).unloaded == 1

@@ -271,7 +271,9 @@ class Coordinator:
                 if here:  # measured now, after any load that finished a moment ago
                     admit_load(sum(here), self.memory_headroom, f"node {self.daemon.node_id}")
                 if isinstance(instance, LocalInstance):
-                    self._load_local(instance, located, names, progress, cancel)
+                    self._load_local(
+                        instance, located, names, progress, cancel, placement.context_length
+                    )
                 else:
                     assert isinstance(instance, PipelineInstance)
                     self._load_pipeline(instance, located, names, progress, cancel)
@@ -300,6 +302,7 @@ class Coordinator:
         names: dict[str, str],
         progress: Progress,
         cancel: CancelToken,
+        context_tokens: int | None = None,
     ) -> None:
         from node.inference.batching.scheduler import DEFAULT_MAX_BATCH
         from node.inference.loading import LoadProgress, load_checkpoint
@@ -322,6 +325,7 @@ class Coordinator:
             native_mtp_enabled=self.native_mtp_enabled,
             disabled_by=self.disabled_by,
             max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
+            context_tokens=context_tokens,  # what the plan budgeted memory for
         )
         if instance.choice.engine == "native_mtp":
             # Recover the head now: the first request should not pay for it, and a head that

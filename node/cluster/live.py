@@ -264,6 +264,13 @@ class LocalInstance(Instance):
             context_length=loaded.context_length,
             max_k=max_k,
         )
+        budget = runner.context_tokens
+        if budget is not None and len(ids) >= budget:
+            raise Busy(
+                f"the prompt has {len(ids)} tokens; instance {self.instance_id} budgets memory "
+                f"for {budget} tokens per sequence x {runner.max_batch} sequences (launched "
+                f"with context_length {budget}); launch it with a larger --context-length"
+            )
         return ids
 
     def generate(self, request: Any, choice: EngineChoice, cancel: CancelToken) -> Iterator[Any]:

@@ -133,9 +133,15 @@ class PreparedRequest:
 
 
 def prepare_request(
-    loaded: LoadedModel, request: GenerateRequest, max_k: int | None
+    loaded: LoadedModel,
+    request: GenerateRequest,
+    max_k: int | None,
+    context_tokens: int | None = None,
 ) -> PreparedRequest:
-    """Tokenize and validate against the model; raises ``RequestError`` naming the value."""
+    """Tokenize and validate against the model; raises ``RequestError`` naming the value.
+
+    ``context_tokens`` is the instance's memory budget per sequence (the launch's context):
+    generation stops there ("length") as it does at the model's own context."""
     ids = prompt_token_ids(request, loaded.tokenizer)
     check_against_model(
         request,
@@ -148,7 +154,7 @@ def prepare_request(
         tokenizer=loaded.tokenizer,
         eos_ids=set() if request.ignore_eos else loaded.eos_token_ids,
         max_tokens=request.max_tokens,
-        room=loaded.context_length - len(ids),
+        room=min(loaded.context_length, context_tokens or loaded.context_length) - len(ids),
     )
     return PreparedRequest(prompt_ids=ids, params=request.sampling, output=output)
 

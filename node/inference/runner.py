@@ -39,6 +39,7 @@ class LocalRunner:
         disabled_by: str = DEFAULT_DISABLED_BY,
         rollback: Rollback = "capture",
         max_batch: int = DEFAULT_MAX_BATCH,
+        context_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
         self.native_mtp_enabled = native_mtp_enabled
@@ -48,6 +49,9 @@ class LocalRunner:
         self._mtp: MtpEngine | None = None
         self._mtp_failure: str | None = None
         self.max_batch = max_batch
+        # The memory the launch budgeted: KV and GatedDeltaNet state for max_batch sequences
+        # of context_tokens each (None: the model's context). Batched generations stop there.
+        self.context_tokens = context_tokens
         self._scheduler: BatchScheduler | None = None
         self._scheduler_lock = threading.Lock()
 
@@ -87,7 +91,9 @@ class LocalRunner:
             if self._scheduler is None:
                 self._scheduler = BatchScheduler(
                     {
-                        "local": LocalBatchStep(self.loaded, self.max_batch),
+                        "local": LocalBatchStep(
+                            self.loaded, self.max_batch, context_tokens=self.context_tokens
+                        ),
                         "native_mtp": GeneratorStep(self._start_mtp),
                     },
                     max_batch=self.max_batch,

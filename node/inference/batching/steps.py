@@ -89,9 +89,14 @@ class LocalBatchStep:
     """Batched target-only decode (the ``local`` engine) for every sequence it holds."""
 
     def __init__(
-        self, loaded: LoadedModel, max_batch: int, prefill_chunk: int = BATCH_PREFILL_CHUNK
+        self,
+        loaded: LoadedModel,
+        max_batch: int,
+        prefill_chunk: int = BATCH_PREFILL_CHUNK,
+        context_tokens: int | None = None,
     ) -> None:
         self.loaded = loaded
+        self.context_tokens = context_tokens  # per-sequence budget: generation stops there
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self._generator: Any = None
@@ -117,7 +122,7 @@ class LocalBatchStep:
         return self._generator
 
     def join(self, seq: Sequence) -> None:
-        prepared = prepare_request(self.loaded, seq.request, max_k=None)
+        prepared = prepare_request(self.loaded, seq.request, None, self.context_tokens)
         params = prepared.params
         needs_processor = bool(params.logit_bias) or params.has_penalties
         # Greedy rows share one sampler object, so mlx-lm samples them in one batched argmax.
