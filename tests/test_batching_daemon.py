@@ -8,6 +8,7 @@ draining; admission answers RESOURCE_EXHAUSTED beyond the queue.
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 
@@ -18,8 +19,10 @@ from helpers.cluster_client import launch, stub
 from helpers.daemons import DaemonCluster, wait_for
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors
+from typer.testing import CliRunner
 
 from node.checkpoints import PRESETS, ensure_checkpoint
+from node.cli import app
 from node.client import MacmeshClient
 from node.inference.loading import load_checkpoint
 from node.proto.macmesh.v1 import inference_pb2 as pb
@@ -127,6 +130,16 @@ def test_status_shows_batch_and_queue_and_admission_refuses_beyond_it(daemon) ->
             what="a full batch and a queue",
         )
         assert seen.in_flight == MAX_QUEUED
+        shown = CliRunner().invoke(app, ["status", "--node", node.address, "--json"])
+        assert shown.exit_code == 0, shown.output
+        mine = next(
+            i
+            for i in json.loads(shown.output)["instances"]
+            if i["instance_id"] == instance.instance_id
+        )
+        assert (mine["batch_size"], mine["queued"]) == (MAX_BATCH, MAX_QUEUED - MAX_BATCH)
+        table = CliRunner().invoke(app, ["status", "--node", node.address], env={"COLUMNS": "200"})
+        assert "batch" in table.output and "queue" in table.output
         with pytest.raises(grpc.RpcError) as refused:
             list(inference.Generate(request(instance.instance_id, [1, 2], 2, False), timeout=60))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

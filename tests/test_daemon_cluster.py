@@ -290,7 +290,9 @@ def test_hostile_adverts_are_logged_once_and_ignored(tmp_path: Path) -> None:
                 lambda i: zc.async_register_service(i, cooperating_responders=True), [sentinel]
             )
             wait_for(
-                lambda: _count_lines(a.log_text(), "ignoring malformed", f"service=sentinel-{tag}."),
+                lambda: _count_lines(
+                    a.log_text(), "ignoring malformed", f"service=sentinel-{tag}."
+                ),
                 timeout=PATIENCE_S,
                 what="the sentinel advert noticed",
             )

@@ -89,12 +89,19 @@ def test_another_architecture_runs_across_real_stage_processes(plain_dir, tmp_pa
     """Ministral 3 over two stage processes on 127.0.0.1: greedy output equals mlx-lm's."""
     path = checkpoint("ministral3", plain_dir)
     model, _ = load_model(path)
-    expected = [t for t, _ in zip((t for t, _ in generate_step(mx.array(PROMPT), model)),
-                                  range(16), strict=False)]
+    expected = [
+        t
+        for t, _ in zip(
+            (t for t, _ in generate_step(mx.array(PROMPT), model)), range(16), strict=False
+        )
+    ]
     with StageNodes(tmp_path / "stages", count=2) as nodes:
         placement = SimplePlacement.even(4, ["coordinator", nodes[1].name])
-        with PipelineEngine(path, placement, nodes.addresses, local_node_id="coordinator") as engine:
-            events = list(engine.generate(GenerateRequest(prompt_ids=PROMPT, max_tokens=16,
-                                                          ignore_eos=True)))
+        with PipelineEngine(
+            path, placement, nodes.addresses, local_node_id="coordinator"
+        ) as engine:
+            events = list(
+                engine.generate(GenerateRequest(prompt_ids=PROMPT, max_tokens=16, ignore_eos=True))
+            )
     ids = [t for e in events if isinstance(e, TokenDelta) for t in e.token_ids]
     assert ids == [int(t) for t in expected]

@@ -174,13 +174,16 @@ def test_verify_then_commit_equals_stepwise_forward(name: str, n_accept: int) ->
         rel_diff(tm(after, fed(prompt, accepted)), tm(after, wrong)),
     )
 
-    print(f"{name} n={n_accept}: ours {ours:.2e}, mlx-lm floor {floor:.2e}, wrong commit {control:.2e}")
+    print(
+        f"{name} n={n_accept}: ours {ours:.2e}, mlx-lm floor {floor:.2e}, wrong commit {control:.2e}"
+    )
     if os.environ.get(BIT_EXACT_ENV) == "1":
         assert floor == 0.0 and ours == 0.0
     else:
         assert ours <= FLOOR_MARGIN * floor if floor > 0 else ours == 0.0
     assert control > 1e-3
     assert control > 1e3 * max(floor, ours)
+
 
 def test_snapshot_copies_the_live_state_list() -> None:
     """ArraysCache.state is the live list the next forward rebinds; the snapshot must survive
@@ -207,9 +210,21 @@ def test_rollback_is_bit_exact_under_reference_blas() -> None:
     env[BIT_EXACT_ENV] = "1"
     here = Path(__file__)
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-         f"{here}::test_verify_then_commit_equals_stepwise_forward"],
-        cwd=here.parent.parent, env=env, capture_output=True, text=True, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-s",
+            "-p",
+            "no:cacheprovider",
+            f"{here}::test_verify_then_commit_equals_stepwise_forward",
+        ],
+        cwd=here.parent.parent,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert "8 passed" in run.stdout, run.stdout[-2000:]
