@@ -224,8 +224,13 @@ def main() -> None:
     if (
         not args.no_preload
         and Path(OPENBLAS).exists()
-        and OPENBLAS not in os.environ.get("LD_PRELOAD", "")
+        and (
+            OPENBLAS not in os.environ.get("LD_PRELOAD", "")
+            or "OPENBLAS_NUM_THREADS" not in os.environ
+        )
     ):
+        # One BLAS thread (scripts/bench_mtp.py says why): the shell may preload OpenBLAS
+        # already (scripts/_bootstrap.sh) without limiting its threads.
         env = {**os.environ, "LD_PRELOAD": OPENBLAS}
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
         sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
