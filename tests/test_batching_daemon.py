@@ -1,8 +1,8 @@
 """Continuous batching through a real daemon and the gRPC API.
 
-One ``macmesh run`` process (``--max-batch 3``, 5 requests admitted) serves a tiny dense
-checkpoint without an MTP head (``local`` engine). Concurrent Generate calls each get mlx-lm's
-own greedy output for their prompt alone; status shows the batch and the queue filling and
+One ``macmesh run`` process (``--max-batch 3``, 5 requests admitted) serves tiny dense and MoE
+checkpoints without an MTP head (``local`` engine). Concurrent Generate calls (prompts of 1 to
+300 tokens, half with penalties) each get mlx-lm's own greedy output for their prompt alone; status shows the batch and the queue filling and
 draining; admission answers RESOURCE_EXHAUSTED beyond the queue.
 """
 
@@ -70,20 +70,23 @@ def instance_status(address: str, instance_id: str) -> pb.Instance:
     return next(i for i in reply.instances if i.instance_id == instance_id)
 
 
-def test_concurrent_requests_each_equal_mlx_lm_alone(daemon) -> None:
+@pytest.mark.parametrize("preset", ["dense-stripped", "moe-stripped"])
+def test_concurrent_requests_each_equal_mlx_lm_alone(daemon, preset: str) -> None:
     node, instance, checkpoint = daemon
+    instance_id = instance.instance_id
+    if preset != "dense-stripped":  # a second instance on the same daemon
+        checkpoint = ensure_checkpoint(PRESETS[preset])
+        _, other = launch(node.address, str(checkpoint))
+        instance_id = other.instance_id
     model = load_checkpoint(checkpoint).model
-    cases = [
-        (ids(n, s), 8 + 3 * s, s % 2 == 1) for s, n in enumerate([1, 300, 7, 40, 90])
-    ]  # <= MAX_QUEUED
+    lengths = [1, 300, 7, 40, 90]  # no more than MAX_QUEUED
+    cases = [(ids(n, s), 8 + 3 * s, s % 2 == 1) for s, n in enumerate(lengths)]
     results: dict[int, list] = {}
 
     def run(i: int) -> None:
         channel, inference = stub(node.address)
         with channel:
-            results[i] = list(
-                inference.Generate(request(instance.instance_id, *cases[i]), timeout=300)
-            )
+            results[i] = list(inference.Generate(request(instance_id, *cases[i]), timeout=300))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(len(cases))]
     for t in threads:
@@ -108,6 +111,10 @@ def test_concurrent_requests_each_equal_mlx_lm_alone(daemon) -> None:
         assert final.engine == "local" and final.generation_tokens == budget
         assert final.time_to_first_token_seconds >= final.queue_seconds >= 0.0
         assert final.time_to_first_token_seconds > 0.0
+    if instance_id != instance.instance_id:
+        channel, inference = stub(node.address)
+        with channel:
+            inference.Unload(pb.UnloadRequest(instance_id=instance_id), timeout=60)
 
 
 def test_status_shows_batch_and_queue_and_admission_refuses_beyond_it(daemon) -> None:
