@@ -169,3 +169,16 @@ def test_macmesh_run_merges_flags_env_and_file(tmp_path: Path) -> None:
     assert "mDNS off" in output  # from the file
     assert f"listening on {daemon['address']} (gRPC)" in output  # bound to --interface only
     assert "[debug" in output  # log level from the file, no --log-level given
+
+
+def test_max_batch_from_flag_env_or_file_and_bad_values_named(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    assert load_settings().max_batch == 8
+    config = _toml(tmp_path / "c.toml", "max_batch = 4\n")
+    assert load_settings(config).max_batch == 4
+    monkeypatch.setenv("MACMESH_MAX_BATCH", "12")
+    assert load_settings(config).max_batch == 12
+    assert load_settings(config, max_batch=2).max_batch == 2
+    with pytest.raises(SettingsError, match="max_batch=0"):
+        load_settings(max_batch=0)
