@@ -199,7 +199,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xticks(streams, [str(s) for s in streams])
     ax.set_xlabel("concurrent streams")
     ax.set_ylabel("tok/s")
-    ax.set_title("Continuous batching on one node (aggregate decode)")
+    ax.set_title("Continuous batching on one node (aggregate tok/s, wall clock)")
     ax.grid(alpha=0.3)
     ax.legend()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -31,7 +31,7 @@ class InferenceNode(Protocol):
     address: str  # HOST:PORT of InferenceService
     model_id: str  # a launched model with native MTP
 
-    def wait_for_event(self, event: str, request_id: str, timeout: float = 10.0) -> dict: ...
+    def wait_for_event(self, event: str, request_id: str, timeout: float = 30.0) -> dict: ...
 
     def stop(self) -> None: ...
 
@@ -93,7 +93,7 @@ class DaemonNode:
                 out.append(json.loads(line))
         return out
 
-    def wait_for_event(self, event: str, request_id: str, timeout: float = 10.0) -> dict:
+    def wait_for_event(self, event: str, request_id: str, timeout: float = 30.0) -> dict:
         """The log record of ``request_id`` ending with outcome ``event`` (finished, cancelled,
         failed)."""
         deadline = time.monotonic() + timeout
