@@ -242,7 +242,11 @@ class NodeCollector(Collector):
         for instance in self.instances():
             info = instance.info()
             values = [info.instance_id, info.model, info.engine]
-            size, waiting = batch_and_queue(info.instance_id, info.engine, info.in_flight)
+            if info.engine != "pipeline" and len(info.stages) == 1:
+                # A single-node instance's batch scheduler reports its batch and queue.
+                size, waiting = info.batch_size, info.queued
+            else:
+                size, waiting = batch_and_queue(info.instance_id, info.engine, info.in_flight)
             in_flight.add_metric(values, info.in_flight)
             batch.add_metric(values, size)
             queue.add_metric(values, waiting)
