@@ -4,18 +4,23 @@ orphaned, and other instances never notice."""
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
 from helpers.cluster_client import generate, launch
-from helpers.daemons import DaemonCluster, wait_for
+from helpers.daemons import DaemonCluster, macmesh_env, wait_for
 
 from node import rpc
-from node.client import MacmeshClient, ResourceExhausted, Unavailable
+from node.client import FailedPrecondition, MacmeshClient, ResourceExhausted, Unavailable
 from node.cluster.admission import check_memory
 from node.cluster.peers import status_instances
+from node.inference.integrity import CorruptCheckpoint, check_checkpoint
 from node.placement import InsufficientMemoryError
 from node.proto.macmesh.v1 import stage_pb2, stage_pb2_grpc
 
@@ -129,3 +134,84 @@ def test_memory_admission_refuses_a_launch_that_would_not_fit(tmp_path):
             launch(node.address, MODEL)
         with MacmeshClient(node.address, timeout=5) as client:
             assert client.cluster_status().instances == []
+
+
+# ----------------------------------------------------------------------------- damaged files
+
+
+BUNDLED = Path(__file__).resolve().parents[1] / "node" / "models" / MODEL
+SHARD = "model-00001-of-00002.safetensors"
+
+
+def _copy_checkpoint(root: Path) -> Path:
+    """The bundled checkpoint, copied so a test can damage it."""
+    return Path(shutil.copytree(BUNDLED, root / "damaged"))
+
+
+def test_damaged_safetensors_are_named_with_what_is_wrong_and_what_to_do(tmp_path):
+    checkpoint = _copy_checkpoint(tmp_path)
+    check_checkpoint(checkpoint)  # the intact copy passes
+    shard = checkpoint / SHARD
+    whole = shard.read_bytes()
+    cases = {
+        "truncated data": (
+            whole[:-1000],
+            f"is truncated: {len(whole) - 1000} bytes on disk, its header says {len(whole)} "
+            "(1000 bytes missing)",
+        ),
+        "truncated header": (whole[:40], "is truncated: 40 bytes on disk, but its header alone"),
+        "no header": (whole[:5], "is truncated: 5 bytes, not even the 8-byte header length"),
+        "appended": (whole + b"\0" * 7, f"is {len(whole) + 7} bytes on disk, 7 more than its"),
+        "damaged header": (whole[:8] + b"#" + whole[9:], "has a damaged header"),
+    }
+    for name, (content, problem) in cases.items():
+        shard.write_bytes(content)
+        with pytest.raises(CorruptCheckpoint) as refused:
+            check_checkpoint(checkpoint)
+        message = str(refused.value)
+        assert message.startswith(f"checkpoint file {str(shard)!r} {problem}"), (name, message)
+        assert "re-download the checkpoint" in message and len(message) < 400, name
+    shard.write_bytes(whole)
+    (checkpoint / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(CorruptCheckpoint, match=r"00002\.safetensors' is missing \(named by"):
+        check_checkpoint(checkpoint)
+    # A copy in the Hugging Face cache is told the exact command that fetches the file again.
+    cached = tmp_path / "hub" / "models--Qwen--Tiny" / "snapshots" / "abc"
+    shutil.copytree(BUNDLED, cached)
+    (cached / SHARD).write_bytes(whole[:-1])
+    with pytest.raises(CorruptCheckpoint, match=f"huggingface-cli download Qwen/Tiny {SHARD} --f"):
+        check_checkpoint(cached)
+
+
+def test_generate_local_on_a_truncated_checkpoint_exits_2_naming_the_file(tmp_path):
+    checkpoint = _copy_checkpoint(tmp_path)
+    shard = checkpoint / SHARD
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    cli = subprocess.run(
+        [sys.executable, "-m", "node.cli", "generate", str(checkpoint), "hi", "--local"],
+        env=macmesh_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 2, cli.stderr
+    assert f"checkpoint file {str(shard)!r} is truncated" in cli.stderr
+    assert "Traceback" not in cli.stderr and len(cli.stderr.splitlines()) == 1, cli.stderr
+
+
+@pytest.mark.parametrize("min_nodes", [1, 2])
+def test_launching_a_truncated_checkpoint_is_failed_precondition(tmp_path, min_nodes):
+    """Single-node (the coordinator loads it) and pipelined (each stage loads its shard)."""
+    checkpoint = _copy_checkpoint(tmp_path)
+    shard = checkpoint / SHARD
+    shard.write_bytes(shard.read_bytes()[:-1000])
+    with DaemonCluster(tmp_path) as cluster:
+        a = cluster.start("a", mdns=False)
+        b = cluster.start("b", mdns=False, peers=[a.address])
+        cluster.wait_connected([a, b], timeout=15)
+        client = MacmeshClient(a.address, timeout=120)
+        with client, pytest.raises(FailedPrecondition) as refused:
+            list(client.launch(str(checkpoint), min_nodes=min_nodes))
+        assert f"checkpoint file {str(shard)!r} is truncated" in str(refused.value)
+        assert "re-download" in str(refused.value)
+        assert a.alive() and b.alive()

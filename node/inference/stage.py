@@ -46,6 +46,7 @@ from node.inference.codec import (
     encode_tensor,
     wire_dtype,
 )
+from node.inference.integrity import CorruptCheckpoint
 from node.inference.link import INSTANCE_METADATA_KEY, ForwardLink, SerialWorker, stage_channel
 from node.inference.sampling import (
     KeyStream,
@@ -629,6 +630,8 @@ class StageService(pb_grpc.StageServiceServicer):
                 max_chunk_bytes=self.max_chunk_bytes,
                 inline=True,
             )
+        except CorruptCheckpoint as exc:  # the request is fine; this node's files are not
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (ShardError, FileNotFoundError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._lock:
