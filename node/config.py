@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     max_prompt_chars: int = Field(default=1_000_000, ge=1)
     max_prompt_tokens: int = Field(default=131_072, ge=1)
     max_tokens_limit: int = Field(default=32_768, ge=1)
+    max_stops: int = Field(default=16, ge=0)
+    max_messages: int = Field(default=4_096, ge=1)
     # Admission: a launch must leave this fraction of a node's memory free.
     launch_memory_headroom: float = Field(default=0.10, ge=0.0, lt=1.0)
 

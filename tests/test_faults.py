@@ -4,6 +4,7 @@ orphaned, and other instances never notice."""
 
 from __future__ import annotations
 
+import math
 import shutil
 import subprocess
 import sys
@@ -13,15 +14,25 @@ from pathlib import Path
 
 import grpc
 import pytest
-from helpers.cluster_client import generate, launch
+from helpers.cluster_client import generate, launch, status_code, stub
 from helpers.daemons import DaemonCluster, macmesh_env, wait_for
+from pydantic import ValidationError
 
 from node import rpc
-from node.client import FailedPrecondition, MacmeshClient, ResourceExhausted, Unavailable
+from node.client import (
+    FailedPrecondition,
+    InvalidRequest,
+    MacmeshClient,
+    ResourceExhausted,
+    Unavailable,
+)
 from node.cluster.admission import check_memory
 from node.cluster.peers import status_instances
+from node.gateway.errors import from_validation_error
+from node.gateway.schemas import ChatCompletionRequest, CompletionRequest
 from node.inference.integrity import CorruptCheckpoint, check_checkpoint
 from node.placement import InsufficientMemoryError
+from node.proto.macmesh.v1 import inference_pb2 as pb
 from node.proto.macmesh.v1 import stage_pb2, stage_pb2_grpc
 
 MODEL = "macmesh-tiny"
@@ -215,3 +226,78 @@ def test_launching_a_truncated_checkpoint_is_failed_precondition(tmp_path, min_n
         assert f"checkpoint file {str(shard)!r} is truncated" in str(refused.value)
         assert "re-download" in str(refused.value)
         assert a.alive() and b.alive()
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def test_errors_name_the_first_bad_value_never_the_whole_input(tmp_path):
+    """A 100k-id prompt with one bad id and 500 NaN logit_bias entries: one short line each,
+    naming the field, the value and its index, as INVALID_ARGUMENT (the NaNs used to outgrow
+    gRPC's 16 KiB status limit and come back as a transport error)."""
+    ids = [5] * 100_000 + [-1]
+    with pytest.raises(InvalidRequest) as refused, MacmeshClient("127.0.0.1:1") as client:
+        list(client.generate(MODEL, prompt_ids=ids, max_tokens=4))
+    assert str(refused.value) == "request: prompt_ids[100000]=-1 is not a token id in [0, 2**32)"
+    with DaemonCluster(tmp_path) as cluster:
+        a = cluster.start("a", mdns=False)
+        launch(a.address, MODEL)
+        channel, api = stub(a.address)
+        with channel:
+            bad_id = [5] * 100_000
+            bad_id[77_777] = 10**9
+            nan_bias = pb.SamplingParams(logit_bias={i: math.nan for i in range(500)})
+            for request, expected in (
+                (
+                    pb.GenerateRequest(model=MODEL, prompt_ids=pb.TokenIds(ids=bad_id)),
+                    "prompt_ids[77777]=1000000000 is outside the vocabulary",
+                ),
+                (
+                    pb.GenerateRequest(model=MODEL, text="hi", sampling=nan_bias),
+                    "sampling.logit_bias.0=nan: Input should be a finite number; ",
+                ),
+            ):
+                code, message = status_code(lambda r=request: list(api.Generate(r, timeout=60)))
+                assert code is grpc.StatusCode.INVALID_ARGUMENT, message
+                assert message.startswith(expected) and len(message) < 400, message
+        assert "and 497 more problems" in message
+
+
+def test_cli_without_a_daemon_says_connection_refused_not_grpc_internals(tmp_path):
+    for command in (["generate", MODEL, "hi"], ["launch", MODEL]):
+        cli = subprocess.run(
+            [sys.executable, "-m", "node.cli", *command, "--node", "127.0.0.1:1"],
+            env=macmesh_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert cli.returncode != 0
+        assert cli.stderr == (
+            f"macmesh {command[0]}: no macmesh daemon reachable at 127.0.0.1:1 "
+            "(connection refused); is `macmesh run` running?\n"
+        ), cli.stderr
+
+
+@pytest.mark.parametrize(
+    ("schema", "field", "value", "words"),
+    [
+        (ChatCompletionRequest, "tools", [{"type": "function"}], "tool calling (tools) is not"),
+        (ChatCompletionRequest, "tool_choice", "auto", "tool calling (tool_choice) is not"),
+        (ChatCompletionRequest, "n", 2, "n > 1 (several choices per request) is not"),
+        (ChatCompletionRequest, "logprobs", True, "logprobs is not"),
+        (ChatCompletionRequest, "response_format", {"type": "json_object"}, "(JSON mode) is not"),
+        (CompletionRequest, "echo", True, "echo is not"),
+        (CompletionRequest, "best_of", 3, "best_of > 1 is not"),
+        (CompletionRequest, "suffix", "x", "suffix (insertion) is not"),
+    ],
+)
+def test_refused_openai_features_are_named_as_unsupported(schema, field, value, words):
+    body = {"model": MODEL, **({"prompt": "hi"} if schema is CompletionRequest else {})}
+    body.setdefault("messages", [{"role": "user", "content": "hi"}])
+    with pytest.raises(ValidationError) as refused:
+        schema.model_validate({**body, field: value})
+    error = from_validation_error(refused.value)
+    assert error.detail.param == field
+    assert f"{words} supported by macmesh" in error.detail.message, error.detail.message
+    assert "at most 0 items" not in error.detail.message

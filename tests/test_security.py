@@ -341,9 +341,19 @@ def test_request_limits_name_the_limit(tmp_path):
             "a",
             mdns=False,
             extra_args=["--max-tokens-limit", "64"],
-            env={"MACMESH_MAX_PROMPT_CHARS": "100"},
+            env={
+                "MACMESH_MAX_PROMPT_CHARS": "100",
+                "MACMESH_MAX_STOPS": "1",
+                "MACMESH_MAX_MESSAGES": "2",
+            },
         )
         with MacmeshClient(a.address, timeout=10) as client:
+            stops = r"number of stop strings is 2, above this node's limit of 1 \(setting MACMESH_MAX_STOPS\)"
+            with pytest.raises(InvalidRequest, match=stops):
+                list(client.generate("any-model", "hi", max_tokens=8, stop=["a", "b"]))
+            chat = [{"role": "user", "content": "hi"}] * 3
+            with pytest.raises(InvalidRequest, match=r"messages is 3.*setting MACMESH_MAX_MESSAGES"):
+                list(client.generate("any-model", messages=chat, max_tokens=8))
             with pytest.raises(InvalidRequest, match=r"max_tokens is 65.*limit of 64"):
                 list(client.generate("any-model", "hi", max_tokens=65))
             with pytest.raises(InvalidRequest, match=r"characters.*limit of 100"):

@@ -119,17 +119,22 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _describe_validation(exc: ValidationError) -> str:
+    from node.validation import MAX_PROBLEMS, short_repr
+
     problems = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_PROBLEMS]:
         loc = [str(p) for p in err["loc"] if p != "sampling"]
         field = loc[0] if loc else ""
         name = _FLAGS.get(field, field or "request")
         value = err.get("input")
         message = err["msg"].removeprefix("Value error, ")
         if field:
-            problems.append(f"{name}={value!r}: {message}")
+            problems.append(f"{name}={short_repr(value)}: {message}")
         else:
             problems.append(message)
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(problems)
 
 
