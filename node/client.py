@@ -291,9 +291,7 @@ class GenerateOptions(_Model):
             raise ValueError(
                 f"give exactly one of prompt, messages, prompt_ids (got {given or 'none'})"
             )
-        bad = next(
-            (i for i, t in enumerate(self.prompt_ids or ()) if not 0 <= t <= _UINT32), None
-        )
+        bad = next((i for i, t in enumerate(self.prompt_ids or ()) if not 0 <= t <= _UINT32), None)
         if bad is not None:  # the first bad one, not the whole list
             raise ValueError(
                 f"prompt_ids[{bad}]={self.prompt_ids[bad]!r} is not a token id in [0, 2**32)"

@@ -4,8 +4,10 @@ orphaned, and other instances never notice."""
 
 from __future__ import annotations
 
+import io
 import math
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +19,7 @@ import pytest
 from helpers.cluster_client import generate, launch, status_code, stub
 from helpers.daemons import DaemonCluster, macmesh_env, wait_for
 from pydantic import ValidationError
+from rich.console import Console
 
 from node import rpc
 from node.client import (
@@ -27,9 +30,13 @@ from node.client import (
     Unavailable,
 )
 from node.cluster.admission import check_memory
+from node.cluster.convert import stats_from_proto
+from node.cluster.instances import InstanceInfo
 from node.cluster.peers import status_instances
+from node.commands.status import render_instances
+from node.discovery.models import ClusterNode, ClusterView, PeerState
 from node.gateway.errors import from_validation_error
-from node.gateway.schemas import ChatCompletionRequest, CompletionRequest
+from node.gateway.schemas import ChatCompletionRequest, CompletionRequest, StageOut
 from node.inference.integrity import CorruptCheckpoint, check_checkpoint
 from node.placement import InsufficientMemoryError
 from node.proto.macmesh.v1 import inference_pb2 as pb
@@ -301,3 +308,105 @@ def test_refused_openai_features_are_named_as_unsupported(schema, field, value, 
     assert error.detail.param == field
     assert f"{words} supported by macmesh" in error.detail.message, error.detail.message
     assert "at most 0 items" not in error.detail.message
+
+
+# ----------------------------------------------------------------------------- small things
+
+
+def _cli(tmp_path: Path, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "node.cli", *args],
+        env=macmesh_env(tmp_path, env),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_tables_fit_80_columns_without_splitting_ids(tmp_path):
+    models = _cli(tmp_path, "models", env={"COLUMNS": "80"})
+    assert models.returncode == 0, models.stderr
+    rows = models.stdout.splitlines()
+    assert any(line.startswith("Qwen3.5-122B-A10B-4bit   qwen3_5_moe ") for line in rows), rows
+    names = ["studio-a", "studio-b", "macbook"]
+    view = ClusterView(
+        cluster="c",
+        queried="127.0.0.1:1",
+        nodes=[
+            ClusterNode(
+                id=f"id{i}",
+                name=n,
+                cluster="c",
+                address=f"10.0.0.{i}:52700",
+                state=PeerState.UP,
+                local=i == 0,
+                available_memory_bytes=2**36,
+                total_memory_bytes=2**37,
+                chip="Apple M3 Ultra",
+                memory_bandwidth_gbps=800.0,
+                os="macOS 15.5",
+                mlx_device="gpu",
+                cpu_count=28,
+                version="0.2.0",
+                seconds_since_seen=0.5,
+                last_seen_unix_ms=0,
+            )
+            for i, n in enumerate(names)
+        ],
+    )
+    stages = [
+        pb.StageStats(node_id=f"id{i}", start_layer=20 * i, end_layer=20 * i + 20) for i in range(3)
+    ]
+    instance = InstanceInfo.from_proto(
+        pb.Instance(
+            instance_id="Qwen3.6-27B-3f2a9c1b",
+            model="Qwen3.6-27B",
+            coordinator_node_id="id0",
+            stages=stages,
+            engine="pipeline",
+            engine_reason="the model is spread over 3 nodes",
+            state="ready",
+        )
+    )
+    console = Console(width=80, file=io.StringIO(), color_system=None)
+    console.print(render_instances(view, [instance], width=80))
+    text = console.file.getvalue()
+    rows = [line.split() for line in text.splitlines()]
+    assert ["Qwen3.6-27B-3f2a9c1b", "ready", "pipeline", "studio-a:0-19", "-", "0"] in rows, text
+    assert ["→studio-b:20-39"] in rows and ["→macbook:40-59"] in rows, text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_status_watch_into_a_pipe_prints_every_frame_and_stops_on_sigterm(tmp_path):
+    with DaemonCluster(tmp_path) as cluster:
+        a = cluster.start("a", mdns=False)
+        out = tmp_path / "watch.txt"
+        with out.open("w") as sink:
+            watch = subprocess.Popen(
+                [sys.executable, "-m", "node.cli", "status", "--watch", "--node", a.address],
+                stdout=sink,
+                stderr=subprocess.STDOUT,
+                env=macmesh_env(tmp_path),
+            )
+            try:
+                wait_for(lambda: out.read_text().count("cluster '") >= 2, 30, what="2 frames")
+            finally:
+                watch.send_signal(signal.SIGTERM)
+                code = watch.wait(30)
+        assert code == 0, out.read_text()
+        assert "Traceback" not in out.read_text()
+
+
+def test_generate_help_shows_the_default_it_uses_and_stages_are_node_id_everywhere(tmp_path):
+    help_text = " ".join(
+        _cli(tmp_path, "generate", "--help", env={"COLUMNS": "200"}).stdout.split()
+    )
+    assert "default: the one running on this machine" in help_text
+    assert "127.0.0.1:52700" not in help_text
+    final = pb.GenerationStats(
+        engine="pipeline", stages=[pb.StageStats(node_id="n1", address="a:1", end_layer=2)]
+    )
+    cli_stage = stats_from_proto(final).model_dump()["stages"][0]
+    gateway_stage = StageOut.model_json_schema()["properties"]
+    assert "node_id" in cli_stage and "node" not in cli_stage
+    assert set(cli_stage) == set(gateway_stage)

@@ -352,7 +352,9 @@ def test_request_limits_name_the_limit(tmp_path):
             with pytest.raises(InvalidRequest, match=stops):
                 list(client.generate("any-model", "hi", max_tokens=8, stop=["a", "b"]))
             chat = [{"role": "user", "content": "hi"}] * 3
-            with pytest.raises(InvalidRequest, match=r"messages is 3.*setting MACMESH_MAX_MESSAGES"):
+            with pytest.raises(
+                InvalidRequest, match=r"messages is 3.*setting MACMESH_MAX_MESSAGES"
+            ):
                 list(client.generate("any-model", messages=chat, max_tokens=8))
             with pytest.raises(InvalidRequest, match=r"max_tokens is 65.*limit of 64"):
                 list(client.generate("any-model", "hi", max_tokens=65))

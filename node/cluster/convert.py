@@ -103,7 +103,10 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str) -> pb.GenerationS
         generation_tps=stats.generation_tps,
         stages=[
             pb.StageStats(
-                node_id=s.node, address=s.address, start_layer=s.start_layer, end_layer=s.end_layer
+                node_id=s.node_id,
+                address=s.address,
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
             )
             for s in stats.stages
         ],
@@ -127,7 +130,10 @@ def stats_from_proto(msg: pb.GenerationStats) -> GenerationStats:
         generation_tps=max(0.0, msg.generation_tps),
         stages=[
             StageStats(
-                node=s.node_id, address=s.address, start_layer=s.start_layer, end_layer=s.end_layer
+                node_id=s.node_id,
+                address=s.address,
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
             )
             for s in msg.stages
         ],

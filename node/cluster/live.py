@@ -201,7 +201,10 @@ class Instance:
 
         return [
             StageStats(
-                node=s.node_id, address=s.address, start_layer=s.start_layer, end_layer=s.end_layer
+                node_id=s.node_id,
+                address=s.address,
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
             )
             for s in self.stages
         ]
