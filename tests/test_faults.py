@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 import shutil
 import signal
 import subprocess
@@ -64,11 +65,14 @@ def test_stage_killed_mid_generation_fails_fast_and_is_placed_again(tmp_path):
     env = {"MACMESH_REPLACE_DELAY_S": "0.5"}
     with DaemonCluster(tmp_path, env=env) as cluster:
         coord = cluster.start("coord", mdns=False)
-        victim = cluster.start("victim", mdns=False, peers=[coord.address])
-        cluster.wait_connected([coord, victim], timeout=15)
+        others = [cluster.start(n, mdns=False, peers=[coord.address]) for n in ("n1", "n2")]
+        cluster.wait_connected([coord, *others], timeout=20)
         _, pipelined = launch(coord.address, MODEL, min_nodes=2)
         _, local = launch(coord.address, MODEL, min_nodes=1)
         assert len(pipelined.stages) == 2 and len(local.stages) == 1
+        staged = {s.node_id for s in pipelined.stages}
+        victim = next(n for n in others if n.node_id in staged)  # a stage, not the coordinator
+        spare = next(n for n in others if n is not victim)
 
         started = threading.Event()
         outcome: dict = {}
@@ -102,17 +106,32 @@ def test_stage_killed_mid_generation_fails_fast_and_is_placed_again(tmp_path):
         _, ids, final = generate(coord.address, local.instance_id, max_tokens=6)
         assert len(ids) == 6 and final.engine in ("local", "native_mtp")
 
-        # Marked failed, then placed again on the survivor under the same id.
+        # Marked failed, then placed again on the survivors under the same id, on 2 nodes as
+        # launched (--min-nodes 2 used to come back on one node, as native_mtp).
         def replaced():
             info = _instance(coord.address, pipelined.instance_id)
-            return info if info and info.state == "ready" and len(info.stages) == 1 else None
+            if info is None or info.state != "ready":
+                return None
+            return info if victim.node_id not in {s.node_id for s in info.stages} else None
 
         info = wait_for(replaced, timeout=30, what="failed instance placed again")
-        assert info.stages[0].node_id == coord.node_id
+        assert {s.node_id for s in info.stages} == {coord.node_id, spare.node_id}, info
+        assert info.engine == "pipeline"
         log = coord.log_text()
         assert "instance failed" in log and "placing failed instance again" in log, log[-3000:]
         _, ids, _ = generate(coord.address, pipelined.instance_id, max_tokens=4)
         assert len(ids) == 4
+
+        # With one node left it cannot honour --min-nodes 2: it stays failed and says why.
+        spare.kill()
+
+        def refused():
+            info = _instance(coord.address, pipelined.instance_id)
+            return info if info and "not placed again" in info.engine_reason else None
+
+        info = wait_for(refused, timeout=30, what="re-placement refused with a reason")
+        assert info.state == "failed" and "min_nodes" in info.engine_reason, info.engine_reason
+        assert "failed instance not placed again" in coord.log_text()
 
 
 def test_stages_unload_the_shards_of_a_dead_coordinator(tmp_path):
@@ -410,3 +429,67 @@ def test_generate_help_shows_the_default_it_uses_and_stages_are_node_id_everywhe
     gateway_stage = StageOut.model_json_schema()["properties"]
     assert "node_id" in cli_stage and "node" not in cli_stage
     assert set(cli_stage) == set(gateway_stage)
+
+
+def _interrupted(address: str, instance_id: str, interrupt) -> Exception:
+    """Run a long request through ``address``, call ``interrupt()`` once tokens flow, and
+    return what the request ended with."""
+    started, outcome = threading.Event(), {}
+
+    def long_request() -> None:
+        try:
+            with MacmeshClient(address, timeout=60) as client:
+                for _ in client.generate(
+                    instance_id, "hello", max_tokens=3000, ignore_eos=True, raw=True
+                ):
+                    started.set()
+        except Exception as exc:
+            outcome["error"] = exc
+        finally:
+            started.set()
+
+    worker = threading.Thread(target=long_request)
+    worker.start()
+    assert started.wait(60)
+    interrupt()
+    worker.join(60)
+    assert "error" in outcome, "the request finished although a node went away"
+    return outcome["error"]
+
+
+def test_a_stopping_stage_is_named_in_the_error_of_the_requests_it_carried(tmp_path):
+    with DaemonCluster(tmp_path) as cluster:
+        coord = cluster.start("coord", mdns=False)
+        victim = cluster.start("victim", mdns=False, peers=[coord.address])
+        cluster.wait_connected([coord, victim], timeout=15)
+        _, pipelined = launch(coord.address, MODEL, min_nodes=2)
+        error = _interrupted(
+            coord.address,
+            pipelined.instance_id,
+            lambda: victim.proc.send_signal(signal.SIGTERM),
+        )
+        assert isinstance(error, Unavailable), repr(error)
+        # Whichever is seen first: the stage's own refusal, or its goodbye failing the instance.
+        assert re.search(
+            f"the stage on node victim \\({victim.address}\\) stopped"
+            f"|stage node victim \\({victim.address}\\) is left",
+            str(error),
+        ), str(error)
+        assert coord.address not in str(error)
+
+
+def test_a_dead_coordinator_is_named_to_requests_relayed_through_another_node(tmp_path):
+    with DaemonCluster(tmp_path) as cluster:
+        nodes = [cluster.start("coord", mdns=False)]
+        nodes += [cluster.start(n, mdns=False, peers=[nodes[0].address]) for n in ("b", "c")]
+        cluster.wait_connected(nodes, timeout=20)
+        coord = nodes[0]
+        _, pipelined = launch(coord.address, MODEL, min_nodes=2)
+        staged = {s.node_id for s in pipelined.stages}
+        relay = next(n for n in nodes if n.node_id not in staged)
+        wait_for(lambda: _instance(relay.address, pipelined.instance_id), 15, what="relay sees it")
+        error = _interrupted(relay.address, pipelined.instance_id, coord.kill)
+        assert isinstance(error, Unavailable), repr(error)
+        message = str(error)
+        assert f"the coordinator of {pipelined.instance_id}, node " in message, message
+        assert f"at {coord.address}, went away during the request" in message, message

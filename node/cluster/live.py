@@ -95,6 +95,8 @@ class Instance:
     max_queued: int = DEFAULT_MAX_QUEUED
     state: str = LOADING
     failure: str = ""
+    min_nodes: int = 1  # as launched: a re-placement honours them
+    context_length: int | None = None
     created: float = field(default_factory=time.time)
     rate: RecentRate = field(default_factory=RecentRate)
     served: int = 0
