@@ -22,8 +22,14 @@ app = typer.Typer(
 )
 
 
+# Commands that never talk to a daemon (run reads its secret from its own settings and says
+# what is wrong with it itself).
+_NO_CLUSTER_SECRET = {"run", "version"}
+
+
 @app.callback()
 def _global_options(
+    ctx: typer.Context,
     log_level: str = typer.Option(
         "info", "--log-level", envvar="MACMESH_LOG_LEVEL", help="debug, info, warning or error"
     ),
@@ -42,6 +48,20 @@ def _global_options(
         configure_logging(log_level, log_format)  # type: ignore[arg-type]
     except ValueError as exc:
         raise typer.BadParameter(str(exc), param_hint="--log-level") from None
+    if ctx.invoked_subcommand not in _NO_CLUSTER_SECRET:
+        _check_cluster_secret(str(ctx.invoked_subcommand))
+
+
+def _check_cluster_secret(command: str) -> None:
+    """Fail closed: a secret that is set but unusable stops the command (exit 2) with the
+    daemon's message, instead of it carrying on unsigned and being refused later."""
+    from node import security
+
+    try:
+        security.current()
+    except security.SecurityError as exc:
+        typer.echo(f"macmesh {command}: {exc}", err=True)
+        raise typer.Exit(code=2) from None
 
 
 @app.command("version")

@@ -31,6 +31,7 @@ from node.proto.macmesh.v1 import inference_pb2_grpc as pb_grpc
 from node.rpc import CHANNEL_OPTIONS, channel
 from node.security import Security
 from node.security import current as current_security
+from node.validation import describe
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["InferenceService"].full_name
 DEFAULT_TIMEOUT = 600.0
@@ -118,11 +119,7 @@ def error_from_rpc(error: grpc.RpcError) -> MacmeshError:
 
 
 def _invalid(exc: ValidationError) -> InvalidRequest:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "request"
-        parts.append(f"{where}={err.get('input')!r}: {err['msg']}")
-    return InvalidRequest("; ".join(parts), grpc.StatusCode.INVALID_ARGUMENT)
+    return InvalidRequest(describe(exc), grpc.StatusCode.INVALID_ARGUMENT)
 
 
 # ----------------------------------------------------------------------------- messages
@@ -294,8 +291,11 @@ class GenerateOptions(_Model):
             raise ValueError(
                 f"give exactly one of prompt, messages, prompt_ids (got {given or 'none'})"
             )
-        if self.prompt_ids is not None and any(not 0 <= t <= _UINT32 for t in self.prompt_ids):
-            raise ValueError("prompt_ids must be token ids in [0, 2**32)")
+        bad = next((i for i, t in enumerate(self.prompt_ids or ()) if not 0 <= t <= _UINT32), None)
+        if bad is not None:  # the first bad one, not the whole list
+            raise ValueError(
+                f"prompt_ids[{bad}]={self.prompt_ids[bad]!r} is not a token id in [0, 2**32)"
+            )
         return self
 
 

@@ -60,6 +60,8 @@ class Settings(BaseSettings):
     # Requests a single-node instance decodes together in one batch (the rest wait in its
     # queue); the planner budgets KV and GatedDeltaNet state for this many sequences.
     max_batch: int = Field(default=8, ge=1, le=256)
+    max_stops: int = Field(default=16, ge=0)
+    max_messages: int = Field(default=4_096, ge=1)
     # Admission: a launch must leave this fraction of a node's memory free.
     launch_memory_headroom: float = Field(default=0.10, ge=0.0, lt=1.0)
 

@@ -95,7 +95,10 @@ def _bind(server: grpc.Server, host: str, port: int, sec: Security | None = None
 
 
 def _security_from(settings: Settings) -> Security:
-    secret = settings.cluster_secret.get_secret_value() if settings.cluster_secret else None
+    # "is not None": a secret set to "" is refused as too short, never taken for "no secret".
+    secret = (
+        settings.cluster_secret.get_secret_value() if settings.cluster_secret is not None else None
+    )
     return security.from_values(
         secret=secret,
         secret_file=settings.cluster_secret_file,

@@ -120,7 +120,7 @@ def test_generate_from_any_node_reaches_the_coordinator_with_its_stages(cluster)
     stats = out["stats"]
     assert stats["engine"] == "native_mtp" and stats["drafter_kind"] == "native_mtp"
     assert stats["stages"] == [
-        {"node": node2.node_id, "start_layer": 0, "end_layer": 4, "address": node2.address}
+        {"node_id": node2.node_id, "start_layer": 0, "end_layer": 4, "address": node2.address}
     ]
     assert stats["engine_reason"] == single["engine_reason"]
 

@@ -218,7 +218,7 @@ def test_stats_round_trip_through_the_wire() -> None:
         generation_tokens=12,
         prompt_tps=100.0,
         generation_tps=50.0,
-        stages=[StageStats(node="n1", address="127.0.0.1:1", start_layer=0, end_layer=4)],
+        stages=[StageStats(node_id="n1", address="127.0.0.1:1", start_layer=0, end_layer=4)],
     )
     wire = convert.stats_to_proto(stats, "length")
     assert wire.finish_reason == "length"

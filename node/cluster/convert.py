@@ -17,17 +17,10 @@ from node.inference.requests import GenerateRequest
 from node.inference.sampling import SamplingParams
 from node.inference.stats import GenerationStats, StageStats
 from node.proto.macmesh.v1 import inference_pb2 as pb
+from node.validation import describe
 
 DEFAULT_MAX_TOKENS = 256  # GenerateRequest.max_tokens = 0 means this
 CHAT_ROLES = ("system", "user", "assistant")
-
-
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        where = ".".join(str(p) for p in err["loc"]) or "request"
-        parts.append(f"{where}={err.get('input')!r}: {err['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
 
 
 def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
@@ -45,7 +38,7 @@ def sampling_params(msg: pb.SamplingParams) -> SamplingParams:
             seed=msg.seed if msg.HasField("seed") else None,
         )
     except ValidationError as exc:
-        raise ValueError(f"sampling.{_describe(exc)}") from None
+        raise ValueError(describe(exc, prefix="sampling.")) from None
 
 
 def check_messages(msg: pb.GenerateRequest) -> None:
@@ -92,7 +85,7 @@ def engine_request(msg: pb.GenerateRequest, tokenizer: Any | None = None) -> Gen
             raw=msg.raw,
         )
     except ValidationError as exc:
-        raise ValueError(_describe(exc)) from None
+        raise ValueError(describe(exc)) from None
 
 
 def stats_to_proto(stats: GenerationStats, finish_reason: str) -> pb.GenerationStats:
@@ -110,7 +103,10 @@ def stats_to_proto(stats: GenerationStats, finish_reason: str) -> pb.GenerationS
         generation_tps=stats.generation_tps,
         stages=[
             pb.StageStats(
-                node_id=s.node, address=s.address, start_layer=s.start_layer, end_layer=s.end_layer
+                node_id=s.node_id,
+                address=s.address,
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
             )
             for s in stats.stages
         ],
@@ -136,7 +132,10 @@ def stats_from_proto(msg: pb.GenerationStats) -> GenerationStats:
         generation_tps=max(0.0, msg.generation_tps),
         stages=[
             StageStats(
-                node=s.node_id, address=s.address, start_layer=s.start_layer, end_layer=s.end_layer
+                node_id=s.node_id,
+                address=s.address,
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
             )
             for s in msg.stages
         ],

@@ -131,6 +131,10 @@ class LaunchPlan:
     card: ModelCard
     placement: Placement
     delegate_to: str | None  # node id: the model fits on that one node only; launch there
+    # What the launch asked for, so a re-placement asks for the same (a --min-nodes 2 instance
+    # must not come back on one node as native_mtp without notice).
+    min_nodes: int = 1
+    context_length: int | None = None
 
 
 def _slug(text: str) -> str:
@@ -193,7 +197,7 @@ class Coordinator:
         delegate = None
         if placement.single_node and placement.stages[0].node_id != local_id and not pin_local:
             delegate = placement.stages[0].node_id
-        return LaunchPlan(card, placement, delegate)
+        return LaunchPlan(card, placement, delegate, max(1, min_nodes), context_length)
 
     # -- launching --
 
@@ -260,6 +264,8 @@ class Coordinator:
             coordinator_node_id=self.daemon.node_id,
             coordinator_address=self.daemon.address,
             max_queued=self.max_queued,
+            min_nodes=launch_plan.min_nodes,
+            context_length=launch_plan.context_length,
         )
         instance: Instance = (
             LocalInstance(**common) if len(stages) == 1 else PipelineInstance(**common)
@@ -428,7 +434,10 @@ class Coordinator:
             if instance.state != READY or event.node_id == self.daemon.node_id:
                 continue
             if any(s.node_id == event.node_id for s in instance.stages):
-                instance.failure = f"stage node {event.name or event.node_id} is {event.kind}"
+                where = f" ({event.address})" if event.address else ""
+                instance.failure = (
+                    f"stage node {event.name or event.node_id}{where} is {event.kind}"
+                )
                 instance.state = FAILED
                 log.warning("instance failed", instance=instance.instance_id, why=instance.failure)
                 threading.Thread(target=self._release_failed, args=(instance,), daemon=True).start()
@@ -447,7 +456,9 @@ class Coordinator:
         if self.registry.get(failed.instance_id) is not failed or failed.state != FAILED:
             return
         try:
-            launch_plan = self.plan(failed.model, 1, None, pin_local=True)
+            launch_plan = self.plan(
+                failed.model, failed.min_nodes, failed.context_length, pin_local=True
+            )
         except Exception as exc:  # no room on the survivors: it stays failed, saying why
             failed.failure += f"; not placed again: {exc}"
             log.warning(

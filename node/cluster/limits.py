@@ -36,6 +36,8 @@ class Limits:
             max_prompt_chars=getattr(settings, "max_prompt_chars", DEFAULT_MAX_PROMPT_CHARS),
             max_prompt_tokens=getattr(settings, "max_prompt_tokens", DEFAULT_MAX_PROMPT_TOKENS),
             max_tokens=getattr(settings, "max_tokens_limit", DEFAULT_MAX_TOKENS_LIMIT),
+            max_stops=getattr(settings, "max_stops", DEFAULT_MAX_STOPS),
+            max_messages=getattr(settings, "max_messages", DEFAULT_MAX_MESSAGES),
         )
 
 
@@ -66,9 +68,13 @@ def check_request(request: Any, limits: Limits) -> None:
             "MACMESH_MAX_PROMPT_TOKENS",
         )
     if len(messages) > limits.max_messages:
-        raise _over("the number of messages", len(messages), limits.max_messages, "-")
+        raise _over(
+            "the number of messages", len(messages), limits.max_messages, "MACMESH_MAX_MESSAGES"
+        )
     if len(request.stop) > limits.max_stops:
-        raise _over("the number of stop strings", len(request.stop), limits.max_stops, "-")
+        raise _over(
+            "the number of stop strings", len(request.stop), limits.max_stops, "MACMESH_MAX_STOPS"
+        )
 
 
 def check_prompt_tokens(count: int, limits: Limits) -> None:

@@ -94,6 +94,8 @@ class Instance:
     max_queued: int = DEFAULT_MAX_QUEUED
     state: str = LOADING
     failure: str = ""
+    min_nodes: int = 1  # as launched: a re-placement honours them
+    context_length: int | None = None
     created: float = field(default_factory=time.time)
     rate: RecentRate = field(default_factory=RecentRate)
     served: int = 0
@@ -202,7 +204,10 @@ class Instance:
 
         return [
             StageStats(
-                node=s.node_id, address=s.address, start_layer=s.start_layer, end_layer=s.end_layer
+                node_id=s.node_id,
+                address=s.address,
+                start_layer=s.start_layer,
+                end_layer=s.end_layer,
             )
             for s in self.stages
         ]

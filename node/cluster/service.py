@@ -116,6 +116,14 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     return Code.INTERNAL, f"internal error: {type(exc).__name__}: {exc}"
 
 
+_TRANSPORT_LOSS = ("Stream removed", "Socket closed", "Connection reset", "failed to connect")
+
+
+def _lost_connection(details: str) -> bool:
+    """gRPC's own words for a peer that vanished (not a status the peer sent)."""
+    return any(words in details for words in _TRANSPORT_LOSS)
+
+
 def _abort(context: grpc.ServicerContext, exc: BaseException) -> None:
     code, message = status_for(exc)
     context.abort(code, message)
@@ -267,9 +275,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
                     if not cancel.is_set():
                         continue
                     if context.is_active():  # cancelled, but not by the client: an unload
-                        context.abort(
-                            Code.UNAVAILABLE, f"instance {instance.instance_id} was unloaded"
-                        )
+                        why = getattr(instance, "failure", "") or "it was unloaded"
+                        context.abort(Code.UNAVAILABLE, f"instance {instance.instance_id}: {why}")
                     return  # the client is gone (or its deadline passed); the worker stopped
                 if kind == "error":
                     outcome = "failed"
@@ -338,6 +345,13 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             context.send_initial_metadata(())
             yield from call
         except grpc.RpcError as exc:
+            if exc.code() is Code.UNAVAILABLE and _lost_connection(exc.details() or ""):
+                context.abort(
+                    Code.UNAVAILABLE,
+                    f"the coordinator of {target.instance_id}, node "
+                    f"{target.coordinator_node_id[:8]} at {target.coordinator_address}, went "
+                    f"away during the request ({exc.details()}); retry it",
+                )
             _abort(context, exc)
         finally:
             call.cancel()
@@ -636,11 +650,11 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
             context.abort(Code.NOT_FOUND, "no stage is loaded on this node")
         return self._real().Forward(request_iterator, context)
 
-    def shutdown(self) -> None:
+    def shutdown(self, reason: str = "") -> None:
         with self._lock:
             service = self._service
         if service is not None:
-            service.shutdown()
+            service.shutdown(reason)
             import mlx.core as mx
 
             mx.clear_cache()
@@ -669,7 +683,8 @@ def install(daemon: Any) -> InferenceServicer:
 
     def stop(_daemon: Any) -> None:
         servicer.shutdown()
-        stages.shutdown()
+        # In-flight requests through this node's stages learn which node went, and why.
+        stages.shutdown(f"the stage on node {daemon.settings.name} ({daemon.address}) stopped")
 
     daemon.on_stop(stop)
     return servicer

@@ -18,10 +18,6 @@ from typing import Annotated, Any
 import typer
 from pydantic import ValidationError
 
-from node.config import DEFAULT_GRPC_PORT
-
-DEFAULT_DAEMON_ADDRESS = f"127.0.0.1:{DEFAULT_GRPC_PORT}"
-
 # Request field → the flag that sets it, so errors name what the user typed.
 _FLAGS = {
     "temperature": "--temperature",
@@ -38,7 +34,7 @@ _FLAGS = {
 }
 
 
-def generate_remote(node: str, model: str, request: Any) -> Iterator[Any]:
+def generate_remote(node: str | None, model: str, request: Any) -> Iterator[Any]:
     """Send ``request`` for ``model`` to the daemon at ``node`` and stream its events.
 
     Any node of the cluster will do: it relays to the instance's coordinator. Yields the same
@@ -51,7 +47,7 @@ def generate_remote(node: str, model: str, request: Any) -> Iterator[Any]:
     from node.inference.events import GenerationDone, TokenDelta
     from node.proto.macmesh.v1 import inference_pb2 as pb
 
-    if node == DEFAULT_DAEMON_ADDRESS:  # no --node: this machine's daemon, wherever it listens
+    if node is None:  # no --node: this machine's daemon, wherever it listens (its daemon.json)
         from node.commands.status import _local_daemon_address
 
         node = _local_daemon_address()
@@ -119,17 +115,22 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _describe_validation(exc: ValidationError) -> str:
+    from node.validation import MAX_PROBLEMS, short_repr
+
     problems = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_PROBLEMS]:
         loc = [str(p) for p in err["loc"] if p != "sampling"]
         field = loc[0] if loc else ""
         name = _FLAGS.get(field, field or "request")
         value = err.get("input")
         message = err["msg"].removeprefix("Value error, ")
         if field:
-            problems.append(f"{name}={value!r}: {message}")
+            problems.append(f"{name}={short_repr(value)}: {message}")
         else:
             problems.append(message)
+    if len(errors) > MAX_PROBLEMS:
+        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(problems)
 
 
@@ -207,8 +208,12 @@ def generate(
         bool, typer.Option("--local", help="run in this process, without a daemon")
     ] = False,
     node: Annotated[
-        str, typer.Option("--node", help="daemon HOST:PORT (without --local)")
-    ] = DEFAULT_DAEMON_ADDRESS,
+        str | None,
+        typer.Option(
+            "--node",
+            help="daemon HOST:PORT (without --local; default: the one running on this machine)",
+        ),
+    ] = None,
     engine: Annotated[str, typer.Option("--engine", help="auto, native_mtp or local")] = "auto",
     mtp_k: Annotated[
         int | None, typer.Option("--mtp-k", help="draft tokens per step (1..card max_k)")

@@ -60,7 +60,11 @@ def describe_error(error: Any, address: str) -> str:
         getattr(error, "code", None) is grpc.StatusCode.UNAVAILABLE
         and "failed to connect" in str(error).lower()
     ):
-        return f"no macmesh daemon reachable at {address} ({error}); is `macmesh run` running?"
+        # gRPC's text ("failed to connect to all addresses; last error: UNKNOWN: ipv4:...:
+        # Failed to connect to remote host: Connection refused") ends in the OS's reason.
+        reason = str(error).rstrip().rpartition(": ")[2] or "nothing answers there"
+        reason = reason[:1].lower() + reason[1:]
+        return f"no macmesh daemon reachable at {address} ({reason}); is `macmesh run` running?"
     return str(error)
 
 

@@ -71,19 +71,25 @@ def _print_table(rows: list[dict[str, Any]], launched_known: bool) -> None:
 
     table = Table(
         title="models",
-        caption="MTP K: draft tokens per step with the checkpoint's own MTP head, default/max",
+        caption=(
+            "ctx: context length in tokens; MTP: draft tokens per step with the checkpoint's "
+            "own MTP head, default/max"
+        ),
         title_justify="left",
         caption_justify="left",
         box=box.SIMPLE_HEAD,
         pad_edge=False,
+        show_edge=False,
     )
-    table.add_column("id", no_wrap=True)
-    table.add_column("type", overflow="fold")
-    table.add_column("layers", justify="right", no_wrap=True)
-    table.add_column("size", justify="right", no_wrap=True)
-    table.add_column("context", justify="right", no_wrap=True)
-    table.add_column("MTP K", no_wrap=True)
-    table.add_column("weights", overflow="fold", min_width=9)
+    table.add_column("id", no_wrap=True, min_width=max((len(r["id"]) for r in rows), default=2))
+    table.add_column(  # model types are ids: never split "qwen3_5"
+        "type", no_wrap=True, min_width=max((len(r["model_type"]) for r in rows), default=4)
+    )
+    table.add_column("layers", justify="right", no_wrap=True, min_width=6)
+    table.add_column("size", justify="right", no_wrap=True, min_width=8)
+    table.add_column("ctx", justify="right", no_wrap=True, min_width=4)
+    table.add_column("MTP", no_wrap=True, min_width=3)
+    table.add_column("weights", overflow="ellipsis", min_width=9)
     if launched_known:
         table.add_column("launched", no_wrap=True)
     for row in rows:
@@ -94,7 +100,7 @@ def _print_table(rows: list[dict[str, Any]], launched_known: bool) -> None:
             row["model_type"],
             str(row["num_layers"]),
             format_bytes(row["bytes"]),
-            str(row["context_length"]),
+            _tokens(row["context_length"]),
             capability,
             _weights(row),
             *(["yes" if row.get("launched") else ""] if launched_known else []),
@@ -118,3 +124,8 @@ def _weights(row: dict[str, Any]) -> str:
         return row.get("checkpoint") or "local"
     repos = row.get("download_from") or []
     return f"not here: pull {repos[0]}" if repos else "not here"
+
+
+def _tokens(count: int) -> str:
+    """262144 -> 256K: fits the 80-column table without cutting anything else."""
+    return f"{count // 1024}K" if count >= 1024 and count % 1024 == 0 else str(count)

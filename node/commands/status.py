@@ -8,6 +8,7 @@ prints the nodes view with an ``instances`` list added; ``--watch`` refreshes ev
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Annotated, Any
 
@@ -77,11 +78,22 @@ def render_all(view: ClusterView, instances: list[Any] | None, width: int = 120)
 
 
 def _watch(address: str, json_output: bool, timeout: float) -> None:
+    """Refresh every second until Ctrl-C or SIGTERM. On a terminal the table is redrawn in
+    place; into a pipe or file every frame is printed (and flushed) whole, so a supervisor or
+    ``| tee`` that stops it with SIGTERM keeps every frame so far."""
+    import signal
+
     from rich.live import Live
 
     from node.discovery.client import DaemonUnreachable
 
-    width = Console().width
+    console = Console()
+    width = console.width
+
+    def stop(_signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, stop)
 
     def frame() -> tuple[RenderableType, dict]:
         try:
@@ -91,9 +103,14 @@ def _watch(address: str, json_output: bool, timeout: float) -> None:
         return render_all(view, instances, width), as_json(view, instances)
 
     try:
-        if json_output:
+        if json_output or not console.is_terminal:
             while True:
-                typer.echo(json.dumps(frame()[1]))
+                if json_output:
+                    typer.echo(json.dumps(frame()[1]))
+                else:
+                    console.print(frame()[0])
+                    console.print()
+                sys.stdout.flush()
                 time.sleep(1.0)
         with Live(frame()[0], auto_refresh=False) as live:
             while True:
@@ -204,15 +221,17 @@ def render_instances(
         table.add_column("model", overflow="fold")
     table.add_column("state", no_wrap=True)
     table.add_column("engine", no_wrap=True)
-    table.add_column("stages (node: layers)", overflow="fold")
+    table.add_column("stages (node: layers)", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("reqs", justify="right", no_wrap=True)
     table.add_column("batch", justify="right", no_wrap=True)
     table.add_column("queue", justify="right", no_wrap=True)
     reasons = Text()
     for i in instances:
-        stages = " → ".join(
-            f"{names.get(s.node_id, s.node_id[:8])}: {_layers(s.start_layer, s.end_layer)}"
+        # Narrow: one stage per line, so a list is split between stages, never inside one.
+        separator, colon = (" → ", ": ") if wide else ("\n→", ":")
+        stages = separator.join(
+            f"{names.get(s.node_id, s.node_id[:8])}{colon}{_layers(s.start_layer, s.end_layer)}"
             for s in i.stages
         )
         busy = f"{i.requests_served}" + (f"+{i.in_flight}" if i.in_flight else "")

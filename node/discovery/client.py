@@ -1,7 +1,9 @@
 """Ask any running daemon about the cluster. Used by ``macmesh status``, placement and gateways.
 
 Every function takes the daemon's ``HOST:PORT`` and raises ``DaemonUnreachable`` (naming the
-address) when no macmesh daemon answers there in time, and ``ValueError`` for a malformed address.
+address) when no macmesh daemon answers there in time (``DaemonRefused``, a kind of it, when one
+answers but the two sides do not share the cluster secret), and ``ValueError`` for a malformed
+address.
 """
 
 from __future__ import annotations
@@ -18,15 +20,28 @@ from node.discovery.models import (
 )
 from node.discovery.static import parse_peer
 from node.proto.macmesh.v1 import node_pb2, node_pb2_grpc
+from node.security import SECRET_ENV, SECRET_FILE_ENV
 
 DEFAULT_TIMEOUT_S = 3.0
 
 
 class DaemonUnreachable(ConnectionError):
-    def __init__(self, address: str, reason: str) -> None:
-        super().__init__(f"no macmesh daemon reachable at {address} ({reason})")
+    def __init__(self, address: str, reason: str, message: str = "") -> None:
+        super().__init__(message or f"no macmesh daemon reachable at {address} ({reason})")
         self.address = address
         self.reason = reason
+
+
+class DaemonRefused(DaemonUnreachable):
+    """A daemon answers at the address, but it and this process do not share a secret."""
+
+    def __init__(self, address: str, reason: str) -> None:
+        super().__init__(
+            address,
+            reason,
+            f"the macmesh daemon at {address} and this client do not share the cluster "
+            f"secret: {reason}. Set {SECRET_ENV} or {SECRET_FILE_ENV} to the cluster's secret",
+        )
 
 
 def _call(address: str, method: str, request: object, timeout_s: float):
@@ -37,6 +52,8 @@ def _call(address: str, method: str, request: object, timeout_s: float):
             return getattr(stub, method)(request, timeout=timeout_s, wait_for_ready=False)
         except grpc.RpcError as exc:
             code = exc.code()
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                raise DaemonRefused(address, exc.details() or "refused") from None
             if code is grpc.StatusCode.UNAVAILABLE:
                 reason = "nothing answers there; is `macmesh run` running?"
             elif code is grpc.StatusCode.DEADLINE_EXCEEDED:

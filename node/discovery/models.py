@@ -12,6 +12,7 @@ from enum import StrEnum
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from node.proto.macmesh.v1 import node_pb2
+from node.validation import describe
 
 NODE_ID_RE = re.compile(r"^[0-9A-Za-z._-]{1,64}$")
 MAX_NAME_CHARS = 128
@@ -215,8 +216,4 @@ def view_from_proto(msg: node_pb2.ClusterViewResponse, queried: str) -> ClusterV
 
 
 def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        field = ".".join(str(p) for p in err["loc"]) or "message"
-        parts.append(f"{field}={err.get('input')!r}: {err['msg']}")
-    return "; ".join(parts)
+    return describe(exc, whole="message")

@@ -13,7 +13,17 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WithJsonSchema,
+    WrapValidator,
+)
+from pydantic_core import PydanticCustomError
 
 UINT32_MAX = 2**32 - 1
 UINT64_MAX = 2**64 - 1
@@ -38,6 +48,25 @@ LogitBias = Annotated[
 Engine = Literal["auto", "native_mtp", "local", "pipeline"]
 
 
+def _off_only(feature: str, off: str) -> WrapValidator:
+    """A field that accepts only "off": anything else is refused as an unsupported feature,
+    in words (pydantic would say "List should have at most 0 items")."""
+
+    def check(value: object, handler: ValidatorFunctionWrapHandler) -> object:
+        try:
+            return handler(value)
+        except ValidationError as exc:
+            if all(
+                e["type"].endswith("_type") or e["type"] == "none_required" for e in exc.errors()
+            ):
+                raise  # the wrong type (n="2"): pydantic's own words say that best
+            raise PydanticCustomError(
+                "unsupported", f"{feature} {{verb}} not supported by macmesh; {off}", {"verb": "is"}
+            ) from None
+
+    return WrapValidator(check)
+
+
 class _Request(BaseModel):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="ignore")
 
@@ -55,7 +84,11 @@ class GenerationFields(_Request):
         None, ge=0.0, le=2.0, description="default 1.0; 0 is greedy decoding"
     )
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=1, description="only 1 is supported")
+    n: Annotated[
+        int | None,
+        Field(ge=1, le=1, description="only 1 is supported"),
+        _off_only("n > 1 (several choices per request)", "send n=1 or leave it out"),
+    ] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = None
@@ -107,11 +140,24 @@ class ChatCompletionRequest(GenerationFields):
     messages: list[ChatMessageIn] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1, le=UINT32_MAX)
     # accepted only when they ask for nothing macmesh does not do
-    logprobs: Literal[False] | None = None
-    top_logprobs: Literal[0] | None = None
-    response_format: ResponseFormat | None = None
-    tools: Annotated[list[dict], Field(max_length=0)] | None = None
-    tool_choice: Literal["none"] | None = None
+    logprobs: Annotated[
+        Literal[False] | None, _off_only("logprobs", "send false or leave it out")
+    ] = None
+    top_logprobs: Annotated[
+        Literal[0] | None, _off_only("top_logprobs", "send 0 or leave it out")
+    ] = None
+    response_format: Annotated[
+        ResponseFormat | None,
+        _off_only("response_format other than text (JSON mode)", 'send {"type": "text"}'),
+    ] = None
+    tools: Annotated[
+        Annotated[list[dict], Field(max_length=0)] | None,
+        _off_only("tool calling (tools)", "leave tools out or send []"),
+    ] = None
+    tool_choice: Annotated[
+        Literal["none"] | None,
+        _off_only("tool calling (tool_choice)", 'send "none" or leave it out'),
+    ] = None
 
 
 class CompletionRequest(GenerationFields):
@@ -124,10 +170,12 @@ class CompletionRequest(GenerationFields):
         ]
     ) = Field(description="one text prompt, or one list of token ids")
     max_tokens: int | None = Field(16, ge=1, le=UINT32_MAX)
-    echo: Literal[False] | None = None
-    best_of: Literal[1] | None = None
-    logprobs: Literal[0] | None = None
-    suffix: Literal[""] | None = None
+    echo: Annotated[Literal[False] | None, _off_only("echo", "send false or leave it out")] = None
+    best_of: Annotated[Literal[1] | None, _off_only("best_of > 1", "send 1 or leave it out")] = None
+    logprobs: Annotated[Literal[0] | None, _off_only("logprobs", "send 0 or leave it out")] = None
+    suffix: Annotated[
+        Literal[""] | None, _off_only("suffix (insertion)", 'send "" or leave it out')
+    ] = None
 
 
 # ----------------------------------------------------------------------------- responses

@@ -19,6 +19,7 @@ from mlx.utils import tree_flatten
 from mlx_lm.utils import load_model, load_tokenizer
 
 from node.inference import forward
+from node.inference.integrity import check_checkpoint
 from node.inference.mtp.head import MtpHead
 from node.inference.mtp.recovery import MtpProbe, load_mtp_head, probe_mtp
 from node.logging import get_logger
@@ -123,6 +124,7 @@ def load_checkpoint(path: str | Path, progress: ProgressCallback | None = None) 
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
+    check_checkpoint(path)  # a truncated shard is named here, not a RuntimeError from MLX
     model, config = load_model(path, lazy=True)
     groups = _parameter_groups(model)
     total = sum(a.nbytes for _, arrays in groups for a in arrays)

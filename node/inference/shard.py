@@ -41,6 +41,7 @@ from mlx_lm.utils import load_model
 
 from node.hub.shards import stage_files_on_disk
 from node.inference import forward
+from node.inference.integrity import check_checkpoint
 from node.logging import get_logger
 
 log = get_logger(__name__)
@@ -187,6 +188,7 @@ def load_shard(path: str | Path, start_layer: int, end_layer: int) -> Shard:
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ShardError(f"{path} is not a checkpoint directory (no config.json)")
+    check_checkpoint(path)  # a truncated shard is named here, not a RuntimeError from MLX
     # Freed MLX buffers stay cached for reuse and would hide the growth: return them first.
     mx.clear_cache()
     began, rss_before = time.perf_counter(), _rss()

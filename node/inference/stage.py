@@ -46,6 +46,7 @@ from node.inference.codec import (
     encode_tensor,
     wire_dtype,
 )
+from node.inference.integrity import CorruptCheckpoint
 from node.inference.link import INSTANCE_METADATA_KEY, ForwardLink, SerialWorker, stage_channel
 from node.inference.sampling import (
     KeyStream,
@@ -198,6 +199,7 @@ class StageRuntime:
         self.frames_processed = 0
         self.frames_rejected = 0
         self.closed = False
+        self.closed_reason = ""
         self._channel: grpc.Channel | None = None
         self._session_ids = itertools.count(1)
 
@@ -260,8 +262,11 @@ class StageRuntime:
         self.sessions.add(session.session_id)
         return session
 
-    def shutdown(self) -> None:
-        """Unload: refuse new frames, free every cache; weights go with the last stream."""
+    def shutdown(self, reason: str = "") -> None:
+        """Unload: refuse new frames, free every cache; weights go with the last stream.
+        ``reason`` (the node is stopping) makes refused frames UNAVAILABLE saying so: the
+        request may be retried once the instance is placed again."""
+        self.closed_reason = reason
         self.closed = True
         self.dispatch(self.states.clear)
         if self.worker is not None:
@@ -402,9 +407,11 @@ class StageSession:
     def handle(self, frame: pb.ForwardRequest) -> None:
         rid = frame.request_id
         if self.runtime.closed:
-            self.emit_error(
-                rid, FAILED_PRECONDITION, f"instance {self.runtime.instance_id!r} was unloaded"
-            )
+            instance = self.runtime.instance_id
+            if self.runtime.closed_reason:
+                self.emit_error(rid, UNAVAILABLE, f"{self.runtime.closed_reason} ({instance!r})")
+            else:
+                self.emit_error(rid, FAILED_PRECONDITION, f"instance {instance!r} was unloaded")
             return
         try:
             if not rid:
@@ -570,10 +577,13 @@ class StageSession:
             return
         detail = error.details() if error is not None else "stream ended"
         log.warning("downstream stream closed", stage=self.runtime.position, error=detail)
+        # This stage closed the link itself (its node is stopping): say so, not that the
+        # next stage, which is fine, went away.
+        problem = self.runtime.closed_reason or (
+            f"next stage {self.runtime.next_hop} is unreachable: {detail}"
+        )
         for rid in list(self.inbound):
-            self.emit_error(
-                rid, UNAVAILABLE, f"next stage {self.runtime.next_hop} is unreachable: {detail}"
-            )
+            self.emit_error(rid, UNAVAILABLE, problem)
 
     def _finish(self) -> None:
         if not self._finished.is_set():
@@ -629,18 +639,20 @@ class StageService(pb_grpc.StageServiceServicer):
                 max_chunk_bytes=self.max_chunk_bytes,
                 inline=True,
             )
+        except CorruptCheckpoint as exc:  # the request is fine; this node's files are not
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (ShardError, FileNotFoundError, ValueError) as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         with self._lock:
             self.runtimes[request.instance_id] = runtime
         return pb.LoadShardResponse(shard=runtime.info())
 
-    def shutdown(self) -> None:
-        """Unload every stage (the daemon is stopping)."""
+    def shutdown(self, reason: str = "") -> None:
+        """Unload every stage (the daemon is stopping; ``reason`` says so to callers)."""
         with self._lock:
             runtimes, self.runtimes = list(self.runtimes.values()), {}
         for runtime in runtimes:
-            runtime.shutdown()
+            runtime.shutdown(reason)
 
     def UnloadShard(
         self, request: pb.UnloadShardRequest, context: grpc.ServicerContext

@@ -14,7 +14,7 @@ class StageStats(BaseModel):
 
     model_config = ConfigDict(frozen=True)
 
-    node: str
+    node_id: str
     start_layer: int = Field(ge=0)
     end_layer: int = Field(ge=0, description="exclusive")
     address: str = Field("", description="host:port of the node's gRPC server, when known")
