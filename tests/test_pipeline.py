@@ -138,7 +138,7 @@ def test_greedy_pipeline_equals_mlx_lm_and_the_local_engine(
         assert done.finish_reason == "length"
         stats = done.stats
         assert stats.engine == "pipeline" and stats.generation_tokens == NEW_TOKENS
-        assert [(s.node, s.start_layer, s.end_layer) for s in stats.stages] == [
+        assert [(s.node_id, s.start_layer, s.end_layer) for s in stats.stages] == [
             (s.node_id, s.start_layer, s.end_layer) for s in engine.stages
         ]
         # completion releases the request on every stage (asynchronously)

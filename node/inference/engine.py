@@ -201,7 +201,7 @@ def build_stats(
         prompt_tps=rate(len(prepared.prompt_ids), first - clock.start),
         # The first token comes out of prefill; decode speed counts the ones after it.
         generation_tps=rate(max(generated - 1, 0), end - first),
-        stages=[StageStats(node="local", start_layer=0, end_layer=loaded.num_layers)],
+        stages=[StageStats(node_id="local", start_layer=0, end_layer=loaded.num_layers)],
     )
 
 

@@ -488,7 +488,7 @@ class PipelineEngine:
                     prompt_tps=rate(len(ids), first - started),
                     generation_tps=rate(max(output.generated - 1, 0), ended - first),
                     stages=[
-                        StageStats(node=s.node_id, start_layer=s.start_layer, end_layer=s.end_layer)
+                        StageStats(node_id=s.node_id, start_layer=s.start_layer, end_layer=s.end_layer)
                         for s in self.stages
                     ],
                 ),
