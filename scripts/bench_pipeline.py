@@ -258,7 +258,8 @@ def bench_nodes(
 ) -> dict[str, Any]:
     import mlx.core as mx
 
-    from node.inference.pipeline import PipelineEngine, SimplePlacement, probe_round_trips
+    from node.inference.pipeline import PipelineEngine, SimplePlacement
+    from node.inference.probe import probe_round_trips
 
     names = ["coordinator", *[f"node{i}" for i in range(1, n)]]
     config = json.loads((checkpoint / "config.json").read_text())

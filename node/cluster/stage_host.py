@@ -43,7 +43,7 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
     def _real(self) -> Any:
         with self._lock:
             if self._service is None:
-                from node.inference.stage import StageService
+                from node.inference.stage_service import StageService
 
                 self._service = StageService(self._resolve_model)
             return self._service
