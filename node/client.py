@@ -348,12 +348,15 @@ class AsyncMacmeshClient:
         *,
         min_nodes: int = 0,
         context_length: int = 0,
+        pull: bool = False,
         timeout: float | None = None,
     ) -> AsyncStream[LaunchMessage | Launched]:
+        """Stream progress lines, then the instance; ``pull`` downloads what is missing."""
         request = pb.LaunchRequest(
             model=model,
             min_nodes=_uint32("min_nodes", min_nodes),
             context_length=_uint32("context_length", context_length),
+            pull=pull,
         )
         call = self._stub.Launch(request, timeout=self._deadline(timeout))
         return AsyncStream(call, launch_event_from_proto)
@@ -510,7 +513,7 @@ class MacmeshClient:
         return self._loop.run(self._client.place(model, **kwargs))
 
     def launch(self, model: str, **kwargs: Any) -> Stream[LaunchMessage | Launched]:
-        """See ``AsyncMacmeshClient.launch`` (min_nodes, context_length, timeout)."""
+        """See ``AsyncMacmeshClient.launch`` (min_nodes, context_length, pull, timeout)."""
         return self._stream(self._client.launch, model, **kwargs)
 
     def unload(self, model: str = "", **kwargs: Any) -> int:

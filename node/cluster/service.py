@@ -31,7 +31,7 @@ import grpc
 
 from node.cluster import generate, peers
 from node.cluster.admission import DEFAULT_HEADROOM
-from node.cluster.catalog import checkpoint_resolver, list_models
+from node.cluster.catalog import checkpoint_resolver, list_models, model_info_proto
 from node.cluster.coordinator import Coordinator, LaunchPlan
 from node.cluster.errors import Code, abort, status_for
 from node.cluster.instances import InstanceInfo, InstanceRegistry
@@ -116,24 +116,8 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     def ListModels(
         self, request: pb.ListModelsRequest, context: grpc.ServicerContext
     ) -> pb.ListModelsResponse:
-        launched: set[str] = set()
-        for info in self.cluster_instances():
-            launched.update([info.model, *info.aliases])
-        models = []
-        for entry in list_models(self.daemon.settings.models_dir):
-            msg = pb.ModelInfo(
-                id=entry.id,
-                model_type=entry.model_type,
-                num_layers=entry.num_layers,
-                bytes=entry.bytes,
-                context_length=entry.context_length,
-                launched=entry.id in launched or (entry.checkpoint or "") in launched,
-            )
-            if entry.native_mtp is not None:
-                msg.native_mtp.CopyFrom(
-                    pb.NativeMtp(default_k=entry.native_mtp.default_k, max_k=entry.native_mtp.max_k)
-                )
-            models.append(msg)
+        entries = list_models(self.daemon.settings.models_dir, self.cluster_instances())
+        models = [model_info_proto(entry) for entry in entries]
         return pb.ListModelsResponse(models=models)
 
     def ClusterStatus(
@@ -181,9 +165,12 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
     ) -> Iterator[pb.LaunchProgress]:
         cancel = generate.cancel_token(context)
         forwarded = peers.is_forwarded(context)
+        model = request.model
         try:
+            if request.pull:  # plan from the hub's headers; the nodes download below
+                model = self.coordinator.prepare_pull(request.model)
             launch_plan = self._plan(
-                request.model, request.min_nodes, request.context_length, pin=forwarded
+                model, request.min_nodes, request.context_length, pin=forwarded
             )
         except Exception as exc:
             abort(context, exc)
@@ -196,7 +183,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         def work() -> None:
             try:
                 instance = self.coordinator.launch(
-                    request.model, launch_plan, lambda line: progress.put(("line", line)), cancel
+                    model,
+                    launch_plan,
+                    lambda line: progress.put(("line", line)),
+                    cancel,
+                    pull=request.pull,
                 )
                 progress.put(("done", instance))
             except BaseException as exc:
@@ -308,6 +299,9 @@ def install(daemon: Any) -> InferenceServicer:
     )
     servicer = InferenceServicer(daemon)
     daemon.add_servicer(pb_grpc.add_InferenceServiceServicer_to_server, servicer, SERVICE_NAME)
+    from node.hub.service import install as install_hub
+
+    install_hub(daemon)  # HubService: this node's part of a `launch --pull`
     daemon.subscribe(servicer.coordinator.on_peer_event)
     daemon.subscribe(servicer.router.on_peer_event)
     daemon.subscribe(stages.on_peer_event)
