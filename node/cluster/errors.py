@@ -4,7 +4,8 @@ INVALID_ARGUMENT (a malformed request, a value outside the model's limits), NOT_
 model, model not launched, no such instance), FAILED_PRECONDITION (an engine the instance
 cannot run, weights missing on a stage node), RESOURCE_EXHAUSTED (the model does not fit, the
 instance's queue is full), UNAVAILABLE (instance loading/failed, a stage or peer unreachable),
-CANCELLED / DEADLINE_EXCEEDED from gRPC itself. Anything else is INTERNAL, and logged.
+CANCELLED / DEADLINE_EXCEEDED from gRPC itself; hub errors of a ``launch --pull`` as the
+HubService maps them (NOT_FOUND for a repo or revision, FAILED_PRECONDITION otherwise). Anything else is INTERNAL, and logged.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ class Refusal(Exception):
 
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     """The status code and message an exception goes out with."""
+    from node.hub.remote import HubError, RepoNotFound, RevisionNotFound
     from node.inference.errors import EngineUnavailable
 
     if isinstance(exc, Refusal):
@@ -52,6 +54,10 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
         return Code.UNAVAILABLE, str(exc)
     if isinstance(exc, LaunchCancelled):
         return Code.CANCELLED, str(exc)
+    if isinstance(exc, RepoNotFound | RevisionNotFound):  # as node.hub.service maps them
+        return Code.NOT_FOUND, str(exc)
+    if isinstance(exc, HubError):  # not a repo id, offline, no space, a bad download
+        return Code.FAILED_PRECONDITION, str(exc)
     if isinstance(exc, ValueError):  # PlacementError, RequestError, bad fields
         return Code.INVALID_ARGUMENT, str(exc)
     code = getattr(exc, "code", None)
