@@ -160,8 +160,10 @@ def usage(stats: FinalStats) -> Usage:
 
 
 def macmesh_stats(stats: FinalStats) -> MacmeshStats:
-    """The request's FinalStats in the HTTP API's shape (``tps`` is generation_tps)."""
-    fields = stats.model_dump(exclude={"kind", "generation_tps"})
+    """The request's FinalStats in the HTTP API's shape (``tps`` is generation_tps; timings
+    and the stop sequence are not part of it)."""
+    internal = {"kind", "generation_tps", "queue_seconds", "time_to_first_token_seconds"}
+    fields = stats.model_dump(exclude=internal | {"stop_sequence"})
     return MacmeshStats.model_validate({**fields, "tps": stats.generation_tps})
 
 
