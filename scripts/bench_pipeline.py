@@ -212,10 +212,15 @@ def measure_generation(engine: Any, prompt: list[int], tokens: int) -> dict[str,
 
 
 def measure_streams(engine: Any, prompts: list[list[int]], tokens: int) -> dict[str, float]:
+    """Aggregate decode of concurrent streams, counted only while every stream decodes.
+
+    The window opens at the last stream's first token (every prefill is done) and closes at
+    the first stream's last token (none has finished); only tokens that arrive inside it
+    count, so neither the staggered prefills nor a stream running alone at the end inflate
+    or deflate the figure."""
     from node.inference.requests import GenerateRequest
 
-    counts = [0] * len(prompts)
-    first_token: list[float] = []
+    arrivals: list[list[float]] = [[] for _ in prompts]
     barrier = threading.Barrier(len(prompts) + 1)
 
     def stream(i: int) -> None:
@@ -223,9 +228,8 @@ def measure_streams(engine: Any, prompts: list[list[int]], tokens: int) -> dict[
         request = GenerateRequest(prompt_ids=prompts[i], max_tokens=tokens, ignore_eos=True)
         for event in engine.generate(request):
             if event.kind == "delta":
-                if counts[i] == 0:
-                    first_token.append(time.perf_counter())
-                counts[i] += len(event.token_ids)
+                now = time.perf_counter()
+                arrivals[i].extend([now] * len(event.token_ids))
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
     for t in threads:
@@ -235,12 +239,17 @@ def measure_streams(engine: Any, prompts: list[list[int]], tokens: int) -> dict[
     for t in threads:
         t.join()
     ended = time.perf_counter()
-    decoded = sum(counts) - len(prompts)  # tokens after each stream's first (prefill) token
+    opens = max(times[0] for times in arrivals)
+    closes = min(times[-1] for times in arrivals)
+    inside = sum(1 for times in arrivals for t in times if opens < t <= closes)
+    total = sum(len(times) for times in arrivals)
     return {
         "streams": len(prompts),
-        "tokens": sum(counts),
-        "wall_tps": sum(counts) / (ended - began),
-        "decode_tps": decoded / (ended - max(first_token)) if decoded > 0 else 0.0,
+        "tokens": total,
+        "wall_tps": total / (ended - began),
+        "window_seconds": closes - opens,
+        "window_tokens": inside,
+        "decode_tps": inside / (closes - opens) if closes > opens else 0.0,
     }
 
 
@@ -249,7 +258,8 @@ def bench_nodes(
 ) -> dict[str, Any]:
     import mlx.core as mx
 
-    from node.inference.pipeline import PipelineEngine, SimplePlacement, probe_round_trips
+    from node.inference.pipeline import PipelineEngine, SimplePlacement
+    from node.inference.probe import probe_round_trips
 
     names = ["coordinator", *[f"node{i}" for i in range(1, n)]]
     config = json.loads((checkpoint / "config.json").read_text())

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from node import messages
 from node.cluster import convert
 from node.cluster.catalog import NoCheckpointError, list_models, locate, resolve_checkpoint_name
 from node.cluster.coordinator import choose_placement
@@ -23,6 +24,7 @@ from node.cluster.instances import (
 from node.cluster.live import CancelToken
 from node.cluster.selector import EngineRefused
 from node.cluster.stops import StopMatcher
+from node.inference.stats import FinalStats, GenerationStats, StageStats
 from node.models import bundled_model_path
 from node.placement import InsufficientMemoryError, NodeCapacity, get_card, resolve_card
 from node.proto.macmesh.v1 import inference_pb2 as pb
@@ -176,37 +178,60 @@ def test_layers_text() -> None:
 # -- wire conversions -----------------------------------------------------------------------------
 
 
-def test_engine_request_defaults_and_errors_name_the_field() -> None:
-    msg = pb.GenerateRequest(model="m", text="hi", sampling=pb.SamplingParams())
-    request = convert.engine_request(msg)
+def test_request_edges_validate_once_and_name_the_field() -> None:
+    wire = pb.GenerateRequest(model="m", text="hi", sampling=pb.SamplingParams())
+    options = messages.options_from_proto(wire)
+    request = convert.engine_request(options)
     assert request.prompt == "hi" and request.max_tokens == convert.DEFAULT_MAX_TOKENS
     assert request.sampling.top_p == 1.0 and request.sampling.repetition_penalty == 1.0
-    ids = convert.engine_request(pb.GenerateRequest(model="m", prompt_ids=pb.TokenIds(ids=[1, 2])))
-    assert ids.prompt_ids == [1, 2]
+    ids = messages.options_from_proto(
+        pb.GenerateRequest(model="m", prompt_ids=pb.TokenIds(ids=[1, 2]))
+    )
+    assert convert.engine_request(ids).prompt_ids == [1, 2]
     with pytest.raises(ValueError, match="no prompt"):
-        convert.engine_request(pb.GenerateRequest(model="m"))
-    with pytest.raises(ValueError, match="temperature"):
-        convert.engine_request(
+        messages.options_from_proto(pb.GenerateRequest(model="m"))
+    with pytest.raises(ValueError, match=r"sampling\.temperature=-1\.0"):
+        messages.options_from_proto(
             pb.GenerateRequest(model="m", text="x", sampling=pb.SamplingParams(temperature=-1))
         )
-    with pytest.raises(ValueError, match=r"messages\[0\].role='robot'"):
-        convert.check_messages(
+    with pytest.raises(ValueError, match=r"messages\[0\]\.role='robot'"):
+        messages.options_from_proto(
             pb.GenerateRequest(
                 model="m",
                 messages=pb.ChatMessages(messages=[pb.ChatMessage(role="robot", content="x")]),
             )
         )
+    with pytest.raises(ValueError, match="engine='warp'"):
+        messages.options_from_proto(pb.GenerateRequest(model="m", text="x", engine="warp"))
+    with pytest.raises(ValueError, match="model is empty"):
+        messages.options_from_proto(pb.GenerateRequest(text="x"))
+    with pytest.raises(ValueError, match="prompt is empty"):
+        messages.options_from_proto(pb.GenerateRequest(model="m", text=""))
     chat = pb.GenerateRequest(
         model="m", messages=pb.ChatMessages(messages=[pb.ChatMessage(role="user", content="x")])
     )
     with pytest.raises(ValueError, match="no chat template"):
-        convert.engine_request(chat, tokenizer=None)
+        convert.engine_request(messages.options_from_proto(chat), tokenizer=None)
 
 
-def test_stats_round_trip_through_the_wire() -> None:
-    from node.inference.stats import GenerationStats, StageStats
+def test_options_round_trip_through_the_wire() -> None:
+    options = messages.GenerateOptions(
+        model="m",
+        messages=[messages.ChatMessage(role="user", content="hello")],
+        max_tokens=7,
+        sampling=messages.Sampling(temperature=0.5, top_k=3, logit_bias={4: -1.5}, seed=0),
+        engine="native_mtp",
+        mtp_k=2,
+        stop=["\n"],
+        request_id="r1",
+    )
+    assert messages.options_from_proto(messages.options_to_proto(options)) == options
+    auto = messages.GenerateOptions(model="m", prompt_ids=[1])
+    assert messages.options_from_proto(messages.options_to_proto(auto)) == auto
 
-    stats = GenerationStats(
+
+def test_stats_round_trip_through_the_wire_without_drift() -> None:
+    stats = FinalStats(
         engine="native_mtp",
         engine_reason="native_mtp: x",
         drafter_kind="native_mtp",
@@ -219,12 +244,35 @@ def test_stats_round_trip_through_the_wire() -> None:
         prompt_tps=100.0,
         generation_tps=50.0,
         stages=[StageStats(node_id="n1", address="127.0.0.1:1", start_layer=0, end_layer=4)],
+        finish_reason="length",
     )
-    wire = convert.stats_to_proto(stats, "length")
+    wire = messages.stats_to_proto(stats)
     assert wire.finish_reason == "length"
-    assert convert.stats_from_proto(wire) == stats
-    plain = convert.stats_from_proto(pb.GenerationStats(engine="pipeline"))
-    assert plain.acceptance_rate is None and plain.drafter_kind is None
+    assert messages.stats_from_proto(wire) == stats
+    # Nothing drafted: None on both sides of the wire, never 0.0 on one of them.
+    plain = FinalStats(engine="pipeline", finish_reason="stop")
+    back = messages.stats_from_proto(messages.stats_to_proto(plain))
+    assert back == plain and back.acceptance_rate is None and back.drafter_kind is None
+    # An engine outside the contract is an error naming it, never silently another engine.
+    with pytest.raises(ValueError, match="engine='warp'"):
+        messages.stats_from_proto(pb.GenerationStats(engine="warp", finish_reason="stop"))
+    with pytest.raises(ValueError, match="finish_reason"):
+        messages.stats_from_proto(pb.GenerationStats(engine="local", finish_reason="bored"))
+
+
+def test_engine_events_are_the_api_events() -> None:
+    from node.inference.events import GenerationDone, TokenDelta
+
+    assert messages.Delta is TokenDelta
+    done = GenerationDone(
+        text="ab",
+        token_ids=[1, 2],
+        finish_reason="length",
+        stats=GenerationStats(engine="local", generation_tokens=2),
+    )
+    final = convert.final_stats(done, engine_reason="local: why")
+    assert isinstance(final, FinalStats) and final.finish_reason == "length"
+    assert final.engine_reason == "local: why" and final.generation_tokens == 2
 
 
 # -- the catalogue ----------------------------------------------------------------------------------

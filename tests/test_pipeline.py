@@ -180,6 +180,28 @@ def test_seeded_sampling_is_the_same_on_one_and_three_nodes(nodes: StageNodes) -
         three.close()
 
 
+def test_tokens_go_straight_from_the_last_stage_to_the_coordinator(nodes: StageNodes) -> None:
+    """A ring: on three nodes a token goes coordinator -> stage 1 -> stage 2 -> coordinator
+    (3 hops), never back through stage 1 (which would be 4). The stages count what they
+    return directly and what they relay; with the return stream off (the control) stage 1
+    relays every token and the release ack, so the counters do see the difference."""
+    topology = ["coordinator", nodes[0].name, nodes[1].name]
+    expected = mlx_lm_greedy("dense", PROMPT, 12)
+    for direct in (True, False):
+        engine = engine_for("dense", topology, nodes, direct_return=direct)
+        try:
+            done = run(engine, PROMPT, 12)
+            assert done.token_ids == expected
+            wait_for(lambda e=engine: e.cached_requests() == [0, 0, 0], 10, what="released")
+            _, middle, last = engine.status()
+        finally:
+            engine.close()
+        if direct:
+            assert (last.tokens_returned, middle.responses_relayed) == (12, 0)
+        else:  # 12 tokens and the release ack, each relayed by stage 1
+            assert (last.tokens_returned, middle.responses_relayed) == (0, 13)
+
+
 def test_eight_concurrent_requests_are_all_correct(nodes: StageNodes) -> None:
     prompts = [[(13 * i + 5 * j + 1) % 480 for j in range(8 + 5 * i)] for i in range(8)]
     expected = [mlx_lm_greedy("dense", p, 16) for p in prompts]

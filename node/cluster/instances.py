@@ -28,6 +28,8 @@ from typing import Generic, Protocol, TypeVar
 from pydantic import BaseModel, Field
 
 from node.cluster.selector import ENGINE_PREFERENCE, EngineRefused, compatible, request_engine
+from node.inference.stats import StageStats
+from node.messages import stage_from_proto, stage_to_proto
 from node.proto.macmesh.v1 import inference_pb2 as pb
 
 LOADING = "loading"
@@ -45,30 +47,9 @@ class InstanceUnavailable(Exception):
     """The instance exists but cannot take requests now (loading, failed, unloading)."""
 
 
-class StageRef(BaseModel):
-    """One stage of an instance: a node and its layer range ``[start_layer, end_layer)``."""
-
-    node_id: str
-    address: str = ""
-    start_layer: int = Field(ge=0)
-    end_layer: int = Field(ge=0)
-
-    def to_proto(self) -> pb.StageStats:
-        return pb.StageStats(
-            node_id=self.node_id,
-            address=self.address,
-            start_layer=self.start_layer,
-            end_layer=self.end_layer,
-        )
-
-    @classmethod
-    def from_proto(cls, msg: pb.StageStats) -> StageRef:
-        return cls(
-            node_id=msg.node_id,
-            address=msg.address,
-            start_layer=msg.start_layer,
-            end_layer=msg.end_layer,
-        )
+# One stage of an instance: a node and its layer range [start_layer, end_layer); the same
+# record a request's stats list (node.inference.stats.StageStats).
+StageRef = StageStats
 
 
 class InstanceInfo(BaseModel):
@@ -98,7 +79,7 @@ class InstanceInfo(BaseModel):
             instance_id=self.instance_id,
             model=self.model,
             coordinator_node_id=self.coordinator_node_id,
-            stages=[s.to_proto() for s in self.stages],
+            stages=[stage_to_proto(s) for s in self.stages],
             engine=self.engine,
             engine_reason=self.engine_reason,
             state=self.state,
@@ -119,7 +100,7 @@ class InstanceInfo(BaseModel):
             aliases=list(msg.aliases),
             coordinator_node_id=msg.coordinator_node_id,
             coordinator_address=msg.coordinator_address,
-            stages=[StageRef.from_proto(s) for s in msg.stages],
+            stages=[stage_from_proto(s) for s in msg.stages],
             engine=msg.engine,
             engine_reason=msg.engine_reason,
             state=msg.state,

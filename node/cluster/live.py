@@ -199,18 +199,8 @@ class Instance:
         with self._count_lock:
             self._idle.wait_for(lambda: self._in_flight == 0, timeout=timeout_s)
 
-    def stage_stats(self) -> list[Any]:
-        from node.inference.stats import StageStats
-
-        return [
-            StageStats(
-                node_id=s.node_id,
-                address=s.address,
-                start_layer=s.start_layer,
-                end_layer=s.end_layer,
-            )
-            for s in self.stages
-        ]
+    def stage_stats(self) -> list[StageRef]:
+        return list(self.stages)
 
     # -- what subclasses implement --
 

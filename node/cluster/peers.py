@@ -1,5 +1,11 @@
-"""Calls to a node's InferenceService about instances: from one daemon to its peers (lookups
-and forwarding), and from ``macmesh status`` to any daemon (``status_instances``).
+"""Calls to other nodes' InferenceService: from one daemon to its peers (instance lookups,
+forwarding, unloads), over one pooled channel per peer, and from ``macmesh status`` to any
+daemon (``status_instances``, a one-shot CLI call with its own channel).
+
+``PeerChannels`` keeps one gRPC channel (one HTTP/2 connection, one TLS handshake) per peer
+address for the daemon's lifetime: a request that a node forwards, or a lookup it makes,
+opens no connection once the peer has been reached once. gRPC multiplexes concurrent calls
+over the channel and reconnects it by itself after a peer restarts.
 
 A call a node makes on behalf of a client carries the ``x-macmesh-forwarded`` metadata; the
 receiving node then answers from its own instances only and never forwards again, so a stale
@@ -8,6 +14,7 @@ view can cost one extra hop but never a loop.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,17 +37,49 @@ def is_forwarded(context: grpc.ServicerContext) -> bool:
     return any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ())
 
 
-def peer_instances(address: str, timeout_s: float = LOOKUP_TIMEOUT_S) -> list[InstanceInfo]:
+class PeerChannels:
+    """One channel per peer address, opened on first use and kept until ``close``."""
+
+    def __init__(self) -> None:
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> grpc.Channel:
+        with self._lock:
+            channel = self._channels.get(address)
+            if channel is None:
+                channel = self._channels[address] = rpc.channel(address)
+            return channel
+
+    def stub(self, address: str) -> pb_grpc.InferenceServiceStub:
+        return pb_grpc.InferenceServiceStub(self.get(address))
+
+    def forget(self, address: str) -> None:
+        """Close the channel of a peer that left (a new one opens if it comes back)."""
+        with self._lock:
+            channel = self._channels.pop(address, None)
+        if channel is not None:
+            channel.close()
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for channel in channels:
+            channel.close()
+
+
+def peer_instances(
+    channels: PeerChannels, address: str, timeout_s: float = LOOKUP_TIMEOUT_S
+) -> list[InstanceInfo]:
     """The instances the node at ``address`` coordinates; raises ``grpc.RpcError``."""
-    with rpc.channel(address) as channel:
-        reply = pb_grpc.InferenceServiceStub(channel).ClusterStatus(
-            pb.ClusterStatusRequest(local_only=True), timeout=timeout_s, metadata=FORWARDED
-        )
+    reply = channels.stub(address).ClusterStatus(
+        pb.ClusterStatusRequest(local_only=True), timeout=timeout_s, metadata=FORWARDED
+    )
     return [InstanceInfo.from_proto(i) for i in reply.instances]
 
 
 def gather_instances(
-    addresses: Sequence[str], timeout_s: float = LOOKUP_TIMEOUT_S
+    channels: PeerChannels, addresses: Sequence[str], timeout_s: float = LOOKUP_TIMEOUT_S
 ) -> list[InstanceInfo]:
     """Every instance the peers at ``addresses`` coordinate, asked in parallel. A peer that
     does not answer in time (or runs no InferenceService) is skipped and logged."""
@@ -49,32 +88,35 @@ def gather_instances(
 
     def ask(address: str) -> list[InstanceInfo]:
         try:
-            return peer_instances(address, timeout_s)
+            return peer_instances(channels, address, timeout_s)
         except grpc.RpcError as exc:
             log.info("peer skipped in instance lookup", peer=address, code=exc.code().name)
         except ValueError as exc:  # a malformed record: say so, do not fail the whole view
             log.warning("peer sent an invalid instance", peer=address, error=str(exc))
         return []
 
+    if len(addresses) == 1:
+        return ask(addresses[0])
     with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
         results = list(pool.map(ask, addresses))
     return [info for infos in results for info in infos]
 
 
-def unload_on(address: str, instance_ids: Iterable[str], timeout_s: float) -> int:
+def unload_on(
+    channels: PeerChannels, address: str, instance_ids: Iterable[str], timeout_s: float
+) -> int:
     """Ask the coordinator at ``address`` to unload these instances; returns how many it did."""
     count = 0
-    with rpc.channel(address) as channel:
-        stub = pb_grpc.InferenceServiceStub(channel)
-        for instance_id in instance_ids:
-            try:
-                reply = stub.Unload(
-                    pb.UnloadRequest(instance_id=instance_id), timeout=timeout_s, metadata=FORWARDED
-                )
-                count += reply.unloaded
-            except grpc.RpcError as exc:
-                if exc.code() is not grpc.StatusCode.NOT_FOUND:  # gone meanwhile: fine
-                    raise
+    stub = channels.stub(address)
+    for instance_id in instance_ids:
+        try:
+            reply = stub.Unload(
+                pb.UnloadRequest(instance_id=instance_id), timeout=timeout_s, metadata=FORWARDED
+            )
+            count += reply.unloaded
+        except grpc.RpcError as exc:
+            if exc.code() is not grpc.StatusCode.NOT_FOUND:  # gone meanwhile: fine
+                raise
     return count
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,18 +35,16 @@ _FLAGS = {
 }
 
 
-def generate_remote(node: str | None, model: str, request: Any) -> Iterator[Any]:
-    """Send ``request`` for ``model`` to the daemon at ``node`` and stream its events.
+def generate_remote(node: str, options: Any) -> Iterator[Any]:
+    """Send ``options`` (``GenerateOptions``) to the daemon at ``node`` and stream its events:
+    the client's ``Delta`` events, then one ``FinalStats``.
 
-    Any node of the cluster will do: it relays to the instance's coordinator. Yields the same
-    ``TokenDelta`` / ``GenerationDone`` events as the local engines (``stats.stages`` lists
-    the stages the request went through). Ctrl-C cancels the request on the cluster."""
-    from node.client import FinalStats, MacmeshClient, MacmeshError
-    from node.cluster.convert import stats_from_proto
-    from node.commands.launch import describe_error, exit_code_for, model_argument
+    Any node of the cluster will do: it relays to the instance's coordinator
+    (``stats.stages`` lists the stages the request went through). Ctrl-C cancels the request
+    on the cluster."""
+    from node.client import MacmeshClient, MacmeshError
+    from node.commands.launch import describe_error, exit_code_for
     from node.discovery.static import parse_peer
-    from node.inference.events import GenerationDone, TokenDelta
-    from node.proto.macmesh.v1 import inference_pb2 as pb
 
     if node is None:  # no --node: this machine's daemon, wherever it listens (its daemon.json)
         from node.commands.status import _local_daemon_address
@@ -55,58 +54,14 @@ def generate_remote(node: str | None, model: str, request: Any) -> Iterator[Any]
         parse_peer(node)
     except ValueError as exc:
         raise _fail(f"--node {node!r}: {exc}") from None
-    s = request.sampling
-    sampling = {
-        "temperature": s.temperature,
-        "top_p": s.top_p,
-        "top_k": s.top_k,
-        "min_p": s.min_p,
-        "repetition_penalty": s.repetition_penalty,
-        "presence_penalty": s.presence_penalty,
-        "frequency_penalty": s.frequency_penalty,
-        "logit_bias": dict(s.logit_bias),
-        "seed": s.seed,
-    }
-    text: list[str] = []
-    token_ids: list[int] = []
     with MacmeshClient(node, timeout=None) as client:
-        stream = client.generate(
-            model_argument(model),
-            request.prompt,
-            prompt_ids=request.prompt_ids,
-            max_tokens=request.max_tokens,
-            sampling=sampling,
-            engine=request.engine,
-            mtp_k=request.mtp_k or 0,
-            ignore_eos=request.ignore_eos,
-            raw=request.raw,
-        )
+        stream = client.generate_with(options)
         try:
-            for event in stream:
-                if isinstance(event, FinalStats):
-                    wire = pb.GenerationStats(
-                        **event.model_dump(exclude={"kind", "stages", "drafter_kind"}),
-                        drafter_kind=event.drafter_kind or "",
-                        stages=[pb.StageStats(**st.model_dump()) for st in event.stages],
-                    )
-                    finish = (
-                        event.finish_reason if event.finish_reason in ("stop", "length") else "stop"
-                    )
-                    yield GenerationDone(
-                        text="".join(text),
-                        token_ids=token_ids,
-                        finish_reason=finish,
-                        stats=stats_from_proto(wire),
-                    )
-                    return
-                text.append(event.text)
-                token_ids.extend(event.token_ids)
-                yield TokenDelta(text=event.text, token_ids=event.token_ids)
+            yield from stream
         except MacmeshError as exc:
             raise _fail(describe_error(exc, node), code=exit_code_for(exc)) from None
         finally:
             stream.close()
-    raise _fail(f"the daemon at {node} ended the stream without final stats", code=1)
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -115,23 +70,9 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def _describe_validation(exc: ValidationError) -> str:
-    from node.validation import MAX_PROBLEMS, short_repr
+    from node.messages import describe
 
-    problems = []
-    errors = exc.errors()
-    for err in errors[:MAX_PROBLEMS]:
-        loc = [str(p) for p in err["loc"] if p != "sampling"]
-        field = loc[0] if loc else ""
-        name = _FLAGS.get(field, field or "request")
-        value = err.get("input")
-        message = err["msg"].removeprefix("Value error, ")
-        if field:
-            problems.append(f"{name}={short_repr(value)}: {message}")
-        else:
-            problems.append(message)
-    if len(errors) > MAX_PROBLEMS:
-        problems.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
-    return "; ".join(problems)
+    return _describe_error(describe(exc))
 
 
 def _parse_ids(text: str) -> list[int]:
@@ -239,45 +180,63 @@ def generate(
     ] = False,
 ) -> None:
     """Generate text from MODEL, streaming it to the terminal."""
-    from node.inference.requests import GenerateRequest
-    from node.inference.sampling import SamplingParams
+    from node.messages import GenerateOptions
 
     if prompt is not None and prompt_ids is not None:
         raise _fail("give PROMPT or --prompt-ids, not both")
     if prompt is None and prompt_ids is None:
         raise _fail("PROMPT is missing (or pass --prompt-ids 1,2,3)")
+    if mtp_k is not None and mtp_k < 1:
+        raise _fail(
+            f"--mtp-k={mtp_k}: give at least 1 draft token per step (omit it for the default)"
+        )
+    if max_tokens < 1:
+        raise _fail(f"--max-tokens={max_tokens}: generate at least 1 token")
     try:
-        request = GenerateRequest(
+        options = GenerateOptions(
+            model=model if local else _model_argument(model),
             prompt=prompt,
             prompt_ids=_parse_ids(prompt_ids) if prompt_ids is not None else None,
             max_tokens=max_tokens,
-            sampling=SamplingParams(
-                temperature=temperature,
-                top_p=top_p,
-                top_k=top_k,
-                min_p=min_p,
-                repetition_penalty=repetition_penalty,
-                seed=seed,
-            ),
+            sampling={
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "min_p": min_p,
+                "repetition_penalty": repetition_penalty,
+                "seed": seed,
+            },
             engine=engine,  # type: ignore[arg-type]
-            mtp_k=mtp_k,
+            mtp_k=mtp_k or 0,
             ignore_eos=ignore_eos,
             raw=raw,
         )
     except ValidationError as exc:
         raise _fail(_describe_validation(exc)) from None
 
-    events = _generate_local(model, request) if local else generate_remote(node, model, request)
+    events = _generate_local(options) if local else generate_remote(node, options)
     _consume(events, json_output)
 
 
-def _generate_local(model: str, request: Any) -> Iterator[Any]:
+def _model_argument(model: str) -> str:
+    from node.commands.launch import model_argument
+
+    return model_argument(model)
+
+
+def _generate_local(options: Any) -> Iterator[Any]:
+    """The request in this process, through the same edge conversions a node runs: the
+    options become the engines' request, the engine's last event becomes ``FinalStats``."""
+    from node.cluster.convert import engine_request, final_stats
     from node.inference.errors import EngineUnavailable
+    from node.inference.events import GenerationDone
     from node.inference.loading import load_checkpoint
     from node.inference.requests import RequestError
     from node.inference.runner import LocalRunner
 
-    path = _checkpoint_dir(model)
+    if options.engine == "pipeline":
+        raise _fail("--engine=pipeline needs a cluster (--node); --local runs native_mtp or local")
+    path = _checkpoint_dir(options.model)
     try:
         loaded = load_checkpoint(path)
     except (OSError, ValueError) as exc:
@@ -285,30 +244,49 @@ def _generate_local(model: str, request: Any) -> Iterator[Any]:
     enabled, disabled_by = _native_mtp_setting()
     runner = LocalRunner(loaded, native_mtp_enabled=enabled, disabled_by=disabled_by)
     try:
-        yield from runner.generate(request)
+        request = engine_request(options, loaded.tokenizer).model_copy(
+            update={"engine": options.engine}
+        )
+        for event in runner.generate(request):
+            yield final_stats(event) if isinstance(event, GenerationDone) else event
     except (RequestError, EngineUnavailable) as exc:
         raise _fail(str(exc)) from None
+    except ValueError as exc:
+        raise _fail(_describe_error(str(exc))) from None
+
+
+def _describe_error(message: str) -> str:
+    """A request error with the flags the user typed in place of the field names."""
+    for field, flag in _FLAGS.items():
+        message = re.sub(rf"(?<![\w.-])(?:sampling\.)?{field}(?=[=\[])", flag, message)
+    return message
 
 
 def _consume(events: Iterator[Any], json_output: bool) -> None:
-    from node.inference.events import GenerationDone
+    from node.messages import FinalStats
 
-    done = None
+    final = None
+    text: list[str] = []
+    token_ids: list[int] = []
     for event in events:
-        if isinstance(event, GenerationDone):
-            done = event
-        elif not json_output and event.text:
+        if isinstance(event, FinalStats):
+            final = event
+            break
+        text.append(event.text)
+        token_ids.extend(event.token_ids)
+        if not json_output and event.text:
             sys.stdout.write(event.text)
             sys.stdout.flush()
-    assert done is not None
+    if final is None:
+        raise _fail("the request ended without final stats", code=1)
     if json_output:
         payload = {
-            "text": done.text,
-            "token_ids": done.token_ids,
-            "finish_reason": done.finish_reason,
-            "stats": done.stats.model_dump(mode="json"),
+            "text": "".join(text),
+            "token_ids": token_ids,
+            "finish_reason": final.finish_reason,
+            "stats": final.model_dump(mode="json", exclude={"kind", "finish_reason"}),
         }
         typer.echo(json.dumps(payload))
     else:
         sys.stdout.write("\n")
-        _print_summary(done.stats)
+        _print_summary(final)

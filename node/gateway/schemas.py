@@ -207,7 +207,9 @@ class MacmeshStats(_Response):
     num_draft_tokens: int
     proposed_draft_tokens: int
     accepted_draft_tokens: int
-    acceptance_rate: float
+    acceptance_rate: float | None = Field(
+        description="accepted / proposed; null when nothing was drafted"
+    )
     prompt_tokens: int
     generation_tokens: int
     prompt_tps: float

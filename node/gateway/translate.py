@@ -28,7 +28,6 @@ from node.gateway.schemas import (
     GenerationFields,
     MacmeshExtensions,
     MacmeshStats,
-    StageOut,
     Usage,
 )
 
@@ -161,21 +160,11 @@ def usage(stats: FinalStats) -> Usage:
 
 
 def macmesh_stats(stats: FinalStats) -> MacmeshStats:
-    return MacmeshStats(
-        engine=stats.engine,
-        engine_reason=stats.engine_reason,
-        drafter_kind=stats.drafter_kind,
-        num_draft_tokens=stats.num_draft_tokens,
-        proposed_draft_tokens=stats.proposed_draft_tokens,
-        accepted_draft_tokens=stats.accepted_draft_tokens,
-        acceptance_rate=stats.acceptance_rate,
-        prompt_tokens=stats.prompt_tokens,
-        generation_tokens=stats.generation_tokens,
-        prompt_tps=stats.prompt_tps,
-        tps=stats.generation_tps,
-        finish_reason=stats.finish_reason,
-        stages=[StageOut(**s.model_dump()) for s in stats.stages],
-    )
+    """The request's FinalStats in the HTTP API's shape (``tps`` is generation_tps; timings
+    and the stop sequence are not part of it)."""
+    internal = {"kind", "generation_tps", "queue_seconds", "time_to_first_token_seconds"}
+    fields = stats.model_dump(exclude=internal | {"stop_sequence"})
+    return MacmeshStats.model_validate({**fields, "tps": stats.generation_tps})
 
 
 @dataclass(frozen=True)

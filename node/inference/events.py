@@ -8,11 +8,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from node.inference.stats import GenerationStats
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length"]  # what an engine ends with; FinalStats adds "cancelled"
 
 
 class TokenDelta(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    """New text and the token ids it came from; the client's ``Delta`` is this type."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     kind: Literal["delta"] = "delta"
     text: str = Field(description="newly decodable text (may be empty mid-character)")

@@ -7,7 +7,8 @@ which keeps the frames of a request in order without locks.
 ``ForwardLink`` is the client end of one long-lived ``StageService.Forward`` stream: frames
 queued with ``send`` go out in order; every response is handed to ``on_response`` on the
 link's receiver thread; ``on_closed`` runs once when the stream ends (None on a clean end, the
-``grpc.RpcError`` otherwise).
+``grpc.RpcError`` otherwise). With ``return_route`` it is a coordinator's return stream to a
+last stage: it sends nothing and receives the tokens of the requests opened with that route.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
 log = get_logger(__name__)
 
 INSTANCE_METADATA_KEY = "x-macmesh-instance"
+# On a stream to a last stage: this is the coordinator's return stream for the given route.
+RETURN_METADATA_KEY = "x-macmesh-return"
 _CLOSE = object()
 
 
@@ -80,15 +83,31 @@ class ForwardLink:
         on_closed: Callable[[grpc.RpcError | None], None],
         *,
         name: str = "forward-link",
+        return_route: str = "",
     ) -> None:
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self._on_response = on_response
         self._on_closed = on_closed
+        metadata = [(INSTANCE_METADATA_KEY, instance_id)]
+        if return_route:
+            metadata.append((RETURN_METADATA_KEY, return_route))
         self._call = pb_grpc.StageServiceStub(channel).Forward(
-            self._requests(), metadata=((INSTANCE_METADATA_KEY, instance_id),)
+            self._requests(), metadata=tuple(metadata)
         )
         self._receiver = threading.Thread(target=self._receive, name=name, daemon=True)
         self._receiver.start()
+
+    def wait_accepted(self, timeout: float) -> None:
+        """Block until the stage accepted the stream (its response headers arrived); raises
+        ``grpc.RpcError`` when it refused it, ``TimeoutError`` when it did not answer."""
+        done = threading.Event()
+        threading.Thread(
+            target=lambda: (self._call.initial_metadata(), done.set()), daemon=True
+        ).start()
+        if not done.wait(timeout):
+            raise TimeoutError(f"the stage did not accept the stream within {timeout} s")
+        if self._call.done() and self._call.code() is not grpc.StatusCode.OK:
+            raise self._call  # a grpc.RpcError with the stage's status
 
     def send(self, frame: pb.ForwardRequest) -> None:
         self._outbox.put(frame)

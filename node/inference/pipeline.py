@@ -8,9 +8,11 @@ next hop's address), then ``generate(request)`` streams the same ``TokenDelta`` 
 One Forward stream carries every request. Prefill is cut like mlx-lm's ``generate_step`` (the
 prompt minus its last token in ``prefill_step_size`` pieces, then the last token alone, which
 is the first one sampled), so a greedy pipelined run computes exactly what mlx-lm computes.
-Each sampled token comes back from the last stage to the coordinator, which decides right
-there (on the receiving thread, not the consumer's) whether to stop or to feed the token
-back in; so several requests are in flight at once and different stages work on different
+Each sampled token comes from the last stage straight to the coordinator, on a return stream
+the coordinator keeps open to the last stage (a ring: the token does not retrace the chain;
+with stage 0 here, a token costs one hop per stage, N, instead of 2(N-1)). The coordinator
+decides right there (on the receiving thread, not the consumer's) whether to stop or to feed
+the token back in; so several requests are in flight at once and different stages work on different
 requests at the same time. Finishing, cancelling or abandoning a request's iterator sends a
 release down the pipeline, and every stage frees that request's caches.
 
@@ -42,16 +44,17 @@ from queue import Empty, SimpleQueue
 from typing import Any, Protocol
 
 import grpc
-import mlx.core as mx
 from mlx_lm.utils import load_config, load_tokenizer
 
-from node.inference.codec import DEFAULT_CHUNK_BYTES, TensorAssembler, encode_tensor
+from node.inference.codec import DEFAULT_CHUNK_BYTES
 from node.inference.engine import OutputTracker
 from node.inference.events import GenerationDone, GenerationEvent
 from node.inference.link import ForwardLink, stage_channel
 from node.inference.requests import GenerateRequest, check_against_model, prompt_token_ids
 from node.inference.shard import load_shard
-from node.inference.stage import StageRuntime, StageSession, sampling_to_proto
+from node.inference.stage_runtime import StageRuntime
+from node.inference.stage_session import StageSession
+from node.inference.stage_wire import sampling_to_proto
 from node.inference.stats import GenerationStats, StageStats, rate
 from node.logging import get_logger
 from node.proto.macmesh.v1 import stage_pb2 as pb
@@ -114,6 +117,11 @@ class PipelineError(RuntimeError):
 _STATUS_BY_VALUE = {status.value[0]: status for status in grpc.StatusCode}
 
 
+def status_for_code(code: int) -> grpc.StatusCode:
+    """The gRPC status a ``StageError.code`` names."""
+    return _STATUS_BY_VALUE.get(code, grpc.StatusCode.UNKNOWN)
+
+
 @dataclass
 class _Active:
     """A request in flight, as the coordinator's receiving side sees it."""
@@ -167,6 +175,7 @@ class PipelineEngine:
         prefill_step_size: int = PREFILL_STEP_SIZE,
         load_timeout: float = DEFAULT_LOAD_TIMEOUT,
         token_timeout: float | None = None,
+        direct_return: bool = True,
     ) -> None:
         self.model_path = Path(model).expanduser()
         self.config = load_config(self.model_path)
@@ -190,6 +199,8 @@ class PipelineEngine:
         self.prefill_step_size = prefill_step_size
         self.load_timeout = load_timeout
         self.token_timeout = token_timeout  # longest wait for the next token (None: no limit)
+        # Tokens straight from the last stage (False: back up the chain, the control case).
+        self.direct_return = direct_return
         self.tokenizer = load_tokenizer(
             self.model_path, eos_token_ids=self.config.get("eos_token_id")
         )
@@ -199,6 +210,8 @@ class PipelineEngine:
         self._local: StageRuntime | None = None
         self._session: StageSession | None = None
         self._link: ForwardLink | None = None
+        self._return: ForwardLink | None = None  # the return stream from the last stage
+        self._route = ""  # its route, named in every request's open frame
         self._send_lock = threading.Lock()
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
@@ -277,12 +290,39 @@ class PipelineEngine:
             self.close()
             raise errors[0]
         self.shards = [infos[p] for p in sorted(infos)]
+        try:
+            self._open_return()
+        except (grpc.RpcError, TimeoutError) as exc:  # tokens then come back up the chain
+            log.warning("no return stream from the last stage", error=str(exc))
         log.info(
             "pipeline loaded",
             instance=self.instance_id,
             stages=[f"{s.node_id}[{s.start_layer},{s.end_layer})" for s in self.stages],
         )
         return self.shards
+
+    def _open_return(self) -> None:
+        """Open the return stream to the last stage, when it is not the first hop anyway
+        (with one remote stage, the chain stream is already the straight way home)."""
+        remote = len(self.stages) - (1 if self.local_first else 0)
+        if not self.direct_return or remote < 2:
+            return
+        route = uuid.uuid4().hex
+        link = ForwardLink(
+            self._channel_to(self.stages[-1].node_id),
+            self.instance_id,
+            on_response=self._on_response,
+            on_closed=self._on_return_closed,
+            name="pipeline-return",
+            return_route=route,
+        )
+        try:
+            link.wait_accepted(timeout=self.load_timeout)
+        except BaseException:
+            link.cancel()
+            raise
+        with self._send_lock:
+            self._return, self._route = link, route
 
     def close(self) -> None:
         """Stop every request, unload every stage, close connections."""
@@ -295,6 +335,10 @@ class PipelineEngine:
         if self._link is not None:
             self._link.cancel()
             self._link = None
+        with self._send_lock:
+            returns, self._return, self._route = self._return, None, ""
+        if returns is not None:
+            returns.cancel()
         with self._send_lock:
             if self._session is not None:
                 self._session.end()
@@ -375,12 +419,34 @@ class PipelineEngine:
             request.events.put(("token", token.token_id))
         elif kind == "error":
             error = response.error
-            status = _STATUS_BY_VALUE.get(error.code, grpc.StatusCode.UNKNOWN)
+            status = status_for_code(error.code)
             self._finish(request, ("error", PipelineError(status, error.message, error.position)))
+
+    def _on_return_closed(self, error: grpc.RpcError | None) -> None:
+        with self._send_lock:
+            if self._return is None:
+                return  # closed by close()
+            self._return, self._route = None, ""
+        # Tokens already on their way home on it are lost: fail (and release, along the chain
+        # that still stands) what is in flight; new requests take the chain back.
+        detail = error.details() if error is not None else "stream ended"
+        with self._lock:
+            active = list(self._active.values())
+        failure = PipelineError(
+            grpc.StatusCode.UNAVAILABLE,
+            f"the return stream from the last stage closed: {detail}",
+            len(self.stages) - 1,
+        )
+        for request in active:
+            self._finish(request, ("error", failure))
 
     def _on_link_closed(self, error: grpc.RpcError | None) -> None:
         with self._send_lock:
             self._link = None
+        self._fail_active(error, "first stage stream closed", 0)
+
+    def _fail_active(self, error: grpc.RpcError | None, what: str, position: int) -> None:
+        """Fail every request in flight; the stages dropped the stream and its caches."""
         detail = error.details() if error is not None else "stream ended"
         with self._lock:
             active = list(self._active.values())
@@ -391,9 +457,7 @@ class PipelineEngine:
             request.events.put(
                 (
                     "error",
-                    PipelineError(
-                        grpc.StatusCode.UNAVAILABLE, f"first stage stream closed: {detail}", 0
-                    ),
+                    PipelineError(grpc.StatusCode.UNAVAILABLE, f"{what}: {detail}", position),
                 )
             )
 
@@ -454,7 +518,9 @@ class PipelineEngine:
         try:
             open_frame = pb.ForwardRequest(
                 request_id=request_id,
-                open=pb.OpenRequest(sampling=sampling_to_proto(request.sampling)),
+                open=pb.OpenRequest(
+                    sampling=sampling_to_proto(request.sampling), return_route=self._route
+                ),
             )
             self._send([open_frame, *self._prefill_frames(request_id, ids)])
             while not output.done:
@@ -530,53 +596,3 @@ class PipelineEngine:
     def cached_requests(self) -> list[int]:
         """How many requests hold caches on each stage (0 everywhere when idle)."""
         return [s.cached_requests for s in self.status()]
-
-
-def probe_round_trips(
-    address: str,
-    instance_id: str,
-    array: mx.array,
-    repeats: int,
-    max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
-) -> list[float]:
-    """Send ``array`` to a stage ``repeats`` times as a Probe and time each echo (seconds).
-
-    A round trip runs from encoding here, through the hop, the stage decoding it into an MLX
-    array and re-encoding it, the hop back, to the echo decoded into an MLX array on this
-    side's receiving thread (where a coordinator handles tokens): two hops of stage traffic.
-    """
-    channel = stage_channel(address)
-    done: SimpleQueue[Any] = SimpleQueue()
-    state: dict[str, Any] = {}
-
-    def on_response(reply: pb.ForwardResponse) -> None:
-        if reply.WhichOneof("kind") != "probe":
-            done.put(reply)
-            return
-        tensor = state["assembler"].add(reply.probe.tensor)
-        if tensor is not None:
-            mx.eval(tensor.to_mx())
-            done.put(time.perf_counter() - state["began"])
-
-    link = ForwardLink(channel, instance_id, on_response=on_response, on_closed=done.put)
-    timings = []
-    try:
-        for i in range(repeats):
-            state["assembler"] = TensorAssembler()
-            state["began"] = time.perf_counter()
-            link.send_all(
-                pb.ForwardRequest(request_id=f"probe-{i}", probe=pb.Probe(tensor=c))
-                for c in encode_tensor(array, max_chunk_bytes)
-            )
-            result = done.get(timeout=120)
-            if isinstance(result, float):
-                timings.append(result)
-            elif isinstance(result, pb.ForwardResponse):
-                status = _STATUS_BY_VALUE.get(result.error.code, grpc.StatusCode.UNKNOWN)
-                raise PipelineError(status, f"probe failed: {result.error.message}")
-            else:
-                raise PipelineError(grpc.StatusCode.UNAVAILABLE, f"probe stream closed: {result}")
-    finally:
-        link.cancel()
-        channel.close()
-    return timings

@@ -1,4 +1,11 @@
-"""Per-request generation statistics, the final message of every request (DESIGN.md)."""
+"""Per-request generation statistics: what engines measure and what every request ends with.
+
+``GenerationStats`` is what an engine reports; ``FinalStats`` is the same record as the last
+event of a request carries it (the wire's ``GenerationStats`` message): with why it finished.
+One record from the engine to the caller: ``macmesh generate --local`` and ``--node``, the
+gRPC client and the HTTP gateway all read these fields (node.messages converts them to and
+from protobuf, once at each edge).
+"""
 
 from __future__ import annotations
 
@@ -7,12 +14,15 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 EngineKind = Literal["native_mtp", "local", "pipeline"]
+ENGINE_KINDS: tuple[str, ...] = ("native_mtp", "local", "pipeline")
+DrafterKind = Literal["native_mtp"]
+FinishReason = Literal["stop", "length", "cancelled"]
 
 
 class StageStats(BaseModel):
     """One pipeline stage a request went through (a single one for local engines)."""
 
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     node_id: str
     start_layer: int = Field(ge=0)
@@ -21,16 +31,16 @@ class StageStats(BaseModel):
 
 
 class GenerationStats(BaseModel):
-    model_config = ConfigDict(frozen=True)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     engine: EngineKind
     engine_reason: str = ""
-    drafter_kind: Literal["native_mtp"] | None = None
+    drafter_kind: DrafterKind | None = None
     num_draft_tokens: int = Field(0, ge=0, description="K, drafts per verify step")
     proposed_draft_tokens: int = Field(0, ge=0)
     accepted_draft_tokens: int = Field(0, ge=0)
     acceptance_rate: float | None = Field(
-        None, description="accepted / proposed; None when nothing was drafted"
+        None, ge=0.0, le=1.0, description="accepted / proposed; None when nothing was drafted"
     )
     prompt_tokens: int = Field(0, ge=0)
     generation_tokens: int = Field(0, ge=0)
@@ -41,6 +51,20 @@ class GenerationStats(BaseModel):
     time_to_first_token_seconds: float = Field(
         0.0, ge=0.0, description="from arrival at the instance to the first token"
     )
+
+
+class FinalStats(GenerationStats):
+    """The last event of every generation: the engine's stats and why the request finished."""
+
+    kind: Literal["final"] = "final"
+    finish_reason: FinishReason
+    stop_sequence: str | None = None  # the stop string that ended it (finish_reason "stop")
+
+    @classmethod
+    def of(cls, stats: GenerationStats, finish_reason: str, **update: object) -> FinalStats:
+        """``stats`` as a final event; ``update`` overrides fields (the coordinator's reason,
+        the instance's stages)."""
+        return cls.model_validate({**stats.model_dump(), **update, "finish_reason": finish_reason})
 
 
 def rate(count: int, seconds: float) -> float:

@@ -140,20 +140,24 @@ class StageStatusRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected")
+    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected", "tokens_returned", "responses_relayed")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     FRAMES_PROCESSED_FIELD_NUMBER: _ClassVar[int]
     FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_RETURNED_FIELD_NUMBER: _ClassVar[int]
+    RESPONSES_RELAYED_FIELD_NUMBER: _ClassVar[int]
     shard: ShardInfo
     cached_requests: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     open_streams: int
     frames_processed: int
     frames_rejected: int
-    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ...) -> None: ...
+    tokens_returned: int
+    responses_relayed: int
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., tokens_returned: _Optional[int] = ..., responses_relayed: _Optional[int] = ...) -> None: ...
 
 class StageStatusResponse(_message.Message):
     __slots__ = ("stages",)
@@ -162,10 +166,12 @@ class StageStatusResponse(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("sampling",)
+    __slots__ = ("sampling", "return_route")
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    RETURN_ROUTE_FIELD_NUMBER: _ClassVar[int]
     sampling: SamplingOptions
-    def __init__(self, sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ...) -> None: ...
+    return_route: str
+    def __init__(self, sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., return_route: _Optional[str] = ...) -> None: ...
 
 class Activation(_message.Message):
     __slots__ = ("start_position", "token_ids", "hidden", "sample")

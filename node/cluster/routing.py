@@ -1,0 +1,173 @@
+"""Where a Generate goes: this node's instance, or a peer's, and the relay to that peer.
+
+Design: **the coordinator owns its instances; every other node asks it** (node.cluster.
+instances). To keep that from costing a round of lookups per request, a node keeps the view
+of its peers' instances it last fetched (over one pooled channel per peer, node.cluster.peers)
+and asks again only when the view is older than ``VIEW_TTL_S``, when the view has no usable
+instance for the request, when a peer changed state (down, left, restarted), or when the
+coordinator it relayed to no longer has the instance. In steady state a forwarded request
+costs exactly one call on an already-open channel: the relay itself.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+
+from node.cluster import peers
+from node.cluster.errors import Code, Refusal, abort
+from node.cluster.instances import (
+    InstanceInfo,
+    InstanceRegistry,
+    InstanceUnavailable,
+    merge,
+    pick_instance,
+)
+from node.cluster.selector import EngineRefused
+from node.proto.macmesh.v1 import inference_pb2 as pb
+
+VIEW_TTL_S = 2.0
+NO_DEADLINE_S = 365 * 24 * 3600.0  # "remaining" beyond a year means no deadline was set
+
+
+def remaining(context: grpc.ServicerContext) -> float | None:
+    """The caller's deadline, to pass on to a peer; None when the caller set none (gRPC then
+    reports a far-future deadline, which as a timeout would overflow into the past)."""
+    left = context.time_remaining()
+    return None if left is None or left > NO_DEADLINE_S else left
+
+
+class Router:
+    """This node's view of where instances live, and the pooled channels to its peers."""
+
+    def __init__(self, daemon: Any, registry: InstanceRegistry[Any]) -> None:
+        self.daemon = daemon
+        self.registry = registry
+        self.channels = peers.PeerChannels()
+        self._lock = threading.Lock()
+        self._view: list[InstanceInfo] = []
+        self._view_at = float("-inf")
+
+    def close(self) -> None:
+        self.channels.close()
+
+    # -- the view --------------------------------------------------------------------------
+
+    def peer_addresses(self) -> list[str]:
+        return [n.address for n in self.daemon.live_nodes() if n.id != self.daemon.node_id]
+
+    def remote_instances(self, *, fresh: bool = True) -> list[InstanceInfo]:
+        """The peers' instances: asked now, or (``fresh=False``) the recent view."""
+        with self._lock:
+            if not fresh and time.monotonic() - self._view_at < VIEW_TTL_S:
+                return self._view
+        view = peers.gather_instances(self.channels, self.peer_addresses())
+        with self._lock:
+            self._view, self._view_at = view, time.monotonic()
+        return view
+
+    def cluster_instances(self) -> list[InstanceInfo]:
+        return merge(self.registry.infos(), self.remote_instances())
+
+    def invalidate(self) -> None:
+        with self._lock:
+            self._view_at = float("-inf")
+
+    def on_peer_event(self, event: Any) -> None:
+        """Any change in a peer (up, suspect, down, left, restarted) may move instances."""
+        self.invalidate()
+
+    # -- routing ---------------------------------------------------------------------------
+
+    def target(self, model: str, requested: str, forwarded: bool) -> InstanceInfo:
+        """The instance a Generate goes to: this node's if one fits, else a peer's."""
+        local = [i.info() for i in self.registry.matching(model)]
+        me = self.daemon.node_id
+        try:
+            return pick_instance(local, requested, me)
+        except (LookupError, EngineRefused, InstanceUnavailable):
+            if forwarded:  # the peer that sent it found it here; answer from here only
+                if not local:
+                    raise Refusal(
+                        Code.NOT_FOUND, f"model {model!r} is not launched on this node"
+                    ) from None
+                raise
+        for fresh in (False, True):
+            remote = [i for i in self.remote_instances(fresh=fresh) if i.answers_to(model)]
+            try:
+                return pick_instance(merge(local, remote), requested, me)
+            except LookupError:
+                if fresh:
+                    raise Refusal(Code.NOT_FOUND, self.not_launched(model)) from None
+            except (EngineRefused, InstanceUnavailable):
+                if fresh:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def not_launched(self, model: str) -> str:
+        launched = sorted({i.model for i in self.cluster_instances()})
+        hint = f"launched: {', '.join(launched)}" if launched else "nothing is launched"
+        return (
+            f"model {model!r} is not launched on this cluster ({hint}); launch it first: "
+            f"macmesh launch {model} --node {self.daemon.client_address()}"
+        )
+
+    def open_relay(
+        self, target: InstanceInfo, request: pb.GenerateRequest, context: grpc.ServicerContext
+    ) -> Any:
+        """Start the Generate on the instance's coordinator and wait until it accepted it;
+        raises ``grpc.RpcError`` with the coordinator's status if it refused."""
+        call = self.channels.stub(target.coordinator_address).Generate(
+            request, timeout=remaining(context), metadata=peers.FORWARDED
+        )
+        context.add_callback(call.cancel)
+        call.initial_metadata()  # the coordinator accepted it (or failed)
+        if call.done() and call.code() is not Code.OK:
+            call.cancel()
+            raise _Refused(call.code(), call.details() or call.code().name)
+        return call
+
+    def relay(
+        self, target: InstanceInfo, call: Any, context: grpc.ServicerContext
+    ) -> Iterator[pb.GenerateResponse]:
+        """Relay an accepted call's messages and final status, as they come."""
+        context.send_initial_metadata(())
+        try:
+            yield from call
+        except grpc.RpcError as exc:
+            if exc.code() is Code.UNAVAILABLE and _lost_connection(exc.details() or ""):
+                context.abort(
+                    Code.UNAVAILABLE,
+                    f"the coordinator of {target.instance_id}, node "
+                    f"{target.coordinator_node_id[:8]} at {target.coordinator_address}, went "
+                    f"away during the request ({exc.details()}); retry it",
+                )
+            abort(context, exc)
+        finally:
+            call.cancel()
+
+
+_TRANSPORT_LOSS = ("Stream removed", "Socket closed", "Connection reset", "failed to connect")
+
+
+def _lost_connection(details: str) -> bool:
+    """gRPC's own words for a peer that vanished (not a status the peer sent)."""
+    return any(words in details for words in _TRANSPORT_LOSS)
+
+
+class _Refused(grpc.RpcError):
+    """A coordinator's refusal, as the ``grpc.RpcError`` the rest of the path expects."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(details)
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details

@@ -1,0 +1,253 @@
+"""One upstream Forward stream into a stage: frame validation, and the link to the next hop.
+
+A ``StageSession`` validates frames as they arrive (unknown request, wrong width or dtype,
+oversized, out-of-order positions all become a per-request INVALID_ARGUMENT ``StageError``;
+the stream and the other requests go on), hands complete work to its ``StageRuntime``, and
+owns the session's ``ForwardLink`` to the next hop. Responses from downstream (tokens of
+requests without a return route, release acks, errors) are relayed back up unchanged.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import grpc
+
+from node.inference.codec import (
+    DEFAULT_MAX_TENSOR_BYTES,
+    FrameError,
+    TensorAssembler,
+    dtype_name,
+    wire_dtype,
+)
+from node.inference.link import ForwardLink
+from node.inference.sampling import SamplingParams
+from node.inference.stage_runtime import Emit, StageRuntime
+from node.inference.stage_wire import (
+    FAILED_PRECONDITION,
+    INVALID_ARGUMENT,
+    UNAVAILABLE,
+    error_response,
+    sampling_from_proto,
+)
+from node.logging import get_logger
+from node.proto.macmesh.v1 import stage_pb2 as pb
+
+log = get_logger(__name__)
+
+
+@dataclass
+class _Inbound:
+    """What the session's reader knows about a request (owned by the reader)."""
+
+    position: int = 0  # positions accepted so far
+    assembler: TensorAssembler | None = None  # a chunked hidden tensor in progress
+    header: pb.Activation | None = None  # the first frame of that tensor
+    failed: bool = False
+
+
+class StageSession:
+    """One upstream Forward stream into a runtime.
+
+    ``handle`` is the reader: call it for each incoming frame, from one thread at a time.
+    ``emit`` sends a response upstream; it may be called from the worker or the downstream
+    link's receiver thread.
+    """
+
+    def __init__(self, runtime: StageRuntime, session_id: int, emit: Emit) -> None:
+        self.runtime = runtime
+        self.session_id = session_id
+        self.emit = emit
+        self.inbound: dict[str, _Inbound] = {}
+        self.probes: dict[str, TensorAssembler] = {}
+        self._link: ForwardLink | None = None
+        self._closing = False
+        self._finished = threading.Event()
+        self._on_finished: Callable[[], None] | None = None
+
+    # -- reader side --
+
+    def handle(self, frame: pb.ForwardRequest) -> None:
+        rid = frame.request_id
+        if self.runtime.closed:
+            instance = self.runtime.instance_id
+            if self.runtime.closed_reason:
+                self.emit_error(rid, UNAVAILABLE, f"{self.runtime.closed_reason} ({instance!r})")
+            else:
+                self.emit_error(rid, FAILED_PRECONDITION, f"instance {instance!r} was unloaded")
+            return
+        try:
+            if not rid:
+                raise FrameError("frame has an empty request_id")
+            kind = frame.WhichOneof("kind")
+            if kind == "open":
+                self._open(rid, frame)
+            elif kind == "activation":
+                self._activation(rid, frame.activation)
+            elif kind == "release":
+                self._release(rid, frame)
+            elif kind == "probe":
+                self._probe(rid, frame.probe)
+            else:
+                raise FrameError(
+                    f"frame for request {rid!r} carries nothing (no open, activation, release or probe)"
+                )
+        except FrameError as exc:
+            self.runtime.frames_rejected += 1
+            inbound = self.inbound.get(rid)
+            if inbound is not None:
+                inbound.failed = True
+                inbound.assembler = inbound.header = None
+            self.emit_error(rid, INVALID_ARGUMENT, str(exc))
+
+    def _open(self, rid: str, frame: pb.ForwardRequest) -> None:
+        if rid in self.inbound:
+            raise FrameError(f"request {rid!r} is already open on this stream")
+        sampling = (
+            sampling_from_proto(frame.open.sampling)
+            if frame.open.HasField("sampling")
+            else SamplingParams()
+        )
+        self.inbound[rid] = _Inbound()
+        self.runtime.dispatch(self.runtime.open_request, self, rid, sampling, frame)
+
+    def _known(self, rid: str) -> _Inbound:
+        inbound = self.inbound.get(rid)
+        if inbound is None:
+            raise FrameError(
+                f"unknown request id {rid!r} (never opened on this stream, or released)"
+            )
+        return inbound
+
+    def _activation(self, rid: str, act: pb.Activation) -> None:
+        inbound = self._known(rid)
+        if inbound.failed:
+            return  # the request already got its error; wait for its release quietly
+        if inbound.assembler is not None:  # the next chunk of a tensor in progress
+            tensor = inbound.assembler.add(act.hidden)
+            if tensor is not None:
+                header, inbound.assembler, inbound.header = inbound.header, None, None
+                self.runtime.dispatch(self.runtime.run_activation, self, rid, header, tensor)
+            return
+        shard = self.runtime.shard
+        count = len(act.token_ids)
+        if count == 0:
+            raise FrameError(f"activation for request {rid!r} has no token_ids")
+        if act.start_position != inbound.position:
+            raise FrameError(
+                f"activation for request {rid!r} starts at position {act.start_position} but "
+                f"the stage has {inbound.position} positions cached"
+            )
+        if act.start_position + count > self.runtime.context_length:
+            raise FrameError(
+                f"activation for request {rid!r} covers positions up to {act.start_position + count}, "
+                f"beyond the model's context of {self.runtime.context_length}"
+            )
+        if shard.has_embedding:
+            if act.HasField("hidden"):
+                raise FrameError("the first stage takes token ids, not a hidden tensor")
+            bad = next((t for t in act.token_ids if t >= shard.vocab_size), None)
+            if bad is not None:
+                raise FrameError(
+                    f"token id {bad} is outside the vocabulary [0, {shard.vocab_size})"
+                )
+            inbound.position += count
+            self.runtime.dispatch(self.runtime.run_activation, self, rid, act, None)
+            return
+        if not act.HasField("hidden"):
+            raise FrameError(f"activation for request {rid!r} has no hidden tensor")
+        chunk = act.hidden
+        expected_dtype = wire_dtype(shard.activation_dtype)
+        if chunk.dtype != expected_dtype:
+            raise FrameError(
+                f"hidden tensor is {dtype_name(chunk.dtype)} but stage {self.runtime.position} "
+                f"runs {dtype_name(expected_dtype)}"
+            )
+        shape = list(chunk.shape)
+        if shape != [1, count, shard.hidden_size]:
+            raise FrameError(
+                f"hidden tensor has shape {shape}; stage {self.runtime.position} expects "
+                f"[1, {count}, {shard.hidden_size}] (batch 1, {count} token ids, width {shard.hidden_size})"
+            )
+        assembler = TensorAssembler(self.runtime.max_activation_bytes)
+        tensor = assembler.add(chunk)
+        inbound.position += count
+        if tensor is None:
+            inbound.assembler, inbound.header = assembler, act
+        else:
+            self.runtime.dispatch(self.runtime.run_activation, self, rid, act, tensor)
+
+    def _release(self, rid: str, frame: pb.ForwardRequest) -> None:
+        self._known(rid)
+        del self.inbound[rid]
+        self.runtime.dispatch(self.runtime.release_request, self, rid, frame)
+
+    def _probe(self, rid: str, probe: pb.Probe) -> None:
+        assembler = self.probes.setdefault(rid, TensorAssembler(DEFAULT_MAX_TENSOR_BYTES))
+        try:
+            tensor = assembler.add(probe.tensor)
+        except FrameError:
+            del self.probes[rid]
+            raise
+        if tensor is not None:
+            del self.probes[rid]
+            self.runtime.dispatch(self.runtime.echo_probe, self, rid, tensor)
+
+    def end(self, on_finished: Callable[[], None] | None = None) -> None:
+        """The upstream stream ended: free this session's caches everywhere, then finish."""
+        self._on_finished = on_finished
+        self.inbound.clear()
+        self.probes.clear()
+        self.runtime.dispatch(self.runtime.drop_session, self)
+
+    # -- worker side --
+
+    def emit_error(self, rid: str, code: int, message: str) -> None:
+        self.emit(error_response(rid, code, message, self.runtime.position))
+
+    def send_downstream(self, frames: list[pb.ForwardRequest]) -> None:
+        if self._link is None:
+            self._link = ForwardLink(
+                self.runtime.channel(),
+                self.runtime.instance_id,
+                on_response=self._relay,
+                on_closed=self._downstream_closed,
+                name=f"stage-{self.runtime.position}-relay",
+            )
+        self._link.send_all(frames)
+
+    def close_downstream(self) -> None:
+        self._closing = True
+        if self._link is None:
+            self._finish()
+        else:
+            self._link.close()  # _downstream_closed finishes once the peer ends the stream
+
+    def _relay(self, response: pb.ForwardResponse) -> None:
+        if response.WhichOneof("kind") == "released":
+            response.released.stages += 1
+        self.runtime.responses_relayed += 1
+        self.emit(response)
+
+    def _downstream_closed(self, error: grpc.RpcError | None) -> None:
+        self._link = None
+        if self._closing:
+            self._finish()
+            return
+        detail = error.details() if error is not None else "stream ended"
+        log.warning("downstream stream closed", stage=self.runtime.position, error=detail)
+        # This stage closed the link itself (its node is stopping): say so, not that the
+        # next stage, which is fine, went away.
+        problem = self.runtime.closed_reason or (
+            f"next stage {self.runtime.next_hop} is unreachable: {detail}"
+        )
+        for rid in list(self.inbound):
+            self.emit_error(rid, UNAVAILABLE, problem)
+
+    def _finish(self) -> None:
+        if not self._finished.is_set():
+            self._finished.set()
+            if self._on_finished is not None:
+                self._on_finished()
