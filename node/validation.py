@@ -19,6 +19,14 @@ def short_repr(value: object, limit: int = MAX_VALUE_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def _location(loc: tuple) -> str:
+    """pydantic's location as people write it: ``messages[0].role``, ``logit_bias[7]``."""
+    where = ""
+    for part in loc:
+        where += f"[{part}]" if isinstance(part, int) else (f".{part}" if where else str(part))
+    return where
+
+
 def describe(exc: ValidationError, *, whole: str = "request", prefix: str = "") -> str:
     """``field=value: problem`` for the first few problems, then how many more there are.
 
@@ -29,7 +37,7 @@ def describe(exc: ValidationError, *, whole: str = "request", prefix: str = "") 
     for err in errors[:MAX_PROBLEMS]:
         message = err["msg"].removeprefix("Value error, ")
         if err["loc"]:
-            where = prefix + ".".join(str(p) for p in err["loc"])
+            where = prefix + _location(err["loc"])
             parts.append(f"{where}={short_repr(err.get('input'))}: {message}")
         else:
             parts.append(f"{prefix.rstrip('.') or whole}: {message}")

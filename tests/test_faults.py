@@ -31,7 +31,6 @@ from node.client import (
     Unavailable,
 )
 from node.cluster.admission import check_memory
-from node.cluster.convert import stats_from_proto
 from node.cluster.instances import InstanceInfo
 from node.cluster.peers import status_instances
 from node.commands.status import render_instances
@@ -39,6 +38,7 @@ from node.discovery.models import ClusterNode, ClusterView, PeerState
 from node.gateway.errors import from_validation_error
 from node.gateway.schemas import ChatCompletionRequest, CompletionRequest, StageOut
 from node.inference.integrity import CorruptCheckpoint, check_checkpoint
+from node.messages import stats_from_proto
 from node.placement import InsufficientMemoryError
 from node.proto.macmesh.v1 import inference_pb2 as pb
 from node.proto.macmesh.v1 import stage_pb2, stage_pb2_grpc
@@ -280,7 +280,7 @@ def test_errors_name_the_first_bad_value_never_the_whole_input(tmp_path):
                 ),
                 (
                     pb.GenerateRequest(model=MODEL, text="hi", sampling=nan_bias),
-                    "sampling.logit_bias.0=nan: Input should be a finite number; ",
+                    "sampling.logit_bias[0]=nan: Input should be a finite number; ",
                 ),
             ):
                 code, message = status_code(lambda r=request: list(api.Generate(r, timeout=60)))
@@ -423,7 +423,9 @@ def test_generate_help_shows_the_default_it_uses_and_stages_are_node_id_everywhe
     assert "default: the one running on this machine" in help_text
     assert "127.0.0.1:52700" not in help_text
     final = pb.GenerationStats(
-        engine="pipeline", stages=[pb.StageStats(node_id="n1", address="a:1", end_layer=2)]
+        engine="pipeline",
+        finish_reason="stop",
+        stages=[pb.StageStats(node_id="n1", address="a:1", end_layer=2)],
     )
     cli_stage = stats_from_proto(final).model_dump()["stages"][0]
     gateway_stage = StageOut.model_json_schema()["properties"]

@@ -224,8 +224,9 @@ def render_instances(
     table.add_column("stages (node: layers)", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("reqs", justify="right", no_wrap=True)
-    table.add_column("batch", justify="right", no_wrap=True)
-    table.add_column("queue", justify="right", no_wrap=True)
+    if wide:  # narrow: "reqs" already counts what computes and waits (served+in flight)
+        table.add_column("batch", justify="right", no_wrap=True)
+        table.add_column("queue", justify="right", no_wrap=True)
     reasons = Text()
     for i in instances:
         # Narrow: one stage per line, so a list is split between stages, never inside one.
@@ -245,9 +246,9 @@ def render_instances(
             stages,
             f"{i.recent_generation_tps:.1f}" if i.recent_generation_tps else "-",
             busy,
-            str(i.batch_size),
-            str(i.queued),
         ]
+        if wide:
+            row += [str(i.batch_size), str(i.queued)]
         table.add_row(*row)
         reasons.append(f"{i.instance_id}: ", style="bold")
         reasons.append(f"{i.engine_reason}\n")
