@@ -12,12 +12,13 @@ import random
 import pytest
 
 from node.inference.mtp.kpolicy import (
-    MAX_PROBE_INTERVAL,
+    PROBE_BUDGET,
     AcceptanceEstimate,
     CostTable,
     KPolicy,
     choose_k,
     expected_tokens,
+    probe_interval_cap,
 )
 
 MAX_K = 8
@@ -72,8 +73,13 @@ def test_never_matching_drafts_give_k_zero_with_rare_probes() -> None:
     assert ks[0] == 2  # the card's default_k starts
     assert ks[8:].count(0) > 0.9 * len(ks[8:])
     assert set(ks[8:]) <= {0, 1}  # only K=1 probes
+    # Backed off to the interval at which probes cost PROBE_BUDGET of the time.
+    cap = probe_interval_cap(costs)
+    assert 5 <= cap <= 20  # probes cost ~0.19 of a K=0 cycle here
     probes = ks[100:].count(1)
-    assert 0 < probes <= len(ks[100:]) / MAX_PROBE_INTERVAL + 1  # backed off to the cap
+    assert 0 < probes <= len(ks[100:]) / cap + 1
+    extra = probes * (costs.cycle_s(1, 1) - costs.cycle_s(1, 0))
+    assert extra <= 1.1 * PROBE_BUDGET * len(ks[100:]) * costs.cycle_s(1, 0)
 
 
 def test_always_matching_drafts_give_the_deepest_k() -> None:
@@ -106,7 +112,7 @@ def test_changing_acceptance_is_followed_within_a_few_cycles() -> None:
     assert 0 in ks[100:108]  # drafts stopped matching: K falls to 0 within 8 cycles
     assert ks[150:300].count(0) > 0.85 * 150
     back = next(i for i in range(300, 400) if ks[i] >= MAX_K - 1)
-    assert back - 300 <= MAX_PROBE_INTERVAL + 8  # one probe interval, then a few cycles
+    assert back - 300 <= probe_interval_cap(costs) + 8  # one probe interval, then a few cycles
     # Beats every fixed K on this text (the steady halves each favour a different K).
     best = max(fixed_speed(costs, k, acceptance, 400) for k in range(MAX_K + 1))
     assert tokens / seconds >= 1.2 * best
@@ -190,6 +196,13 @@ def test_acceptance_estimate_is_conditional_per_depth() -> None:
     untried.observe(1, 1)
     r = untried.rates()
     assert r[0] > 0.5 and r[1] == pytest.approx(r[0]) and r[2] == pytest.approx(r[0])
+
+
+def test_cheap_probes_come_often() -> None:
+    metal_like = CostTable(verify={1: [1.0, 1.01, 1.02]}, draft={1: [0.0, 0.02, 0.04]})
+    assert probe_interval_cap(metal_like) == 2  # 3% per probe: probe every other K=0 cycle
+    dear = CostTable(verify={1: [1.0, 2.0, 3.0]}, draft={1: [0.0, 0.5, 1.0]})
+    assert probe_interval_cap(dear) == 32  # the ceiling
 
 
 def test_bad_cost_tables_are_refused() -> None:

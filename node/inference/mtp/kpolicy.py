@@ -22,15 +22,18 @@ context length.
 Exploration.  At K = 0 nothing is drafted, so there is no new evidence and a request whose
 text became easy again would never find out.  After ``probe_interval`` consecutive K = 0
 cycles the policy drafts one token (K = 1, the cheapest probe: one head step and one more
-verify position).  A rejected probe doubles the interval (up to ``MAX_PROBE_INTERVAL``), so a
-text the head never matches pays for a probe at most every 16 cycles; an accepted probe is
-followed by another at once, so a run of good drafts lifts the estimate past the break-even
-point in a few cycles instead of one probe per interval.
+verify position).  A rejected probe doubles the interval, up to the interval at which probes
+cost ``PROBE_BUDGET`` of the time (from the cost table: a probe costs
+``seconds(B, 1) - seconds(B, 0)``), so a text the head never matches loses at most ~2% to
+probing, and cheap probes (Metal, where one more verify position is nearly free) come often.
+An accepted probe is followed by another at once, so a run of good drafts lifts the estimate
+past the break-even point in a few cycles instead of one probe per interval.
 """
 
 from __future__ import annotations
 
 import bisect
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -38,7 +41,8 @@ DECAY = 0.7  # per drafting cycle: evidence from 3 cycles ago weighs a third
 PRIOR_ACCEPTANCE = 0.5  # before any evidence at depth 1
 PRIOR_WEIGHT = 1.0  # pseudo-observations pulling a depth toward the depth above it
 MIN_PROBE_INTERVAL = 2
-MAX_PROBE_INTERVAL = 16
+MAX_PROBE_INTERVAL = 32
+PROBE_BUDGET = 0.02  # share of a K = 0 stretch's time that probes may cost
 EWMA_WEIGHT = 0.2  # live cycle timings: the newest one's share
 
 
@@ -64,7 +68,8 @@ class CostTable:
     Live refresh: ``observe(B, K, seconds)`` keeps an EWMA of measured / modelled cycle time per
     (B, K) and over all cycles; ``cycle_s`` scales the model by the (B, K) ratio once that K
     has run, by the overall ratio before.  The ratios absorb what isolated timings miss (host
-    syncs, Python, rollback) and follow the machine's load.
+    syncs, Python, rollback) and follow the machine's load.  ``ewma_weight=0`` freezes the
+    table (tests that must not depend on timing).
     """
 
     verify: dict[int, list[float]]
@@ -109,7 +114,7 @@ class CostTable:
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
         modelled = self.modelled_s(batch, k)
-        if not (seconds > 0 and modelled > 0):
+        if not (seconds > 0 and modelled > 0 and self.ewma_weight > 0):
             return
         ratio = seconds / modelled
         w = self.ewma_weight
@@ -187,6 +192,7 @@ class KPolicy:
     current_k: int = field(init=False)
     probe_interval: int = MIN_PROBE_INTERVAL
     _zero_run: int = 0
+    _probe_cap: int = MAX_PROBE_INTERVAL
     _started: bool = False
     _probing: bool = False
 
@@ -196,6 +202,8 @@ class KPolicy:
 
     def next_k(self, costs: CostTable | None, limit: int | None = None, batch: int = 1) -> int:
         """K for the next cycle; ``limit`` caps it (tokens the request may still emit)."""
+        if costs is not None:
+            self._probe_cap = probe_interval_cap(costs, batch)
         bound = self.max_k if limit is None else max(0, min(self.max_k, limit))
         if self.pin is not None:
             k = min(self.pin, bound)
@@ -223,4 +231,12 @@ class KPolicy:
                 self._zero_run = self.probe_interval
                 self.probe_interval = MIN_PROBE_INTERVAL
             else:
-                self.probe_interval = min(2 * self.probe_interval, MAX_PROBE_INTERVAL)
+                self.probe_interval = min(2 * self.probe_interval, self._probe_cap)
+
+
+def probe_interval_cap(costs: CostTable, batch: int = 1) -> int:
+    """The longest wait between K = 1 probes: probes cost ``PROBE_BUDGET`` of the time."""
+    zero = costs.cycle_s(batch, 0)
+    extra = max(costs.cycle_s(batch, 1) - zero, 0.0) / zero if zero > 0 else 1.0
+    cap = math.ceil(extra / PROBE_BUDGET)
+    return max(MIN_PROBE_INTERVAL, min(cap, MAX_PROBE_INTERVAL))
