@@ -170,7 +170,11 @@ def test_live_timings_refresh_the_table() -> None:
     costs = cpu_like(max_k=4)
     modelled = costs.modelled_s(1, 2)
     assert costs.cycle_s(1, 2) == modelled  # nothing measured live yet
-    for _ in range(30):
+    costs.observe(1, 2, 0.5 * modelled)
+    assert costs.cycle_s(1, 2) == pytest.approx(0.5 * modelled)  # the first one is taken as is
+    costs.observe(1, 2, 20 * modelled)  # one cycle preempted by another process
+    assert costs.cycle_s(1, 2) < 1.5 * modelled  # moves the estimate little
+    for _ in range(150):
         costs.observe(1, 2, 2 * modelled)  # K=2 cycles really take twice the model
     assert costs.cycle_s(1, 2) == pytest.approx(2 * modelled, rel=0.01)
     # Ks that have not run yet follow the overall ratio.

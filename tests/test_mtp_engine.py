@@ -19,6 +19,7 @@ dense partial checkpoint (12 prompts on the MoE one), plus 300+-token prompts on
 
 from __future__ import annotations
 
+import itertools
 import random
 from functools import cache
 
@@ -27,7 +28,7 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors
 
-from node.checkpoints import PRESETS, ensure_checkpoint
+from node.checkpoints import PRESETS, CheckpointSpec, ensure_checkpoint
 from node.inference import engine as engine_module
 from node.inference.events import GenerationDone, TokenDelta
 from node.inference.loading import LoadedModel, load_checkpoint
@@ -325,9 +326,7 @@ def test_long_k_zero_runs_feed_the_head_later(monkeypatch) -> None:
     """Long stretches of K=0 leave the head's pairs pending (flushed past PENDING_LIMIT);
     drafting afterwards must see a head cache as complete as if it had never paused."""
     schedule = iter([0] * 150 + [2] * 200)
-    monkeypatch.setattr(
-        KPolicy, "next_k", lambda self, costs, limit=None, batch=1: next(schedule)
-    )
+    monkeypatch.setattr(KPolicy, "next_k", lambda self, costs, limit=None, batch=1: next(schedule))
     paused = check_greedy("dense-high", prompt(3), 200, None)
     assert paused.stats.draft_k_histogram[0] >= 150
     # The drafts after the pause are accepted like a run that drafted all along.
@@ -378,3 +377,49 @@ def test_the_first_cycle_uses_the_cards_default_k(monkeypatch) -> None:
     monkeypatch.setattr(engine_mtp._MtpRun, "cycle", recording)
     run_adaptive("dense-none", prompt(2), 16, CHEAP_VERIFY)
     assert seen[0] == loaded("dense-none").mtp_k_limits[0]
+
+
+# The "alternating" head: drafts accepted on alternate blocks of sigma's cycle, rejected on the
+# others (the smallest width that holds one independent embedding per ordinary token).
+ALTERNATING = CheckpointSpec(
+    agreement="alternating",
+    agreement_block=16,
+    hidden_size=512,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    full_attention_interval=2,
+    mixer_scale=1.0,
+    seed=7,
+)
+
+
+def test_alternating_head_moves_between_easy_and_hard_text() -> None:
+    from node.checkpoints.weights import agreeing_tokens
+
+    engine = MtpEngine(load_checkpoint(ensure_checkpoint(ALTERNATING)), costs=CHEAP_VERIFY)
+    agree = set(agreeing_tokens(ALTERNATING).tolist())
+    ids = prompt(0, 24)
+    request = GenerateRequest(prompt_ids=ids, max_tokens=96, ignore_eos=True)
+    done = list(engine.generate(request))[-1]
+    inside = [t in agree for t in done.token_ids]
+    switches = sum(a != b for a, b in itertools.pairwise(inside))
+    assert 4 <= switches <= 8  # runs of ~16 tokens, in and out of the agreeing blocks
+    # The policy follows the text: deep K on the easy blocks, K=0 on the hard ones.
+    hist = done.stats.draft_k_histogram
+    assert hist[0] > 0 and hist[3] + hist[4] > 0
+    fixed = MtpEngine(engine.loaded, fixed_k=1)
+    pinned = list(fixed.generate(request))[-1]
+    assert pinned.token_ids == done.token_ids
+    assert 0.2 < pinned.stats.acceptance_rate < 0.6  # half the text accepts, half does not
+
+
+def test_alternating_head_needs_a_wide_model() -> None:
+    from node.checkpoints.weights import build_model, build_mtp
+
+    narrow = CheckpointSpec(agreement="alternating", agreement_block=16, mixer_scale=1.0)
+    with pytest.raises(ValueError, match="hidden_size >= "):
+        build_mtp(narrow, build_model(narrow))
+    with pytest.raises(ValueError, match="agreement_block"):
+        CheckpointSpec(agreement="high", agreement_block=16)

@@ -46,7 +46,7 @@ acceptance): K=2 1.97x (capture) vs 1.81x (replay) over target-only decode, K=4 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import mlx.core as mx
@@ -89,19 +89,28 @@ class MtpEngine:
         reason: str = "native_mtp",
         rollback: Rollback = "capture",
         costs: CostTable | None = None,
+        fixed_k: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.loaded = loaded
         self.head = head if head is not None else loaded.mtp_head()
         self.reason = reason
         self.rollback = rollback
         self._costs = costs
+        # Every request at this K, 0 included (benchmarks compare the policy with fixed K;
+        # requests can pin K >= 1 with mtp_k).
+        self.fixed_k = fixed_k
+        # What cycles and the cost table are timed with (see costs.measure_costs).
+        self.clock = clock
         # The K the policy chose for the latest cycle of any request (status shows it).
         self.current_k: int | None = None
 
     def cost_table(self) -> CostTable:
         """The instance's cost table, measured on first use (a few timed forwards)."""
         if self._costs is None:
-            self._costs = measure_costs(self.loaded, self.head, self.loaded.mtp_k_limits[1])
+            self._costs = measure_costs(
+                self.loaded, self.head, self.loaded.mtp_k_limits[1], clock=self.clock
+            )
         return self._costs
 
     def generate(
@@ -110,8 +119,9 @@ class MtpEngine:
         loaded = self.loaded
         default_k, max_k = loaded.mtp_k_limits
         prepared = prepare_request(loaded, request, max_k=max_k)
-        policy = KPolicy(max_k=max_k, start_k=default_k, pin=request.mtp_k)
-        costs = self.cost_table() if request.mtp_k is None else None
+        pin = self.fixed_k if self.fixed_k is not None else request.mtp_k
+        policy = KPolicy(max_k=max_k, start_k=default_k, pin=pin)
+        costs = self.cost_table() if pin is None else None
         run = _MtpRun(self, prepared.params, list(prepared.prompt_ids), self.rollback)
         output = prepared.output
         clock = Clock()
@@ -130,10 +140,10 @@ class MtpEngine:
             self.current_k = chosen
             # Never draft past the last token the request may still emit.
             k = min(chosen, output.remaining - 1)
-            start = time.perf_counter()
+            start = self.clock()
             emitted = run.cycle(k)
             if costs is not None:
-                costs.observe(1, k, time.perf_counter() - start)
+                costs.observe(1, k, self.clock() - start)
             policy.observe(k, len(emitted) - 1)
             delta = output.add(emitted)
             if delta is not None:

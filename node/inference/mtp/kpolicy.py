@@ -43,7 +43,11 @@ PRIOR_WEIGHT = 1.0  # pseudo-observations pulling a depth toward the depth above
 MIN_PROBE_INTERVAL = 2
 MAX_PROBE_INTERVAL = 32
 PROBE_BUDGET = 0.02  # share of a K = 0 stretch's time that probes may cost
-EWMA_WEIGHT = 0.2  # live cycle timings: the newest one's share
+# Live cycle timings: the newest one's share when it is below the running ratio, and when it is
+# above.  Other processes only ever add time, so a slow cycle moves the estimate little; a
+# real, lasting slowdown (longer context, a loaded machine) still gets through in ~20 cycles.
+EWMA_DOWN = 0.3
+EWMA_UP = 0.05
 
 
 def expected_tokens(rates: Sequence[float], k: int) -> float:
@@ -66,7 +70,8 @@ class CostTable:
     Batch sizes between measured ones interpolate linearly, beyond them the nearest is used.
 
     Live refresh: ``observe(B, K, seconds)`` keeps an EWMA of measured / modelled cycle time per
-    (B, K) and over all cycles; ``cycle_s`` scales the model by the (B, K) ratio once that K
+    (B, K) and over all cycles (asymmetric: faster cycles count more than slower ones, which
+    are mostly another process holding the core); ``cycle_s`` scales the model by the (B, K) ratio once that K
     has run, by the overall ratio before.  The ratios absorb what isolated timings miss (host
     syncs, Python, rollback) and follow the machine's load.  ``ewma_weight=0`` freezes the
     table (tests that must not depend on timing).
@@ -74,7 +79,8 @@ class CostTable:
 
     verify: dict[int, list[float]]
     draft: dict[int, list[float]]
-    ewma_weight: float = EWMA_WEIGHT
+    ewma_weight: float = EWMA_UP  # the weight of a slower-than-expected cycle; 0 freezes
+    ewma_down: float = EWMA_DOWN
     _ratio: dict[tuple[int, int], float] = field(default_factory=dict)
     _overall: float | None = None
 
@@ -117,10 +123,14 @@ class CostTable:
         if not (seconds > 0 and modelled > 0 and self.ewma_weight > 0):
             return
         ratio = seconds / modelled
-        w = self.ewma_weight
-        old = self._ratio.get((batch, k))
-        self._ratio[(batch, k)] = ratio if old is None else (1 - w) * old + w * ratio
-        self._overall = ratio if self._overall is None else (1 - w) * self._overall + w * ratio
+        self._ratio[(batch, k)] = self._mix(self._ratio.get((batch, k)), ratio)
+        self._overall = self._mix(self._overall, ratio)
+
+    def _mix(self, old: float | None, new: float) -> float:
+        if old is None:
+            return new
+        w = self.ewma_down if new < old else self.ewma_weight
+        return (1 - w) * old + w * new
 
 
 def choose_k(
