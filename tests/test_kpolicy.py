@@ -214,3 +214,11 @@ def test_bad_cost_tables_are_refused() -> None:
         CostTable(verify={1: [1.0, 1.1]}, draft={2: [0.0, 0.1]})
     with pytest.raises(ValueError, match="batch 1"):
         CostTable(verify={1: [1.0, 1.1, 1.2]}, draft={1: [0.0, 0.1]})
+
+
+def test_load_time_outliers_are_capped_by_longer_shapes() -> None:
+    from node.inference.mtp.costs import no_dearer_than_longer
+
+    # T=5 measured while another process held the core: capped by T=6's cost.
+    assert no_dearer_than_longer([1.0, 1.1, 1.2, 3.5, 1.4, 1.5]) == [1.0, 1.1, 1.2, 1.4, 1.4, 1.5]
+    assert no_dearer_than_longer([0.0, 0.1, 0.2]) == [0.0, 0.1, 0.2]
