@@ -193,6 +193,7 @@ def stats_to_proto(stats: FinalStats) -> pb.GenerationStats:
         engine_reason=stats.engine_reason,
         drafter_kind=stats.drafter_kind or "",
         num_draft_tokens=stats.num_draft_tokens,
+        draft_k_histogram=stats.draft_k_histogram,
         proposed_draft_tokens=stats.proposed_draft_tokens,
         accepted_draft_tokens=stats.accepted_draft_tokens,
         acceptance_rate=stats.acceptance_rate or 0.0,  # unset on the wire when None
@@ -219,6 +220,7 @@ def stats_from_proto(msg: pb.GenerationStats) -> FinalStats:
             engine_reason=msg.engine_reason,
             drafter_kind=msg.drafter_kind or None,  # type: ignore[arg-type]
             num_draft_tokens=msg.num_draft_tokens,
+            draft_k_histogram=list(msg.draft_k_histogram),
             proposed_draft_tokens=msg.proposed_draft_tokens,
             accepted_draft_tokens=msg.accepted_draft_tokens,
             acceptance_rate=msg.acceptance_rate if msg.proposed_draft_tokens else None,
@@ -308,6 +310,7 @@ class Instance(_Model):
     engine_reason: str
     state: str
     recent_generation_tps: float
+    current_mtp_k: int | None = None  # native MTP: the K its latest cycle chose
 
 
 class ClusterStatus(_Model):
@@ -370,6 +373,7 @@ def instance_from_proto(msg: pb.Instance) -> Instance:
         engine_reason=msg.engine_reason,
         state=msg.state,
         recent_generation_tps=msg.recent_generation_tps,
+        current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
     )
 
 

@@ -108,7 +108,8 @@ def test_chat_reports_usage_and_macmesh_stats(client: openai.OpenAI, node: Infer
     stats = reply.macmesh
     assert stats["engine"] == "native_mtp"
     assert stats["drafter_kind"] == "native_mtp"
-    assert stats["num_draft_tokens"] == 2  # the model's default_k
+    # The K policy's first cycle drafts the model's default_k (2); later ones choose K.
+    assert stats["draft_k_histogram"][2] >= 1 and stats["num_draft_tokens"] >= 0
     assert 0 < stats["accepted_draft_tokens"] <= stats["proposed_draft_tokens"]
     rate = stats["accepted_draft_tokens"] / stats["proposed_draft_tokens"]
     assert stats["acceptance_rate"] == pytest.approx(rate)

@@ -41,6 +41,7 @@ from node.inference.events import GenerationDone
 from node.inference.loading import LoadedModel, load_checkpoint
 from node.inference.mtp import engine as mtp_engine
 from node.inference.mtp.engine import MtpEngine
+from node.inference.mtp.kpolicy import KPolicy
 from node.inference.requests import GenerateRequest
 from node.inference.sampling import SamplingParams
 
@@ -85,7 +86,7 @@ def loaded() -> LoadedModel:
 
 
 def mtp_samples(
-    loaded: LoadedModel, params: SamplingParams, runs: int
+    loaded: LoadedModel, params: SamplingParams, runs: int, mtp_k: int | None = MTP_K
 ) -> tuple[np.ndarray, int, int]:
     """→ (tokens [runs, MAX_TOKENS], drafts proposed, drafts accepted) from the MTP engine."""
     engine = MtpEngine(loaded)
@@ -96,7 +97,7 @@ def mtp_samples(
             max_tokens=MAX_TOKENS,
             sampling=params.model_copy(update={"seed": seed}),
             engine="native_mtp",
-            mtp_k=MTP_K,
+            mtp_k=mtp_k,
             ignore_eos=True,
         )
         done = next(e for e in engine.generate(request) if isinstance(e, GenerationDone))
@@ -200,6 +201,22 @@ def test_batched_reference_is_generate_step(loaded: LoadedModel) -> None:
 def test_mtp_sampling_matches_target_only(loaded: LoadedModel, params: SamplingParams) -> None:
     mtp, proposed, accepted = mtp_samples(loaded, params, MTP_RUNS)
     assert 0 < accepted < proposed  # drafts were both accepted and rejected
+    pvalues = compare(mtp, _reference(loaded, params))
+    assert min(pvalues.values()) > ALPHA, pvalues
+
+
+def test_mtp_sampling_matches_target_only_when_k_changes_every_cycle(
+    loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """K drawn at random per cycle (0..3, the policy's seam): the distribution must not move,
+    whichever K each cycle drafts and whatever the previous one left in the caches."""
+    rng = np.random.default_rng(5)
+    monkeypatch.setattr(
+        KPolicy, "next_k", lambda self, costs, limit=None, batch=1: int(rng.integers(0, 4))
+    )
+    params = SETTINGS["temperature 0.8, repetition 1.3, presence 0.5"]
+    mtp, proposed, accepted = mtp_samples(loaded, params, MTP_RUNS, mtp_k=None)
+    assert 0 < accepted < proposed
     pvalues = compare(mtp, _reference(loaded, params))
     assert min(pvalues.values()) > ALPHA, pvalues
 

@@ -19,6 +19,7 @@ dense partial checkpoint (12 prompts on the MoE one), plus 300+-token prompts on
 
 from __future__ import annotations
 
+import itertools
 import random
 from functools import cache
 
@@ -27,11 +28,13 @@ import pytest
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors
 
-from node.checkpoints import PRESETS, ensure_checkpoint
+from node.checkpoints import PRESETS, CheckpointSpec, ensure_checkpoint
 from node.inference import engine as engine_module
 from node.inference.events import GenerationDone, TokenDelta
 from node.inference.loading import LoadedModel, load_checkpoint
+from node.inference.mtp import engine as engine_mtp
 from node.inference.mtp.engine import MtpEngine
+from node.inference.mtp.kpolicy import CostTable, KPolicy
 from node.inference.requests import GenerateRequest
 from node.inference.sampling import SamplingParams
 
@@ -87,7 +90,7 @@ def reference(name: str, prompt_key: tuple[int, ...], n: int) -> list[int]:
     return [int(token) for token, _ in steps]
 
 
-def run(name: str, ids: list[int], n: int, k: int, **kwargs) -> GenerationDone:
+def run(name: str, ids: list[int], n: int, k: int | None, **kwargs) -> GenerationDone:
     engine = MtpEngine(loaded(name), rollback=kwargs.pop("rollback", "capture"))
     request = GenerateRequest(prompt_ids=ids, max_tokens=n, mtp_k=k, ignore_eos=True, **kwargs)
     events = list(engine.generate(request))
@@ -98,7 +101,7 @@ def run(name: str, ids: list[int], n: int, k: int, **kwargs) -> GenerationDone:
     return done
 
 
-def check_greedy(name: str, ids: list[int], n: int, k: int, **kwargs) -> GenerationDone:
+def check_greedy(name: str, ids: list[int], n: int, k: int | None, **kwargs) -> GenerationDone:
     done = run(name, ids, n, k, **kwargs)
     expected = reference(name, tuple(ids), n)
     if done.token_ids != expected:
@@ -129,6 +132,8 @@ def test_greedy_identical_in_every_layout(index: int, name: str) -> None:
     k = 1 + index % 4
     done = check_greedy(name, prompt(index, 40), 40, k)
     assert done.stats.engine == "native_mtp"
+    hist = done.stats.draft_k_histogram
+    assert len(hist) == 5 and hist[k] == sum(hist) > 0  # the pinned K on every cycle
     assert done.stats.num_draft_tokens == k
 
 
@@ -270,3 +275,151 @@ def test_prefill_is_one_pass_over_the_prompt(monkeypatch) -> None:
     assert seen == [100, 100, 100, 30]  # 330 prompt tokens in chunks, nothing twice
     done = list(events)[-1]
     assert isinstance(done, GenerationDone) and done.stats.acceptance_rate > 0.9
+
+
+# ---- K chosen per cycle (the policy on: mtp_k unset) --------------------------------------------
+
+# Verify positions nearly free, drafts cheap: the policy drafts deep when drafts match and
+# stops when they do not.  Frozen (ewma_weight=0) so the choice does not depend on timing.
+CHEAP_VERIFY = CostTable(
+    verify={1: [1.0 + 0.1 * t for t in range(5)]},
+    draft={1: [0.05 * k for k in range(5)]},
+    ewma_weight=0.0,
+)
+
+
+def run_adaptive(name: str, ids: list[int], n: int, costs: CostTable | None = None, **kwargs):
+    engine = MtpEngine(loaded(name), costs=costs)
+    request = GenerateRequest(prompt_ids=ids, max_tokens=n, ignore_eos=True, **kwargs)
+    done = list(engine.generate(request))[-1]
+    assert isinstance(done, GenerationDone)
+    return done, engine
+
+
+def random_k_schedule(monkeypatch, seed: int) -> list[int]:
+    """Replace the policy's choice by a random K in 0..limit every cycle: the hardest test of
+    cache bookkeeping across K changes (0 -> 4 -> 1 -> 0 -> 0 -> 3 ...)."""
+    rng = random.Random(seed)
+    chosen: list[int] = []
+
+    def next_k(self, costs, limit=None, batch=1):
+        bound = self.max_k if limit is None else max(0, min(self.max_k, limit))
+        k = rng.randint(0, bound)
+        chosen.append(k)
+        return k
+
+    monkeypatch.setattr(KPolicy, "next_k", next_k)
+    return chosen
+
+
+@pytest.mark.parametrize("name", ["dense-partial", "moe-partial", "dense-high"])
+@pytest.mark.parametrize("index", [0, 6, 10])
+def test_greedy_identical_when_k_changes_every_cycle(monkeypatch, name: str, index: int) -> None:
+    chosen = random_k_schedule(monkeypatch, seed=index)
+    done = check_greedy(name, prompt(index), 64, None)
+    assert len(set(chosen)) >= 4  # K=0 and several depths, in random order
+    hist = done.stats.draft_k_histogram
+    assert [hist[k] for k in range(5)] == [chosen.count(k) for k in range(5)]
+
+
+def test_long_k_zero_runs_feed_the_head_later(monkeypatch) -> None:
+    """Long stretches of K=0 leave the head's pairs pending (flushed past PENDING_LIMIT);
+    drafting afterwards must see a head cache as complete as if it had never paused."""
+    schedule = iter([0] * 150 + [2] * 200)
+    monkeypatch.setattr(KPolicy, "next_k", lambda self, costs, limit=None, batch=1: next(schedule))
+    paused = check_greedy("dense-high", prompt(3), 200, None)
+    assert paused.stats.draft_k_histogram[0] >= 150
+    # The drafts after the pause are accepted like a run that drafted all along.
+    assert paused.stats.acceptance_rate > 0.9
+
+
+@pytest.mark.parametrize("name", ["dense-partial", "moe-partial"])
+def test_greedy_identical_with_the_policy_on(name: str) -> None:
+    """The real policy and a measured cost table, several prompts: exact whatever it picks."""
+    engine = MtpEngine(loaded(name))
+    for index in (1, 5, 9, 13):
+        ids = prompt(index)
+        request = GenerateRequest(prompt_ids=ids, max_tokens=64, ignore_eos=True)
+        done = list(engine.generate(request))[-1]
+        assert done.token_ids == reference(name, tuple(ids), 64), f"prompt {index}"
+        hist = done.stats.draft_k_histogram
+        assert sum(hist) >= 64 // 5 and len(hist) == 5
+    assert engine.current_k is not None
+
+
+def test_policy_drafts_deep_when_drafts_match_and_stops_when_they_do_not() -> None:
+    high, _ = run_adaptive("dense-high", prompt(3), 96, CHEAP_VERIFY)
+    hist = high.stats.draft_k_histogram
+    assert hist[4] > 0.7 * sum(hist)  # max_k on most cycles
+    assert high.stats.num_draft_tokens > 3
+    none, engine = run_adaptive("dense-none", prompt(2), 96, CHEAP_VERIFY)
+    hist = none.stats.draft_k_histogram
+    assert hist[0] > 0.7 * sum(hist)  # K=0 on most cycles: plain decode
+    assert 0 < hist[1] < 0.2 * sum(hist)  # and rare K=1 probes
+    assert engine.current_k in (0, 1)
+    check_greedy("dense-none", prompt(2), 96, None)  # reference cached: exact too
+
+
+def test_explicit_mtp_k_pins_k_with_the_policy_available() -> None:
+    done, _ = run_adaptive("dense-none", prompt(2), 32, CHEAP_VERIFY, mtp_k=3)
+    hist = done.stats.draft_k_histogram
+    assert hist[3] == sum(hist) > 0  # drafts never match, yet K stays at the pin
+
+
+def test_the_first_cycle_uses_the_cards_default_k(monkeypatch) -> None:
+    seen: list[int] = []
+    original = engine_mtp._MtpRun.cycle
+
+    def recording(self, k):
+        seen.append(k)
+        return original(self, k)
+
+    monkeypatch.setattr(engine_mtp._MtpRun, "cycle", recording)
+    run_adaptive("dense-none", prompt(2), 16, CHEAP_VERIFY)
+    assert seen[0] == loaded("dense-none").mtp_k_limits[0]
+
+
+# The "alternating" head: drafts accepted on alternate blocks of sigma's cycle, rejected on the
+# others (the smallest width that holds one independent embedding per ordinary token).
+ALTERNATING = CheckpointSpec(
+    agreement="alternating",
+    agreement_block=16,
+    hidden_size=512,
+    intermediate_size=256,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_hidden_layers=2,
+    full_attention_interval=2,
+    mixer_scale=1.0,
+    seed=7,
+)
+
+
+def test_alternating_head_moves_between_easy_and_hard_text() -> None:
+    from node.checkpoints.weights import agreeing_tokens
+
+    engine = MtpEngine(load_checkpoint(ensure_checkpoint(ALTERNATING)), costs=CHEAP_VERIFY)
+    agree = set(agreeing_tokens(ALTERNATING).tolist())
+    ids = prompt(0, 24)
+    request = GenerateRequest(prompt_ids=ids, max_tokens=96, ignore_eos=True)
+    done = list(engine.generate(request))[-1]
+    inside = [t in agree for t in done.token_ids]
+    switches = sum(a != b for a, b in itertools.pairwise(inside))
+    assert 4 <= switches <= 8  # runs of ~16 tokens, in and out of the agreeing blocks
+    # The policy follows the text: deep K on the easy blocks, K=0 on the hard ones.
+    hist = done.stats.draft_k_histogram
+    assert hist[0] > 0 and hist[3] + hist[4] > 0
+    fixed = MtpEngine(engine.loaded, fixed_k=1)
+    pinned = list(fixed.generate(request))[-1]
+    assert pinned.token_ids == done.token_ids
+    assert 0.2 < pinned.stats.acceptance_rate < 0.6  # half the text accepts, half does not
+
+
+def test_alternating_head_needs_a_wide_model() -> None:
+    from node.checkpoints.weights import build_model, build_mtp
+
+    narrow = CheckpointSpec(agreement="alternating", agreement_block=16, mixer_scale=1.0)
+    with pytest.raises(ValueError, match="hidden_size >= "):
+        build_mtp(narrow, build_model(narrow))
+    with pytest.raises(ValueError, match="agreement_block"):
+        CheckpointSpec(agreement="high", agreement_block=16)

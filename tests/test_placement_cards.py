@@ -34,7 +34,7 @@ def test_the_catalogue_ships_the_expected_cards() -> None:
 
 @pytest.mark.parametrize(
     ("card_id", "default_k", "max_k"),
-    [("Qwen3.6-27B", 2, 3), ("Qwen3.6-35B-A3B", 1, 3)],
+    [("Qwen3.6-27B", 2, 8), ("Qwen3.6-35B-A3B", 1, 8)],
 )
 def test_qwen36_cards_declare_native_mtp_as_designed(
     card_id: str, default_k: int, max_k: int
@@ -226,6 +226,7 @@ def test_toml_shorthand_forms(tmp_path) -> None:
         ({"layer_bytes": [1, 2]}, "layer_bytes has 2 entries"),
         ({"kv_bytes_per_token": 7}, "does not split evenly"),
         ({"native_mtp": {"default_k": 4, "max_k": 3}}, "default_k 4 is above max_k 3"),
+        ({"native_mtp": {"default_k": 2, "max_k": 9}}, "less than or equal to 8"),
     ],
 )
 def test_inconsistent_cards_are_refused(change: dict, message: str) -> None:

@@ -107,7 +107,7 @@ def test_a_checkpoint_named_after_a_card_takes_its_mtp_k(tmp_path: Path) -> None
     shutil.copytree(ensure_checkpoint(PRESETS["moe-hf"]), named)
     card = card_from_checkpoint(named)
     assert card.id == "Qwen3.6-35B-A3B-tiny-test"
-    assert (card.native_mtp.default_k, card.native_mtp.max_k) == (1, 3)
+    assert (card.native_mtp.default_k, card.native_mtp.max_k) == (1, 8)
     assert any("Qwen3.6-35B-A3B card" in note for note in card.notes)
 
 

@@ -18,6 +18,7 @@ from helpers.cluster_client import generate, launch, raw_generate, status_code
 from helpers.daemons import DaemonCluster
 
 from node.checkpoints import PRESETS, ensure_checkpoint
+from node.client import MacmeshClient
 from node.cluster.selector import (
     EngineRefused,
     choose_instance_engine,
@@ -112,8 +113,13 @@ def test_native_mtp_instance_and_per_request_overrides(daemons) -> None:
     _, ids, stats = generate(address, "macmesh-tiny", max_tokens=10, ignore_eos=True)
     assert stats.engine == "native_mtp" and stats.drafter_kind == "native_mtp"
     assert stats.engine_reason == instance.engine_reason
-    assert stats.proposed_draft_tokens > 0 and stats.num_draft_tokens == 2
+    assert stats.proposed_draft_tokens > 0 and stats.draft_k_histogram[2] >= 1  # default_k first
     assert [s.node_id for s in stats.stages] == [daemons["plain"].node_id]
+    # Status shows the K the instance's policy chose last.
+    with MacmeshClient(address) as client:
+        status = client.cluster_status()
+    (shown,) = [i for i in status.instances if i.instance_id == instance.instance_id]
+    assert shown.current_mtp_k is not None and 0 <= shown.current_mtp_k <= 8
 
     # engine=local on the same instance: plain decode, same greedy tokens, says why.
     _, local_ids, local = generate(

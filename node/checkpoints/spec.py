@@ -14,7 +14,7 @@ from node.checkpoints.tokenizer import vocab_size as tokenizer_vocab_size
 
 Arch = Literal["dense", "moe"]
 Layout = Literal["hf", "mlx", "sidecar", "stripped"]
-Agreement = Literal["random", "high", "partial", "none"]
+Agreement = Literal["random", "high", "partial", "none", "alternating"]
 DType = Literal["float32", "bfloat16", "float16"]
 
 # Bump whenever the builder's output changes, so cached checkpoints rebuild.
@@ -35,6 +35,9 @@ class CheckpointSpec:
     layout: Layout = "hf"
     agreement: Agreement = "random"
     agreement_level: float | None = None
+    # "alternating": the head agrees on blocks of this many consecutive tokens of sigma's cycle
+    # and disagrees on the blocks between, so generated text moves between easy and hard.
+    agreement_block: int | None = None
     # Output scale of the token mixers in constructed targets; None = calibrate at build time
     # (a dozen probe forwards: instant for tiny models, set it for big ones).
     mixer_scale: float | None = None
@@ -133,6 +136,14 @@ class CheckpointSpec:
                     f"agreement_level dials a constructed head; use agreement='high' or "
                     f"'partial', not {self.agreement!r}"
                 )
+        if (self.agreement == "alternating") != (self.agreement_block is not None):
+            raise ValueError(
+                "agreement='alternating' needs agreement_block (tokens per block) and only it "
+                f"takes one; got agreement={self.agreement!r}, "
+                f"agreement_block={self.agreement_block!r}"
+            )
+        if self.agreement_block is not None and self.agreement_block < 1:
+            raise ValueError(f"agreement_block must be >= 1, got {self.agreement_block}")
         if self.mixer_scale is not None and not self.mixer_scale > 0:
             raise ValueError(f"mixer_scale must be > 0, got {self.mixer_scale}")
         if self.agreement != "random" and self.tie_word_embeddings:
@@ -165,6 +176,8 @@ class CheckpointSpec:
         parts = [self.arch, self.layout, self.agreement]
         if self.agreement_level is not None:
             parts.append(f"lvl{self.agreement_level:g}")
+        if self.agreement_block is not None:
+            parts.append(f"blk{self.agreement_block}")
         if self.dtype != "float32":
             parts.append({"bfloat16": "bf16", "float16": "fp16"}[self.dtype])
         if self.quant_bits is not None:

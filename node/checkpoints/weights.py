@@ -27,6 +27,12 @@ Constructed agreement (``spec.agreement`` other than "random"):
   likely to choose), and ``A = cos(theta) I + sin(theta) R`` (R a random rotation) when
   ``agreement_level`` is set: theta is calibrated so that the head maps ``agreement_level`` of
   the ordinary tokens to sigma(token), i.e. measured agreement ~= level x target consistency.
+* "alternating": ``A`` is solved (least squares) so that the head maps the tokens of
+  ``agreeing_tokens`` (alternate blocks of ``agreement_block`` tokens along sigma's cycle) to
+  sigma(token) and every other token to its opposite ("none"): the target's greedy text walks
+  the cycle, so it spends ``agreement_block`` tokens where drafts are accepted, then as many
+  where they are rejected, and so on.  Exact when hidden_size >= the ordinary vocabulary (the
+  embeddings are then linearly independent): the bench model (hidden 1024, 512 tokens).
 """
 
 from __future__ import annotations
@@ -57,10 +63,15 @@ NORM_JITTER_UNIT = 1.0 / 128
 # Constructed targets: MLP / expert outputs stay small (a token-only function would just remap
 # sigma), token-mixer outputs are calibrated so the target follows sigma on this fraction of a
 # probe sequence ("high"/"none": rarely leaves it; "partial": context often moves it).
-TARGET_CONSISTENCY: dict[str, float] = {"high": 0.99, "none": 0.99, "partial": 0.6}
+TARGET_CONSISTENCY: dict[str, float] = {
+    "high": 0.99,
+    "none": 0.99,
+    "partial": 0.6,
+    "alternating": 0.99,
+}
 # Grid steps taken back from the calibrated scale (4 steps = /2**0.25): "high" must stay > 0.95
 # on any prompt, and a 128-token probe is a noisy estimate of that.
-SAFETY_STEPS: dict[str, int] = {"high": 4, "none": 4, "partial": 0}
+SAFETY_STEPS: dict[str, int] = {"high": 4, "none": 4, "partial": 0, "alternating": 4}
 _CONSTRUCTED_MLP_SCALE = 0.05
 # Mixer scales are searched on the grid 2**(k/16), k in [_SCALE_GRID_LOW, _SCALE_GRID_HIGH].
 _SCALE_GRID_LOW, _SCALE_GRID_HIGH = -32, 48
@@ -157,6 +168,17 @@ def sigma_cycle(spec: CheckpointSpec) -> np.ndarray:
     sigma = np.arange(vocab)
     sigma[order] = np.roll(order, -1)
     return sigma
+
+
+def agreeing_tokens(spec: CheckpointSpec) -> np.ndarray:
+    """Ordinary tokens whose next token an "alternating" head predicts right: positions
+    0..block-1, 2*block..3*block-1, ... of sigma's cycle."""
+    assert spec.agreement_block is not None
+    specials = set(special_token_ids())
+    ordinary = np.array([t for t in range(spec.vocab_size) if t not in specials])
+    order = _rng(spec.seed, "sigma").permutation(ordinary)  # sigma_cycle's order
+    positions = np.arange(len(order))
+    return np.sort(order[(positions // spec.agreement_block) % 2 == 0])
 
 
 def _cast(spec: CheckpointSpec, name: str, value: np.ndarray) -> mx.array:
@@ -326,6 +348,28 @@ def build_mtp(spec: CheckpointSpec, model: nn.Module) -> ReferenceMTP:
     return mtp
 
 
+def _alternating_embed_half(
+    spec: CheckpointSpec, model: nn.Module, values: dict[str, np.ndarray]
+) -> np.ndarray:
+    """``A`` with ``A (e_a * w_in) = +-(e_a / w_out)``: after the head's final norm (scale
+    w_out) the output points along +e_a (predicts sigma(a)) or -e_a (its opposite)."""
+    embed = np.array(model.language_model.model.embed_tokens.weight.astype(mx.float32))
+    ordinary = np.setdiff1d(np.arange(embed.shape[0]), special_token_ids())
+    if spec.hidden_size < len(ordinary):
+        raise ValueError(
+            f"agreement='alternating' needs hidden_size >= {len(ordinary)} (one independent "
+            f"embedding per ordinary token), got {spec.hidden_size}"
+        )
+    w_in = values["pre_fc_norm_embedding.weight"]
+    w_out = values["norm.weight"]
+    sign = np.where(np.isin(ordinary, agreeing_tokens(spec)), 1.0, -1.0)[:, None]
+    x = embed[ordinary] * w_in  # [n, D]
+    y = sign * embed[ordinary] / w_out
+    # Minimum-norm solution of A x_a = y_a for every a: A = Y^T (X X^T)^-1 X.
+    a = np.linalg.solve((x @ x.T).astype(np.float64), x.astype(np.float64)).T @ y
+    return a.T.astype(np.float32)
+
+
 def _constructed_fc(
     spec: CheckpointSpec, model: nn.Module, values: dict[str, np.ndarray]
 ) -> np.ndarray:
@@ -334,6 +378,8 @@ def _constructed_fc(
     hidden_half = _normal(rng, (dim, dim), _MTP_HIDDEN_HALF_SCALE / math.sqrt(dim))
     if spec.agreement == "none":
         embed_half = -np.eye(dim, dtype=np.float32)
+    elif spec.agreement == "alternating":
+        embed_half = _alternating_embed_half(spec, model, values)
     elif spec.agreement_level is None:
         embed_half = np.eye(dim, dtype=np.float32)
     else:

@@ -69,6 +69,7 @@ class InstanceInfo(BaseModel):
     requests_served: int = 0
     batch_size: int = 0  # requests computing together now
     queued: int = 0  # admitted, waiting for a place in the batch
+    current_mtp_k: int | None = None  # native MTP: the K policy's latest choice
 
     def answers_to(self, name: str) -> bool:
         """Whether ``GenerateRequest.model == name`` reaches this instance."""
@@ -90,6 +91,7 @@ class InstanceInfo(BaseModel):
             coordinator_address=self.coordinator_address,
             batch_size=self.batch_size,
             queued=self.queued,
+            current_mtp_k=self.current_mtp_k,
         )
 
     @classmethod
@@ -109,6 +111,7 @@ class InstanceInfo(BaseModel):
             requests_served=msg.requests_served,
             batch_size=msg.batch_size,
             queued=msg.queued,
+            current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
         )
 
 

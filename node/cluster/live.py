@@ -130,7 +130,12 @@ class Instance:
             requests_served=self.served,
             batch_size=self.batch_size,
             queued=self.queued,
+            current_mtp_k=self.current_mtp_k(),
         )
+
+    def current_mtp_k(self) -> int | None:
+        """The K the native-MTP engine chose last (None: no MTP cycle ran here)."""
+        return None
 
     def admit(self, cancel: CancelToken) -> Callable[[], None]:
         """Count a request in (``Busy`` beyond ``max_queued``, ``InstanceUnavailable`` unless
@@ -242,6 +247,10 @@ class LocalInstance(Instance):
         if runner is None:
             raise InstanceUnavailable(self.unavailable_reason())
         return runner.loaded.tokenizer
+
+    def current_mtp_k(self) -> int | None:
+        runner = self.runner
+        return runner.mtp_current_k if runner is not None else None
 
     def validate(self, request: Any, choice: EngineChoice) -> list[int]:
         from node.inference.requests import check_against_model, prompt_token_ids

@@ -188,7 +188,7 @@ def _print_stats(console: Any, stats: Any, names: dict[str, str]) -> None:
         rows.append(
             (
                 "drafts",
-                f"{stats.drafter_kind} K={stats.num_draft_tokens}: accepted "
+                f"{stats.drafter_kind} K={stats.num_draft_tokens:.2g} (mean): accepted "
                 f"{stats.accepted_draft_tokens}/{stats.proposed_draft_tokens} "
                 f"({stats.acceptance_rate:.0%})",
             )

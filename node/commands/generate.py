@@ -129,7 +129,7 @@ def _print_summary(stats: Any) -> None:
     if stats.drafter_kind:
         rate = stats.acceptance_rate
         parts.append(
-            f"K={stats.num_draft_tokens} accepted {stats.accepted_draft_tokens}/"
+            f"K={stats.num_draft_tokens:.2g} (mean) accepted {stats.accepted_draft_tokens}/"
             f"{stats.proposed_draft_tokens}" + (f" ({rate:.0%})" if rate is not None else "")
         )
     typer.echo("[" + ", ".join(parts) + f"] {stats.engine_reason}", err=True)

@@ -242,7 +242,10 @@ def render_instances(
             row.append(f"{i.model} (via {coordinator})")
         row += [
             Text(i.state, style=_INSTANCE_STATE_STYLE.get(i.state, "")),
-            Text(i.engine, style=_ENGINE_STYLE.get(i.engine, "")),
+            Text(
+                i.engine + (f" K={i.current_mtp_k}" if i.current_mtp_k is not None else ""),
+                style=_ENGINE_STYLE.get(i.engine, ""),
+            ),
             stages,
             f"{i.recent_generation_tps:.1f}" if i.recent_generation_tps else "-",
             busy,

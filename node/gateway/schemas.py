@@ -204,7 +204,8 @@ class MacmeshStats(_Response):
     engine: str
     engine_reason: str
     drafter_kind: str | None
-    num_draft_tokens: int
+    num_draft_tokens: float  # mean K per cycle
+    draft_k_histogram: list[int]  # [K] = cycles that chose K
     proposed_draft_tokens: int
     accepted_draft_tokens: int
     acceptance_rate: float | None = Field(

@@ -181,7 +181,8 @@ def build_stats(
     loaded: LoadedModel,
     prepared: PreparedRequest,
     clock: Clock,
-    num_draft_tokens: int = 0,
+    num_draft_tokens: float = 0,
+    draft_k_histogram: list[int] | None = None,
     proposed: int = 0,
     accepted: int = 0,
 ) -> GenerationStats:
@@ -193,6 +194,7 @@ def build_stats(
         engine_reason=reason,
         drafter_kind="native_mtp" if engine == "native_mtp" else None,
         num_draft_tokens=num_draft_tokens,
+        draft_k_histogram=draft_k_histogram or [],
         proposed_draft_tokens=proposed,
         accepted_draft_tokens=accepted,
         acceptance_rate=acceptance_rate(accepted, proposed),

@@ -78,6 +78,11 @@ class LocalRunner:
             return "local", f"local: {self._mtp_failure}"
         return kind, reason
 
+    @property
+    def mtp_current_k(self) -> int | None:
+        """The K the MTP engine's policy chose for its latest cycle (status shows it)."""
+        return self._mtp.current_k if self._mtp is not None else None
+
     def generate(self, request: GenerateRequest) -> Iterator[GenerationEvent]:
         kind, reason = self.select(request.engine)
         if kind == "native_mtp":

@@ -36,7 +36,15 @@ class GenerationStats(BaseModel):
     engine: EngineKind
     engine_reason: str = ""
     drafter_kind: DrafterKind | None = None
-    num_draft_tokens: int = Field(0, ge=0, description="K, drafts per verify step")
+    num_draft_tokens: float = Field(
+        0.0,
+        ge=0.0,
+        description="K, drafts per verify step: the mean of the K chosen per cycle (a request's "
+        "last cycles may draft fewer, never past max_tokens)",
+    )
+    draft_k_histogram: list[int] = Field(
+        default_factory=list, description="[K] = cycles that chose K (empty without a drafter)"
+    )
     proposed_draft_tokens: int = Field(0, ge=0)
     accepted_draft_tokens: int = Field(0, ge=0)
     acceptance_rate: float | None = Field(

@@ -24,6 +24,7 @@ from node.placement.architecture import FULL, LINEAR, LayerType
 from node.placement.errors import PlacementError, UnknownModelError
 
 CARDS_DIR = Path(__file__).parent / "cards"
+MAX_K_LIMIT = 8
 
 
 class NativeMtpSpec(BaseModel):
@@ -32,7 +33,9 @@ class NativeMtpSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     default_k: int = Field(ge=1, description="draft tokens per step by default")
-    max_k: int = Field(ge=1, description="largest K worth drafting")
+    # The K policy chooses each cycle's K up to max_k (deeper only where drafts keep being
+    # accepted and verify positions are cheap); 8 bounds the load-time cost measurement.
+    max_k: int = Field(ge=1, le=MAX_K_LIMIT, description="largest K the policy may draft")
     num_layers: int = Field(default=1, ge=1, description="MTP decoder layers")
     head_bytes: int = Field(default=0, ge=0, description="MTP weights (the LM head is shared)")
     weights_in_checkpoint: bool | None = Field(

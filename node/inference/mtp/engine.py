@@ -17,6 +17,17 @@ fed, and ``pending`` = the pairs not yet in the MTP cache (it always ends with
    state after ``n+1`` tokens, the MTP cache drops its K-1 chained entries, and
    ``pending`` becomes ``(h_L..h_{L+n}, d1..dn, c)``.
 
+A K = 0 cycle is a plain decode step: the head does not run, and the new pair is appended to
+``pending`` (fed to the head by the next drafting cycle in one forward, or flushed once
+``PENDING_LIMIT`` pairs wait), so stretches the policy does not draft cost what target-only
+decode costs.  K may change from one cycle to the next: every cycle starts from the same
+invariant whatever K the previous one used.
+
+K per cycle (``node.inference.mtp.kpolicy``): unless the request pins ``mtp_k``, a
+``KPolicy`` chooses each cycle's K from the request's running per-depth acceptance and the
+engine's cost table (measured on first use, ``node.inference.mtp.costs``, and refreshed with
+every cycle's measured seconds), starting at the card's ``default_k``.
+
 Prefill runs the prompt through the target once (chunked); each chunk's hidden states feed
 the head's cache in the same pass, pairing ``h_i`` with prompt token ``i+1``.
 
@@ -34,7 +45,8 @@ acceptance): K=2 1.97x (capture) vs 1.81x (replay) over target-only decode, K=4 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import mlx.core as mx
@@ -51,12 +63,18 @@ from node.inference.engine import (
 )
 from node.inference.events import GenerationDone, GenerationEvent
 from node.inference.loading import LoadedModel
+from node.inference.mtp.costs import measure_costs
 from node.inference.mtp.gdn import commit_verified, verify_forward
 from node.inference.mtp.head import MtpHead
+from node.inference.mtp.kpolicy import CostTable, KPolicy
 from node.inference.requests import GenerateRequest
 from node.inference.sampling import KeyStream, SamplingParams, draft_token, processed_logprobs
 
 Rollback = Literal["capture", "replay"]
+
+# Pairs a run of K = 0 cycles may leave for the head before they are fed to it: bounds the
+# memory they hold and the size of the head forward that catches up.
+PENDING_LIMIT = 64
 
 
 class MtpEngine:
@@ -70,11 +88,30 @@ class MtpEngine:
         head: MtpHead | None = None,
         reason: str = "native_mtp",
         rollback: Rollback = "capture",
+        costs: CostTable | None = None,
+        fixed_k: int | None = None,
+        clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.loaded = loaded
         self.head = head if head is not None else loaded.mtp_head()
         self.reason = reason
         self.rollback = rollback
+        self._costs = costs
+        # Every request at this K, 0 included (benchmarks compare the policy with fixed K;
+        # requests can pin K >= 1 with mtp_k).
+        self.fixed_k = fixed_k
+        # What cycles and the cost table are timed with (see costs.measure_costs).
+        self.clock = clock
+        # The K the policy chose for the latest cycle of any request (status shows it).
+        self.current_k: int | None = None
+
+    def cost_table(self) -> CostTable:
+        """The instance's cost table, measured on first use (a few timed forwards)."""
+        if self._costs is None:
+            self._costs = measure_costs(
+                self.loaded, self.head, self.loaded.mtp_k_limits[1], clock=self.clock
+            )
+        return self._costs
 
     def generate(
         self, request: GenerateRequest, reason: str | None = None
@@ -82,10 +119,15 @@ class MtpEngine:
         loaded = self.loaded
         default_k, max_k = loaded.mtp_k_limits
         prepared = prepare_request(loaded, request, max_k=max_k)
-        k = request.mtp_k or default_k
+        pin = self.fixed_k if self.fixed_k is not None else request.mtp_k
+        policy = KPolicy(max_k=max_k, start_k=default_k, pin=pin)
+        costs = self.cost_table() if pin is None else None
         run = _MtpRun(self, prepared.params, list(prepared.prompt_ids), self.rollback)
         output = prepared.output
         clock = Clock()
+        # Cycles per K chosen (by the policy or the pin); the last cycles of a request may
+        # draft fewer, and proposed_draft_tokens counts what was drafted.
+        k_counts = [0] * (max_k + 1)
 
         first = run.start()
         clock.mark_first_token()
@@ -93,8 +135,17 @@ class MtpEngine:
         if delta is not None:
             yield delta
         while not output.done:
+            chosen = policy.next_k(costs)
+            k_counts[chosen] += 1
+            self.current_k = chosen
             # Never draft past the last token the request may still emit.
-            delta = output.add(run.cycle(min(k, output.remaining - 1)))
+            k = min(chosen, output.remaining - 1)
+            start = self.clock()
+            emitted = run.cycle(k)
+            if costs is not None:
+                costs.observe(1, k, self.clock() - start)
+            policy.observe(k, len(emitted) - 1)
+            delta = output.add(emitted)
             if delta is not None:
                 yield delta
         clock.mark_end()
@@ -109,7 +160,8 @@ class MtpEngine:
                 loaded=loaded,
                 prepared=prepared,
                 clock=clock,
-                num_draft_tokens=k,
+                num_draft_tokens=_mean_k(k_counts),
+                draft_k_histogram=k_counts,
                 proposed=run.proposed,
                 accepted=run.accepted,
             ),
@@ -176,10 +228,15 @@ class _MtpRun:
         last = self.pending_tokens[:, -1:]  # [1, 1]
         drafts: list[mx.array] = []
         draft_lps: list[mx.array] = []
-        # The pending pairs always go into the MTP cache; with k == 0 (the request's last
-        # token) nothing is drafted from them.
-        x = self._head(self.pending_tokens, self.pending_hidden)[:, -1:, :]
+        if k == 0 and self.pending_tokens.shape[1] > PENDING_LIMIT:
+            # Feed all but the newest pair (the invariant keeps one pending), now.
+            self._head(self.pending_tokens[:, :-1], self.pending_hidden[:, :-1])
+            mx.eval(self.mtp_cache.state)
+            self.pending_tokens = self.pending_tokens[:, -1:]
+            self.pending_hidden = self.pending_hidden[:, -1:]
         if k > 0:
+            # The pending pairs go into the MTP cache; the last output drafts d1.
+            x = self._head(self.pending_tokens, self.pending_hidden)[:, -1:, :]
             for s in range(k):
                 if s > 0:
                     x = self._head(drafts[-1].reshape(1, 1), x)
@@ -191,7 +248,9 @@ class _MtpRun:
 
         draft_ids = mx.stack(drafts).astype(mx.uint32) if drafts else mx.zeros((0,), mx.uint32)
         verify_ids = mx.concatenate([last.reshape(-1).astype(mx.uint32), draft_ids])[None]
-        if self.rollback == "capture":
+        if k == 0:  # a plain decode step: nothing to roll back
+            hidden = forward.hidden_states(self.model, verify_ids, self.cache)
+        elif self.rollback == "capture":
             hidden, pending_gdn = verify_forward(
                 forward.text_model(self.model), verify_ids, self.cache
             )
@@ -213,7 +272,9 @@ class _MtpRun:
         values = result.tolist()  # the one host sync of the cycle
         n, correction, proposed = values[0], values[1], values[2:]
 
-        if self.rollback == "capture":
+        if k == 0:
+            pass
+        elif self.rollback == "capture":
             commit_verified(self.cache, pending_gdn, n + 1, k + 1)
         elif n < k:
             _restore_linear(self.cache, snapshot)
@@ -228,9 +289,21 @@ class _MtpRun:
         self.proposed += k
         self.accepted += n
         self.history.extend(emitted)
-        self.pending_hidden = hidden[:, : n + 1, :]
-        self.pending_tokens = mx.array([emitted])
+        if k == 0:  # the head did not run: the new pair waits behind the old ones
+            self.pending_hidden = mx.concatenate([self.pending_hidden, hidden], axis=1)
+            self.pending_tokens = mx.concatenate(
+                [self.pending_tokens, mx.array([emitted], dtype=self.pending_tokens.dtype)],
+                axis=1,
+            )
+        else:
+            self.pending_hidden = hidden[:, : n + 1, :]
+            self.pending_tokens = mx.array([emitted])
         return emitted
+
+
+def _mean_k(counts: list[int]) -> float:
+    cycles = sum(counts)
+    return sum(k * c for k, c in enumerate(counts)) / cycles if cycles else 0.0
 
 
 def _snapshot_linear(cache: list[Any]) -> list[list[Any] | None]:

@@ -96,7 +96,7 @@ class StageStats(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason", "stop_sequence", "queue_seconds", "time_to_first_token_seconds")
+    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason", "stop_sequence", "queue_seconds", "time_to_first_token_seconds", "draft_k_histogram")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -113,10 +113,11 @@ class GenerationStats(_message.Message):
     STOP_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_K_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
     engine: str
     engine_reason: str
     drafter_kind: str
-    num_draft_tokens: int
+    num_draft_tokens: float
     proposed_draft_tokens: int
     accepted_draft_tokens: int
     acceptance_rate: float
@@ -129,7 +130,8 @@ class GenerationStats(_message.Message):
     stop_sequence: str
     queue_seconds: float
     time_to_first_token_seconds: float
-    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[int] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_sequence: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ...) -> None: ...
+    draft_k_histogram: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[float] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_sequence: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., draft_k_histogram: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
@@ -246,7 +248,7 @@ class LaunchProgress(_message.Message):
     def __init__(self, message: _Optional[str] = ..., instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps", "aliases", "in_flight", "requests_served", "coordinator_address", "batch_size", "queued")
+    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps", "aliases", "in_flight", "requests_served", "coordinator_address", "batch_size", "queued", "current_mtp_k")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -261,6 +263,7 @@ class Instance(_message.Message):
     COORDINATOR_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     QUEUED_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_MTP_K_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     coordinator_node_id: str
@@ -275,7 +278,8 @@ class Instance(_message.Message):
     coordinator_address: str
     batch_size: int
     queued: int
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., requests_served: _Optional[int] = ..., coordinator_address: _Optional[str] = ..., batch_size: _Optional[int] = ..., queued: _Optional[int] = ...) -> None: ...
+    current_mtp_k: int
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., requests_served: _Optional[int] = ..., coordinator_address: _Optional[str] = ..., batch_size: _Optional[int] = ..., queued: _Optional[int] = ..., current_mtp_k: _Optional[int] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("model", "instance_id")

@@ -1,0 +1,252 @@
+"""Choosing K, the drafts per native-MTP cycle, from running acceptance and measured costs.
+
+Pure code: no model, no clock.  The engine feeds it what each cycle did and the seconds it
+took; ``node.inference.mtp.costs`` measures the cost table at load.
+
+Model of one cycle at batch size B with K drafts (K = 0: plain decode, nothing drafted):
+
+    seconds(B, K)  = verify(B, K + 1) + draft(B, K)
+    tokens(K)      = 1 + a_1 + a_1 a_2 + ... + a_1 ... a_K     (per sequence)
+
+where ``a_d`` is the acceptance of depth d given that depths < d were accepted.  The policy
+takes the K that maximises ``sum of tokens(K) over the batch / seconds(B, K)`` within the
+bounds (the card's ``max_k``, the tokens the request may still emit); a request's explicit
+``mtp_k`` pins K.
+
+Acceptance estimates.  Per depth, exponentially decayed counts of accepted / tried drafts
+(one decay step per drafting cycle), shrunk toward the depth above (an unobserved depth is
+taken to accept like the one before it), so the estimate follows the text within a few
+cycles: code and boilerplate are easy to draft, free prose is not, and acceptance falls with
+context length.
+
+Exploration.  At K = 0 nothing is drafted, so there is no new evidence and a request whose
+text became easy again would never find out.  After ``probe_interval`` consecutive K = 0
+cycles the policy drafts one token (K = 1, the cheapest probe: one head step and one more
+verify position).  A rejected probe doubles the interval, up to the interval at which probes
+cost ``PROBE_BUDGET`` of the time (from the cost table: a probe costs
+``seconds(B, 1) - seconds(B, 0)``), so a text the head never matches loses at most ~2% to
+probing, and cheap probes (Metal, where one more verify position is nearly free) come often.
+An accepted probe is followed by another at once, so a run of good drafts lifts the estimate
+past the break-even point in a few cycles instead of one probe per interval.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+DECAY = 0.7  # per drafting cycle: evidence from 3 cycles ago weighs a third
+PRIOR_ACCEPTANCE = 0.5  # before any evidence at depth 1
+PRIOR_WEIGHT = 1.0  # pseudo-observations pulling a depth toward the depth above it
+MIN_PROBE_INTERVAL = 2
+MAX_PROBE_INTERVAL = 32
+PROBE_BUDGET = 0.02  # share of a K = 0 stretch's time that probes may cost
+# Live cycle timings: the newest one's share when it is below the running ratio, and when it is
+# above.  Other processes only ever add time, so a slow cycle moves the estimate little; a
+# real, lasting slowdown (longer context, a loaded machine) still gets through in ~20 cycles.
+EWMA_DOWN = 0.3
+EWMA_UP = 0.05
+
+
+def expected_tokens(rates: Sequence[float], k: int) -> float:
+    """Tokens one cycle emits with ``k`` drafts: the correction/bonus token plus each accepted
+    draft, depth d counting when depths 1..d are all accepted."""
+    total, survive = 1.0, 1.0
+    for d in range(k):
+        survive *= rates[d] if d < len(rates) else rates[-1]
+        total += survive
+    return total
+
+
+@dataclass
+class CostTable:
+    """Seconds of a cycle's parts by batch size, measured at load and refreshed live.
+
+    ``verify[B][t - 1]``: one target forward over ``t`` positions for each of ``B`` sequences
+    (t = 1..max_k + 1); ``draft[B][k]``: drafting ``k`` tokens for ``B`` sequences
+    (k = 0..max_k; ``draft[B][0]`` is 0 or the cost of feeding the head without drafting).
+    Batch sizes between measured ones interpolate linearly, beyond them the nearest is used.
+
+    Live refresh: ``observe(B, K, seconds)`` keeps an EWMA of measured / modelled cycle time per
+    (B, K) and over all cycles (asymmetric: faster cycles count more than slower ones, which
+    are mostly another process holding the core); ``cycle_s`` scales the model by the (B, K) ratio once that K
+    has run, by the overall ratio before.  The ratios absorb what isolated timings miss (host
+    syncs, Python, rollback) and follow the machine's load.  ``ewma_weight=0`` freezes the
+    table (tests that must not depend on timing).
+    """
+
+    verify: dict[int, list[float]]
+    draft: dict[int, list[float]]
+    ewma_weight: float = EWMA_UP  # the weight of a slower-than-expected cycle; 0 freezes
+    ewma_down: float = EWMA_DOWN
+    _ratio: dict[tuple[int, int], float] = field(default_factory=dict)
+    _overall: float | None = None
+
+    def __post_init__(self) -> None:
+        if not self.verify or set(self.verify) != set(self.draft):
+            raise ValueError("verify and draft costs must cover the same batch sizes")
+        for b in self.verify:
+            if len(self.draft[b]) != len(self.verify[b]):
+                raise ValueError(
+                    f"batch {b}: {len(self.verify[b])} verify costs (T = 1..max_k+1) need as "
+                    f"many draft costs (K = 0..max_k), got {len(self.draft[b])}"
+                )
+
+    @property
+    def max_k(self) -> int:
+        return min(len(v) for v in self.verify.values()) - 1
+
+    def _at(self, table: dict[int, list[float]], batch: int, i: int) -> float:
+        sizes = sorted(table)
+        j = bisect.bisect_left(sizes, batch)
+        if j < len(sizes) and sizes[j] == batch:
+            return table[batch][i]
+        if j == 0:
+            return table[sizes[0]][i]
+        if j == len(sizes):
+            return table[sizes[-1]][i]
+        lo, hi = sizes[j - 1], sizes[j]
+        w = (batch - lo) / (hi - lo)
+        return (1 - w) * table[lo][i] + w * table[hi][i]
+
+    def modelled_s(self, batch: int, k: int) -> float:
+        return self._at(self.verify, batch, k) + self._at(self.draft, batch, k)
+
+    def cycle_s(self, batch: int, k: int) -> float:
+        ratio = self._ratio.get((batch, k), self._overall or 1.0)
+        return self.modelled_s(batch, k) * ratio
+
+    def observe(self, batch: int, k: int, seconds: float) -> None:
+        modelled = self.modelled_s(batch, k)
+        if not (seconds > 0 and modelled > 0 and self.ewma_weight > 0):
+            return
+        ratio = seconds / modelled
+        self._ratio[(batch, k)] = self._mix(self._ratio.get((batch, k)), ratio)
+        self._overall = self._mix(self._overall, ratio)
+
+    def _mix(self, old: float | None, new: float) -> float:
+        if old is None:
+            return new
+        w = self.ewma_down if new < old else self.ewma_weight
+        return (1 - w) * old + w * new
+
+
+def choose_k(
+    rates: Sequence[Sequence[float]], costs: CostTable, max_k: int, batch: int | None = None
+) -> int:
+    """The K in 0..max_k maximising the batch's expected tokens per second.
+
+    ``rates[i]`` is sequence i's per-depth acceptance estimate; the batch drafts and
+    verifies together, so one K serves all of it.
+    """
+    batch = batch if batch is not None else max(len(rates), 1)
+    max_k = max(0, min(max_k, costs.max_k))
+    best_k, best = 0, -1.0
+    for k in range(max_k + 1):
+        tokens = sum(expected_tokens(r, k) for r in rates) if rates else 1.0
+        speed = tokens / costs.cycle_s(batch, k)
+        if speed > best * (1 + 1e-9):  # ties go to the smaller K
+            best_k, best = k, speed
+    return best_k
+
+
+@dataclass
+class AcceptanceEstimate:
+    """Per-depth acceptance given the shallower depths accepted, from decayed counts."""
+
+    max_k: int
+    decay: float = DECAY
+    prior: float = PRIOR_ACCEPTANCE
+    prior_weight: float = PRIOR_WEIGHT
+    hits: list[float] = field(default_factory=list)
+    tries: list[float] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.hits = self.hits or [0.0] * self.max_k
+        self.tries = self.tries or [0.0] * self.max_k
+
+    def observe(self, k: int, accepted: int) -> None:
+        """A cycle drafted ``k`` and the first ``accepted`` were accepted: depths 1..accepted
+        hit, depth accepted+1 (if drafted) missed, deeper ones were not tried."""
+        if k <= 0:
+            return  # no evidence: the estimates stay as they were
+        for d in range(self.max_k):
+            self.hits[d] *= self.decay
+            self.tries[d] *= self.decay
+        for d in range(min(accepted + 1, k, self.max_k)):
+            self.tries[d] += 1.0
+            self.hits[d] += 1.0 if d < accepted else 0.0
+
+    def rates(self) -> list[float]:
+        out, above = [], self.prior
+        for hits, tries in zip(self.hits, self.tries, strict=True):
+            above = (hits + self.prior_weight * above) / (tries + self.prior_weight)
+            out.append(above)
+        return out
+
+
+@dataclass
+class KPolicy:
+    """One request's K, cycle after cycle: estimate, choose, probe at K = 0.
+
+    ``start_k`` (the card's ``default_k``) is the first cycle's K; ``pin`` (the request's
+    ``mtp_k``) fixes K for the whole request.
+    """
+
+    max_k: int
+    start_k: int
+    pin: int | None = None
+    estimate: AcceptanceEstimate = field(init=False)
+    current_k: int = field(init=False)
+    probe_interval: int = MIN_PROBE_INTERVAL
+    _zero_run: int = 0
+    _probe_cap: int = MAX_PROBE_INTERVAL
+    _started: bool = False
+    _probing: bool = False
+
+    def __post_init__(self) -> None:
+        self.estimate = AcceptanceEstimate(self.max_k)
+        self.current_k = self.pin if self.pin is not None else min(self.start_k, self.max_k)
+
+    def next_k(self, costs: CostTable | None, limit: int | None = None, batch: int = 1) -> int:
+        """K for the next cycle; ``limit`` caps it (tokens the request may still emit)."""
+        if costs is not None:
+            self._probe_cap = probe_interval_cap(costs, batch)
+        bound = self.max_k if limit is None else max(0, min(self.max_k, limit))
+        if self.pin is not None:
+            k = min(self.pin, bound)
+        elif not self._started or costs is None:
+            k = min(self.start_k, bound)
+        else:
+            k = choose_k([self.estimate.rates()], costs, bound, batch=batch)
+            self._probing = False
+            if k == 0 and bound >= 1:
+                self._zero_run += 1
+                if self._zero_run >= self.probe_interval:
+                    k, self._probing = 1, True
+            else:
+                self._zero_run = 0
+        self.current_k = k
+        return k
+
+    def observe(self, k: int, accepted: int) -> None:
+        self._started = True
+        self.estimate.observe(k, accepted)
+        if self._probing:
+            self._zero_run = 0
+            if accepted > 0:
+                # Probe again next cycle: good drafts are back until shown otherwise.
+                self._zero_run = self.probe_interval
+                self.probe_interval = MIN_PROBE_INTERVAL
+            else:
+                self.probe_interval = min(2 * self.probe_interval, self._probe_cap)
+
+
+def probe_interval_cap(costs: CostTable, batch: int = 1) -> int:
+    """The longest wait between K = 1 probes: probes cost ``PROBE_BUDGET`` of the time."""
+    zero = costs.cycle_s(batch, 0)
+    extra = max(costs.cycle_s(batch, 1) - zero, 0.0) / zero if zero > 0 else 1.0
+    cap = math.ceil(extra / PROBE_BUDGET)
+    return max(MIN_PROBE_INTERVAL, min(cap, MAX_PROBE_INTERVAL))

@@ -1,0 +1,224 @@
+"""The K policy on synthetic cost tables and acceptance histories (pure code, no model).
+
+A simulated request draws each draft's acceptance from a per-depth probability that the test
+controls (and changes mid-request); "speed" is the policy's own cost model evaluated on what
+really happened, so the comparisons against fixed K are exact and not timing-dependent.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from node.inference.mtp.kpolicy import (
+    PROBE_BUDGET,
+    AcceptanceEstimate,
+    CostTable,
+    KPolicy,
+    choose_k,
+    expected_tokens,
+    probe_interval_cap,
+)
+
+MAX_K = 8
+
+
+def cpu_like(max_k: int = MAX_K, batch_sizes: tuple[int, ...] = (1,)) -> CostTable:
+    """Verify of T positions costs 1 + 0.12 (T-1) decode steps at B=1, each draft 0.06; a
+    batch of B scales the multi-position part by B (the [B, T] shapes of DESIGN.md roughly)."""
+    return CostTable(
+        verify={b: [1.0 + 0.12 * b * t for t in range(max_k + 1)] for b in batch_sizes},
+        draft={b: [0.06 * k * (1 + 0.1 * b) for k in range(max_k + 1)] for b in batch_sizes},
+    )
+
+
+def simulate(
+    policy: KPolicy, costs: CostTable, acceptance, cycles: int, seed: int = 0
+) -> tuple[list[int], float, float]:
+    """Run ``cycles`` cycles; ``acceptance(cycle)`` is the per-depth probability.
+    Returns (K per cycle, tokens emitted, modelled seconds)."""
+    rng = random.Random(seed)
+    ks, tokens, seconds = [], 0.0, 0.0
+    for c in range(cycles):
+        k = policy.next_k(costs)
+        p = acceptance(c)
+        n = 0
+        while n < k and rng.random() < p:
+            n += 1
+        policy.observe(k, n)
+        ks.append(k)
+        tokens += n + 1
+        seconds += costs.cycle_s(1, k)
+    return ks, tokens, seconds
+
+
+def fixed_speed(costs: CostTable, k: int, acceptance, cycles: int, seed: int = 0) -> float:
+    policy = KPolicy(max_k=MAX_K, start_k=k, pin=k)
+    _, tokens, seconds = simulate(policy, costs, acceptance, cycles, seed)
+    return tokens / seconds
+
+
+def test_expected_tokens_counts_each_depth_given_the_ones_before() -> None:
+    assert expected_tokens([0.5, 0.5], 0) == 1.0
+    assert expected_tokens([0.5, 0.5], 2) == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens([1.0] * 4, 4) == 5.0
+    assert expected_tokens([0.9, 0.0, 1.0], 3) == pytest.approx(1.9)
+
+
+def test_never_matching_drafts_give_k_zero_with_rare_probes() -> None:
+    costs = cpu_like()
+    policy = KPolicy(max_k=MAX_K, start_k=2)
+    ks, _, _ = simulate(policy, costs, lambda c: 0.0, 600)
+    assert ks[0] == 2  # the card's default_k starts
+    assert ks[8:].count(0) > 0.9 * len(ks[8:])
+    assert set(ks[8:]) <= {0, 1}  # only K=1 probes
+    # Backed off to the interval at which probes cost PROBE_BUDGET of the time.
+    cap = probe_interval_cap(costs)
+    assert 5 <= cap <= 20  # probes cost ~0.19 of a K=0 cycle here
+    probes = ks[100:].count(1)
+    assert 0 < probes <= len(ks[100:]) / cap + 1
+    extra = probes * (costs.cycle_s(1, 1) - costs.cycle_s(1, 0))
+    assert extra <= 1.1 * PROBE_BUDGET * len(ks[100:]) * costs.cycle_s(1, 0)
+
+
+def test_always_matching_drafts_give_the_deepest_k() -> None:
+    costs = cpu_like()
+    policy = KPolicy(max_k=MAX_K, start_k=2)
+    ks, _, _ = simulate(policy, costs, lambda c: 1.0, 60)
+    assert ks[-20:] == [MAX_K] * 20
+    bounded = KPolicy(max_k=3, start_k=2)
+    assert simulate(bounded, cpu_like(), lambda c: 1.0, 30)[0][-10:] == [3] * 10
+
+
+@pytest.mark.parametrize("p", [0.9, 0.75, 0.5, 0.3, 0.15])
+def test_steady_acceptance_is_as_fast_as_the_best_fixed_k(p: float) -> None:
+    costs = cpu_like()
+    acceptance = lambda c: p  # noqa: E731
+    best = max(fixed_speed(costs, k, acceptance, 2000, seed=k) for k in range(MAX_K + 1))
+    _, tokens, seconds = simulate(KPolicy(max_k=MAX_K, start_k=2), costs, acceptance, 2000)
+    assert tokens / seconds >= 0.95 * best
+
+
+def test_changing_acceptance_is_followed_within_a_few_cycles() -> None:
+    costs = cpu_like()
+    policy = KPolicy(max_k=MAX_K, start_k=2)
+
+    def acceptance(c: int) -> float:
+        return 1.0 if c < 100 or c >= 300 else 0.0
+
+    ks, tokens, seconds = simulate(policy, costs, acceptance, 400)
+    assert ks[99] == MAX_K
+    assert 0 in ks[100:108]  # drafts stopped matching: K falls to 0 within 8 cycles
+    assert ks[150:300].count(0) > 0.85 * 150
+    back = next(i for i in range(300, 400) if ks[i] >= MAX_K - 1)
+    assert back - 300 <= probe_interval_cap(costs) + 8  # one probe interval, then a few cycles
+    # Beats every fixed K on this text (the steady halves each favour a different K).
+    best = max(fixed_speed(costs, k, acceptance, 400) for k in range(MAX_K + 1))
+    assert tokens / seconds >= 1.2 * best
+
+
+def test_limit_and_pin_bound_k() -> None:
+    costs = cpu_like()
+    policy = KPolicy(max_k=MAX_K, start_k=2)
+    simulate(policy, costs, lambda c: 1.0, 30)
+    assert policy.next_k(costs) == MAX_K
+    assert policy.next_k(costs, limit=3) == 3  # the request may emit only 4 more tokens
+    assert policy.next_k(costs, limit=0) == 0
+    pinned = KPolicy(max_k=MAX_K, start_k=2, pin=3)
+    ks, _, _ = simulate(pinned, costs, lambda c: 0.0, 50)
+    assert ks == [3] * 50  # an explicit mtp_k is kept even when drafts never match
+    assert pinned.next_k(costs, limit=1) == 1
+    assert KPolicy(max_k=3, start_k=5).next_k(costs) == 3  # start_k is bounded too
+
+
+def test_without_a_cost_table_the_start_k_is_kept() -> None:
+    policy = KPolicy(max_k=4, start_k=2)
+    for _ in range(5):
+        assert policy.next_k(None) == 2
+        policy.observe(2, 0)
+
+
+def test_no_gain_means_no_drafting() -> None:
+    # Verifying T positions costs T decode steps (no parallelism): drafting can never pay,
+    # even when every draft is accepted (ties go to the smaller K).
+    costs = CostTable(verify={1: [1.0, 2.0, 3.0]}, draft={1: [0.0, 0.0, 0.0]})
+    assert choose_k([[1.0, 1.0]], costs, max_k=2) == 0
+    free = CostTable(verify={1: [1.0, 1.0, 1.0]}, draft={1: [0.0, 0.01, 0.02]})
+    assert choose_k([[0.2, 0.2]], free, max_k=2) == 2
+
+
+def test_batch_size_changes_the_choice() -> None:
+    costs = cpu_like(batch_sizes=(1, 4, 16))
+    rates = [0.7] * MAX_K
+    one = choose_k([rates], costs, MAX_K)
+    four = choose_k([rates] * 4, costs, MAX_K)
+    sixteen = choose_k([rates] * 16, costs, MAX_K)
+    assert one > four > sixteen >= 0
+    # A batch of 8 sits between the measured 4 and 16.
+    assert costs.modelled_s(8, 2) == pytest.approx(
+        (2 / 3) * costs.modelled_s(4, 2) + (1 / 3) * costs.modelled_s(16, 2)
+    )
+    assert costs.modelled_s(32, 2) == costs.modelled_s(16, 2)  # beyond: the nearest
+    # Sequences with different acceptance: the batch's K serves their sum.
+    good, bad = [1.0] * MAX_K, [0.0] * MAX_K
+    assert choose_k([good] * 4, costs, MAX_K) == MAX_K
+    assert choose_k([good] + [bad] * 3, costs, MAX_K) == 0
+
+
+def test_live_timings_refresh_the_table() -> None:
+    costs = cpu_like(max_k=4)
+    modelled = costs.modelled_s(1, 2)
+    assert costs.cycle_s(1, 2) == modelled  # nothing measured live yet
+    costs.observe(1, 2, 0.5 * modelled)
+    assert costs.cycle_s(1, 2) == pytest.approx(0.5 * modelled)  # the first one is taken as is
+    costs.observe(1, 2, 20 * modelled)  # one cycle preempted by another process
+    assert costs.cycle_s(1, 2) < 1.5 * modelled  # moves the estimate little
+    for _ in range(150):
+        costs.observe(1, 2, 2 * modelled)  # K=2 cycles really take twice the model
+    assert costs.cycle_s(1, 2) == pytest.approx(2 * modelled, rel=0.01)
+    # Ks that have not run yet follow the overall ratio.
+    assert costs.cycle_s(1, 3) == pytest.approx(2 * costs.modelled_s(1, 3), rel=0.01)
+    # Overheads measured live move the choice: K=2 wins on the load-time table, but not
+    # once its cycles are measured at twice the model while K=0 cycles match it.
+    assert choose_k([[0.8] * 4], cpu_like(max_k=4), max_k=2) == 2
+    for _ in range(30):
+        costs.observe(1, 0, costs.modelled_s(1, 0))
+    assert choose_k([[0.8] * 4], costs, max_k=2) != 2
+
+
+def test_acceptance_estimate_is_conditional_per_depth() -> None:
+    est = AcceptanceEstimate(max_k=3, decay=1.0, prior_weight=1e-9)
+    for _ in range(50):
+        est.observe(3, 3)  # all accepted
+        est.observe(3, 1)  # depth 1 accepted, depth 2 rejected, depth 3 not tried
+    rates = est.rates()
+    assert rates[0] == pytest.approx(1.0)
+    assert rates[1] == pytest.approx(0.5)
+    assert rates[2] == pytest.approx(1.0)  # given depth 2 accepted, depth 3 always was
+    untried = AcceptanceEstimate(max_k=3)
+    untried.observe(1, 1)
+    r = untried.rates()
+    assert r[0] > 0.5 and r[1] == pytest.approx(r[0]) and r[2] == pytest.approx(r[0])
+
+
+def test_cheap_probes_come_often() -> None:
+    metal_like = CostTable(verify={1: [1.0, 1.01, 1.02]}, draft={1: [0.0, 0.02, 0.04]})
+    assert probe_interval_cap(metal_like) == 2  # 3% per probe: probe every other K=0 cycle
+    dear = CostTable(verify={1: [1.0, 2.0, 3.0]}, draft={1: [0.0, 0.5, 1.0]})
+    assert probe_interval_cap(dear) == 32  # the ceiling
+
+
+def test_bad_cost_tables_are_refused() -> None:
+    with pytest.raises(ValueError, match="same batch sizes"):
+        CostTable(verify={1: [1.0, 1.1]}, draft={2: [0.0, 0.1]})
+    with pytest.raises(ValueError, match="batch 1"):
+        CostTable(verify={1: [1.0, 1.1, 1.2]}, draft={1: [0.0, 0.1]})
+
+
+def test_load_time_outliers_are_capped_by_longer_shapes() -> None:
+    from node.inference.mtp.costs import no_dearer_than_longer
+
+    # T=5 measured while another process held the core: capped by T=6's cost.
+    assert no_dearer_than_longer([1.0, 1.1, 1.2, 3.5, 1.4, 1.5]) == [1.0, 1.1, 1.2, 1.4, 1.4, 1.5]
+    assert no_dearer_than_longer([0.0, 0.1, 0.2]) == [0.0, 0.1, 0.2]
