@@ -146,7 +146,8 @@ def test_status_shows_batch_and_queue_and_admission_refuses_beyond_it(daemon) ->
         )
         assert (mine["batch_size"], mine["queued"]) == (MAX_BATCH, MAX_QUEUED - MAX_BATCH)
         table = CliRunner().invoke(app, ["status", "--node", node.address], env={"COLUMNS": "200"})
-        assert "batch" in table.output and "queue" in table.output
+        assert "batch/q" in table.output
+        assert f" {MAX_BATCH}/{MAX_QUEUED - MAX_BATCH} " in table.output, table.output
         with pytest.raises(grpc.RpcError) as refused:
             list(inference.Generate(request(instance.instance_id, [1, 2], 2, False), timeout=60))
         assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -210,6 +210,8 @@ def render_instances(
         return Text("no instances launched (macmesh launch MODEL)", style="dim")
     names = {n.id: n.name for n in view.nodes}
     wide = width >= WIDE_COLUMNS
+    # Instance ids are "<model>-<hash>": a model column would only repeat them.
+    show_model = wide and not all(i.instance_id.startswith(f"{i.model}-") for i in instances)
     table = Table(
         title=f"{len(instances)} instance{'s' if len(instances) != 1 else ''}",
         title_justify="left",
@@ -217,16 +219,15 @@ def render_instances(
         pad_edge=False,
     )
     table.add_column("instance", no_wrap=True)
-    if wide:
-        table.add_column("model", overflow="fold")
+    if show_model:
+        table.add_column("model", no_wrap=True)
     table.add_column("state", no_wrap=True)
     table.add_column("engine", no_wrap=True)
     table.add_column("stages (node: layers)", no_wrap=True)
     table.add_column("tok/s", justify="right", no_wrap=True)
     table.add_column("reqs", justify="right", no_wrap=True)
     if wide:  # narrow: "reqs" already counts what computes and waits (served+in flight)
-        table.add_column("batch", justify="right", no_wrap=True)
-        table.add_column("queue", justify="right", no_wrap=True)
+        table.add_column("batch/q", justify="right", no_wrap=True)
     reasons = Text()
     for i in instances:
         # Narrow: one stage per line, so a list is split between stages, never inside one.
@@ -237,9 +238,8 @@ def render_instances(
         )
         busy = f"{i.requests_served}" + (f"+{i.in_flight}" if i.in_flight else "")
         row: list[str | Text] = [i.instance_id]
-        if wide:
-            coordinator = names.get(i.coordinator_node_id, i.coordinator_node_id[:8])
-            row.append(f"{i.model} (via {coordinator})")
+        if show_model:
+            row.append(i.model)
         row += [
             Text(i.state, style=_INSTANCE_STATE_STYLE.get(i.state, "")),
             Text(
@@ -251,9 +251,10 @@ def render_instances(
             busy,
         ]
         if wide:
-            row += [str(i.batch_size), str(i.queued)]
+            row.append(f"{i.batch_size}/{i.queued}")
         table.add_row(*row)
-        reasons.append(f"{i.instance_id}: ", style="bold")
+        coordinator = names.get(i.coordinator_node_id, i.coordinator_node_id[:8])
+        reasons.append(f"{i.instance_id} (via {coordinator}): ", style="bold")
         reasons.append(f"{i.engine_reason}\n")
     reasons.rstrip()
     return Group(table, reasons)
