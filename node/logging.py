@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 from typing import Literal
 
 import structlog
@@ -42,6 +43,9 @@ def configure_logging(level: str = "info", fmt: LogFormat = "console") -> None:
     logging.basicConfig(level=numeric, stream=sys.stderr, format="%(name)s: %(message)s")
 
 
+_WRITE_LOCK = threading.Lock()
+
+
 class _StderrLogger:
     """Writes to whatever ``sys.stderr`` is *now*: test runners and daemons swap it after setup."""
 
@@ -49,7 +53,12 @@ class _StderrLogger:
         pass
 
     def msg(self, message: str) -> None:
-        print(message, file=sys.stderr, flush=True)
+        # One write of the whole line under one lock: ``print`` writes the text and the newline
+        # separately, so two threads' JSON lines could end up on one line.
+        with _WRITE_LOCK:
+            stream = sys.stderr
+            stream.write(message + "\n")
+            stream.flush()
 
     log = debug = info = warning = warn = error = critical = exception = fatal = msg
 

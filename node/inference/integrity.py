@@ -125,9 +125,13 @@ def _entry_problem(entry: object) -> str | None:
     return None
 
 
-def check_checkpoint(directory: Path) -> None:
+def check_checkpoint(directory: Path, *, partial: bool = False) -> None:
     """Raise ``CorruptCheckpoint`` when ``config.json``, the index, or any safetensors file of
-    the checkpoint ``directory`` is damaged or missing (an index naming an absent shard)."""
+    the checkpoint ``directory`` is damaged or missing (an index naming an absent shard).
+
+    ``partial``: the directory holds only some shards on purpose (a stage's per-node pull; the
+    caller has checked that the ones it needs are there), so absent shards are not an error;
+    every present one is still checked."""
     config = directory / "config.json"
     if config.is_file():
         try:
@@ -142,8 +146,10 @@ def check_checkpoint(directory: Path) -> None:
             named = {directory / str(f) for f in weight_map.values()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise _corrupt(index, f"is damaged ({str(exc)[:80]})") from None
-        for missing in sorted(named - {f for f in named if f.is_file()}):
-            raise _corrupt(missing, f"is missing (named by {INDEX_FILE})")
-        files |= named
+        present = {f for f in named if f.is_file()}
+        for missing in sorted(named - present):
+            if not partial:
+                raise _corrupt(missing, f"is missing (named by {INDEX_FILE})")
+        files |= present
     for file in sorted(files):
         check_safetensors(file)

@@ -188,15 +188,16 @@ def load_shard(path: str | Path, start_layer: int, end_layer: int) -> Shard:
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ShardError(f"{path} is not a checkpoint directory (no config.json)")
-    check_checkpoint(path)  # a truncated shard is named here, not a RuntimeError from MLX
-    # Freed MLX buffers stay cached for reuse and would hide the growth: return them first.
-    mx.clear_cache()
-    began, rss_before = time.perf_counter(), _rss()
     missing, partial = stage_files_on_disk(path, start_layer, end_layer)  # a per-node pull
     if missing:
         raise ShardError(
             f"{path} lacks {', '.join(missing)}, needed for layers [{start_layer}, {end_layer})"
         )
+    # A truncated shard is named here, not a RuntimeError from MLX.
+    check_checkpoint(path, partial=partial)
+    # Freed MLX buffers stay cached for reuse and would hide the growth: return them first.
+    mx.clear_cache()
+    began, rss_before = time.perf_counter(), _rss()
     model, config = load_model(path, lazy=True, strict=not partial)  # nothing is read yet
     args = forward.language_model(model).args
     num_layers = len(forward.text_model(model).layers)
