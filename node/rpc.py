@@ -8,7 +8,8 @@ chunked; the tensor codec chunks above ``MAX_MESSAGE_BYTES``.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Callable, Iterable, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -96,3 +97,33 @@ def channel(address: str, options: Sequence[tuple[str, Any]] | None = None) -> g
     """A channel to a macmesh node: TLS and the cluster secret as this process is configured
     (``node.security``)."""
     return security.current().secure_channel(address, options or CHANNEL_OPTIONS)
+
+
+class ChannelPool:
+    """One channel per address, opened by ``open`` on first use and kept until ``forget`` or
+    ``close``: a peer costs one HTTP/2 connection (and one TLS handshake), not one per call."""
+
+    def __init__(self, open: Callable[[str], grpc.Channel] = channel) -> None:
+        self._open = open
+        self._channels: dict[str, grpc.Channel] = {}
+        self._lock = threading.Lock()
+
+    def get(self, address: str) -> grpc.Channel:
+        with self._lock:
+            found = self._channels.get(address)
+            if found is None:
+                found = self._channels[address] = self._open(address)
+            return found
+
+    def forget(self, address: str) -> None:
+        """Close the channel of a peer that left (a new one opens if it comes back)."""
+        with self._lock:
+            found = self._channels.pop(address, None)
+        if found is not None:
+            found.close()
+
+    def close(self) -> None:
+        with self._lock:
+            channels, self._channels = list(self._channels.values()), {}
+        for found in channels:
+            found.close()

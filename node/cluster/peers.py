@@ -14,7 +14,6 @@ view can cost one extra hop but never a loop.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -37,35 +36,11 @@ def is_forwarded(context: grpc.ServicerContext) -> bool:
     return any(key == FORWARDED_KEY for key, _ in context.invocation_metadata() or ())
 
 
-class PeerChannels:
-    """One channel per peer address, opened on first use and kept until ``close``."""
-
-    def __init__(self) -> None:
-        self._channels: dict[str, grpc.Channel] = {}
-        self._lock = threading.Lock()
-
-    def get(self, address: str) -> grpc.Channel:
-        with self._lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = rpc.channel(address)
-            return channel
+class PeerChannels(rpc.ChannelPool):
+    """One InferenceService channel per peer address, opened on first use."""
 
     def stub(self, address: str) -> pb_grpc.InferenceServiceStub:
         return pb_grpc.InferenceServiceStub(self.get(address))
-
-    def forget(self, address: str) -> None:
-        """Close the channel of a peer that left (a new one opens if it comes back)."""
-        with self._lock:
-            channel = self._channels.pop(address, None)
-        if channel is not None:
-            channel.close()
-
-    def close(self) -> None:
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            channel.close()
 
 
 def peer_instances(

@@ -6,12 +6,11 @@ peer never delays the heartbeats of the others; results arrive on a callback.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 
 import grpc
 
-from node import security
+from node import rpc, security
 from node.proto.macmesh.v1 import node_pb2, node_pb2_grpc
 from node.rpc import CHANNEL_OPTIONS
 
@@ -37,15 +36,10 @@ def peer_channel(address: str) -> grpc.Channel:
 class PeerDialer:
     def __init__(self, timeout_s: float) -> None:
         self._timeout_s = timeout_s
-        self._channels: dict[str, grpc.Channel] = {}
-        self._lock = threading.Lock()
+        self._pool = rpc.ChannelPool(peer_channel)
 
     def _stub(self, address: str) -> node_pb2_grpc.NodeServiceStub:
-        with self._lock:
-            channel = self._channels.get(address)
-            if channel is None:
-                channel = self._channels[address] = peer_channel(address)
-        return node_pb2_grpc.NodeServiceStub(channel)
+        return node_pb2_grpc.NodeServiceStub(self._pool.get(address))
 
     def heartbeat(
         self, address: str, request: node_pb2.HeartbeatRequest, on_done: ResponseCallback
@@ -59,13 +53,7 @@ class PeerDialer:
         return self._stub(address).Goodbye.future(request, timeout=timeout_s)
 
     def forget(self, address: str) -> None:
-        with self._lock:
-            channel = self._channels.pop(address, None)
-        if channel is not None:
-            channel.close()
+        self._pool.forget(address)
 
     def close(self) -> None:
-        with self._lock:
-            channels, self._channels = list(self._channels.values()), {}
-        for channel in channels:
-            channel.close()
+        self._pool.close()
