@@ -17,7 +17,7 @@ import openai
 import pytest
 import requests
 from helpers.cluster_client import launch
-from helpers.daemons import DaemonCluster
+from helpers.daemons import PATIENCE_S, DaemonCluster, wait_for
 from helpers.gateway_processes import start_gateway
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -42,6 +42,18 @@ def value(samples: dict, name: str, **labels: str) -> float:
     found = [v for ls, v in samples.get(name, []) if labels.items() <= ls.items()]
     assert found, f"no {name} {labels} in {sorted(samples)}"
     return sum(found)
+
+
+def settled(url: str, name: str, expected: float, **labels: str) -> dict:
+    """Scrape ``url`` until counter ``name`` reaches ``expected``: a server counts a request when
+    its handler returns, which can be just after the client read the last message."""
+
+    def scraped() -> dict | None:
+        samples = scrape(url)
+        found = [v for ls, v in samples.get(name, []) if labels.items() <= ls.items()]
+        return samples if found and sum(found) == expected else None
+
+    return wait_for(scraped, timeout=PATIENCE_S, what=f"{name}{labels} == {expected} at {url}")
 
 
 def metrics_url(daemon) -> str:
@@ -97,7 +109,16 @@ def test_requests_tokens_latency_mtp_and_hops_are_counted_where_they_happen(clus
     with pytest.raises(openai.NotFoundError):
         chat(client, "no-such-model")
 
-    coord = scrape(metrics_url(cluster["coord"]))
+    coord = settled(
+        metrics_url(cluster["coord"]), "macmesh_inter_token_latency_seconds_count", 4 * (TOKENS - 1)
+    )
+    coord = settled(
+        metrics_url(cluster["coord"]),
+        "macmesh_requests_total",
+        2,
+        engine="pipeline",
+        outcome="length",
+    )
     assert value(coord, "macmesh_requests_total", engine="native_mtp", outcome="length") == 2
     assert value(coord, "macmesh_requests_total", engine="pipeline", outcome="length") == 2
     for engine, stats in (("native_mtp", mtp), ("pipeline", piped)):
@@ -123,7 +144,7 @@ def test_requests_tokens_latency_mtp_and_hops_are_counted_where_they_happen(clus
         assert value(coord, "macmesh_queue_length", **labels) == 0
         assert value(coord, "macmesh_batch_size", **labels) == 0
 
-    other = scrape(metrics_url(cluster["other"]))
+    other = settled(metrics_url(cluster["other"]), "macmesh_relayed_requests_total", 4)
     assert value(other, "macmesh_relayed_requests_total") == 4
     assert value(other, "macmesh_time_to_first_token_seconds_count") == 0  # timed once, there
     assert value(other, "macmesh_inter_token_latency_seconds_count") == 0
@@ -136,7 +157,9 @@ def test_requests_tokens_latency_mtp_and_hops_are_counted_where_they_happen(clus
     assert hops == sum(s["generation_tokens"] for s in piped)
     assert value(other, "macmesh_stage_forward_seconds_sum", instance=pipelined.instance_id) > 0
 
-    gateway = scrape(f"{cluster['gateway'].url}/metrics")
+    gateway = settled(
+        f"{cluster['gateway'].url}/metrics", "macmesh_gateway_time_to_first_token_seconds_count", 4
+    )
     requests_total = "macmesh_gateway_requests_total"
     assert (
         value(gateway, requests_total, api="openai_chat", engine="native_mtp", outcome="length")
