@@ -12,9 +12,10 @@ stays free of metrics code:
   once, by the coordinator; the relay counts it under ``macmesh_relayed_requests_total``
   (a refusal is counted by every node that answered it: the coordinator and its relay).
 - ``StageService.Forward``: ``macmesh_stage_forward_seconds``, from an activation arriving at
-  a stage to the token sampled for it passing back through that stage (this stage's compute
-  plus every later stage and hop). The difference between consecutive stages' values is the
-  hop and compute of the stage in between; on the last stage it is its compute alone.
+  a stage to the token sampled for it leaving this node, on whichever of its Forward streams
+  it leaves. The last stage samples every token and sends it straight to the coordinator (the
+  ring), so there it is the last stage's compute; earlier stages see a token only when tokens
+  travel back up the chain (no return stream), and then it includes every later stage and hop.
 
 At scrape time a collector reads the instances this node coordinates (requests in flight,
 queue length, batch size, recent tok/s) and the node's memory. ``set_batch_size`` is how a
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -317,6 +319,7 @@ class Guarded:
 class _MetricsInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: DaemonMetrics) -> None:
         self.metrics = metrics
+        self.arrivals = _Arrivals()
 
     def intercept_service(self, continuation: Any, details: Any) -> Any:
         handler = continuation(details)
@@ -384,23 +387,49 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
 
     def _forward(self, inner: Any, requests: Iterator[Any], context: Any) -> Iterator[Any]:
         instance = dict(context.invocation_metadata() or ()).get(INSTANCE_KEY, "")
-        arrived: dict[str, float] = {}
-        histogram = self.metrics.stage_forward.labels(instance=instance)
+        arrivals = self.arrivals
 
         def incoming() -> Iterator[Any]:
             for request in requests:
                 if request.WhichOneof("kind") == "activation":
-                    arrived.setdefault(request.request_id, time.perf_counter())
+                    arrivals.arrived(request.request_id, instance)
                 yield request
 
         for response in inner(incoming(), context):
-            if response.WhichOneof("kind") == "token":
-                began = arrived.pop(response.request_id, None)
-                if began is not None:
-                    histogram.observe(time.perf_counter() - began)
-            elif response.WhichOneof("kind") in ("released", "error"):
-                arrived.pop(response.request_id, None)
+            kind = response.WhichOneof("kind")
+            if kind == "token":
+                timed = arrivals.answered(response.request_id)
+                if timed is not None:
+                    label, seconds = timed
+                    self.metrics.stage_forward.labels(instance=label).observe(seconds)
+            elif kind in ("released", "error"):
+                arrivals.answered(response.request_id)
             yield response
+
+
+class _Arrivals:
+    """When each request's current activation reached this node, across all its Forward
+    streams: with the ring, the last stage's token leaves on the coordinator's return stream,
+    not on the stream its activation came in on. Bounded: a request whose answer this node
+    never sees (a middle stage: tokens skip it) is forgotten oldest-first."""
+
+    LIMIT = 4096
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: OrderedDict[str, tuple[str, float]] = OrderedDict()
+
+    def arrived(self, request_id: str, instance: str) -> None:
+        with self._lock:
+            if request_id not in self._pending:  # a prefill's later chunks keep the first time
+                self._pending[request_id] = (instance, time.perf_counter())
+                if len(self._pending) > self.LIMIT:
+                    self._pending.popitem(last=False)
+
+    def answered(self, request_id: str) -> tuple[str, float] | None:
+        with self._lock:
+            entry = self._pending.pop(request_id, None)
+        return None if entry is None else (entry[0], time.perf_counter() - entry[1])
 
 
 def install(daemon: Any, servicer: Any, port: int) -> DaemonMetrics:
