@@ -22,15 +22,18 @@ import numpy as np
 import pytest
 
 from node.inference.acceptance import (
+    coupled_accept_batch,
     draft_token_logprobs,
     greedy_accept_batch,
     next_token_logits,
+    rule_for,
     sampled_accept_batch,
     speculative_accept,
 )
 from node.inference.sampling import (
     KeyStream,
     SamplingParams,
+    position_noise,
     processed_logits,
     processed_logprobs,
     sample_tokens,
@@ -505,3 +508,80 @@ def test_errors() -> None:
         speculative_accept(target, None, [1, 2], params, mx.random.key(0))
     with pytest.raises(ValueError, match=r"\[2, 5\]"):
         speculative_accept(target, mx.zeros((2, 4)), [1, 2], params, mx.random.key(0))
+
+
+# ---- the coupled rule (seeded sampling) ----
+
+
+def _coupled_window(seed: int, batch: int, num_drafts: int, vocab: int, same_q: bool):
+    """Random target/draft distributions for a [batch, K+1] window, one key per position, and
+    drafts drawn from q with each position's own noise, as the MTP engine draws them."""
+    rng = np.random.default_rng(seed)
+    target = mx.array(np.log(rng.dirichlet(np.ones(vocab) * 0.3, size=(batch, num_drafts + 1))))
+    draft = (
+        target[:, :num_drafts]
+        if same_q
+        else mx.array(np.log(rng.dirichlet(np.ones(vocab) * 0.3, size=(batch, num_drafts))))
+    )
+    keys = [
+        [mx.random.key(seed * 1000 + b * 10 + j) for j in range(num_drafts + 1)]
+        for b in range(batch)
+    ]
+    noise = mx.stack([mx.concatenate([position_noise(k, (1, vocab)) for k in row]) for row in keys])
+    drafts = mx.array(
+        [
+            [sample_tokens(draft[b, j : j + 1], keys[b][j]).item() for j in range(num_drafts)]
+            for b in range(batch)
+        ],
+        dtype=mx.uint32,
+    ).reshape(batch, num_drafts)
+    return target, drafts, noise, keys
+
+
+@pytest.mark.parametrize("num_drafts", [0, 1, 3])
+def test_coupled_rule_emits_the_targets_own_draw_at_every_position(num_drafts: int) -> None:
+    """Every emitted token — accepted drafts and the next token — is what `sample_tokens`
+    draws from the target row of that position with that position's key: the same token the
+    local engine draws with the same seed, whatever K is."""
+    target, drafts, noise, keys = _coupled_window(1, 64, num_drafts, 12, same_q=False)
+    accepted, next_token = coupled_accept_batch(target, drafts, noise)
+    for b in range(64):
+        own = [
+            sample_tokens(target[b, j : j + 1], keys[b][j]).item() for j in range(num_drafts + 1)
+        ]
+        n = accepted[b].item()
+        assert drafts[b, :n].tolist() == own[:n]
+        assert next_token[b].item() == own[n]
+        if n < num_drafts:
+            assert drafts[b, n].item() != own[n]  # it stopped at the first mismatch
+
+
+def test_coupled_rule_accepts_every_draft_from_the_targets_own_distribution() -> None:
+    """Shared noise makes q = p drafts always pass; independent draws from the same p would
+    not (the control), so the drafts really are coupled to the target's draws."""
+    target, drafts, noise, _ = _coupled_window(2, 64, 3, 12, same_q=True)
+    accepted, _ = coupled_accept_batch(target, drafts, noise)
+    assert accepted.tolist() == [3] * 64
+    independent = mx.stack(
+        [sample_tokens(target[:, j], mx.random.key(99 + j)) for j in range(3)], axis=1
+    )
+    control, _ = coupled_accept_batch(target, independent, noise)
+    assert sum(control.tolist()) < 0.8 * 3 * 64
+
+
+def test_a_seed_takes_the_coupled_rule() -> None:
+    assert rule_for(SamplingParams(temperature=0.0, seed=1)) == "greedy"
+    assert rule_for(SamplingParams(temperature=0.8, seed=1)) == "coupled"
+    assert rule_for(SamplingParams(temperature=0.8)) == "ratio"
+    with pytest.raises(ValueError, match="noise must match"):
+        coupled_accept_batch(mx.zeros((1, 2, 4)), mx.zeros((1, 1), mx.uint32), mx.zeros((1, 1, 4)))
+
+
+def test_a_positions_key_is_the_same_in_order_and_by_position() -> None:
+    in_order, by_position = KeyStream(5), KeyStream(5)
+    drawn = [in_order.next() for _ in range(6)]
+    assert all(mx.array_equal(by_position.at(i), drawn[i]).item() for i in (3, 0, 5, 1))
+    by_position.forget_before(4)
+    assert mx.array_equal(by_position.at(4), drawn[4]).item()
+    with pytest.raises(ValueError, match="forgotten"):
+        by_position.at(3)

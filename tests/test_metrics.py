@@ -159,7 +159,9 @@ def test_requests_tokens_latency_mtp_and_hops_are_counted_where_they_happen(clus
     stage_node = scrape(metrics_url(holder))
     hops = value(stage_node, "macmesh_stage_forward_seconds_count", instance=pipelined.instance_id)
     assert hops == sum(s["generation_tokens"] for s in piped)
-    assert value(stage_node, "macmesh_stage_forward_seconds_sum", instance=pipelined.instance_id) > 0
+    assert (
+        value(stage_node, "macmesh_stage_forward_seconds_sum", instance=pipelined.instance_id) > 0
+    )
 
     gateway = settled(
         f"{cluster['gateway'].url}/metrics", "macmesh_gateway_time_to_first_token_seconds_count", 4

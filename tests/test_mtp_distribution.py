@@ -36,6 +36,7 @@ from mlx_lm.sample_utils import make_logits_processors, make_sampler
 from test_acceptance import two_sample_chi2
 
 from node.checkpoints import CheckpointSpec, ensure_checkpoint
+from node.inference import acceptance
 from node.inference.acceptance import draft_token_logprobs, next_token_logits
 from node.inference.events import GenerationDone
 from node.inference.loading import LoadedModel, load_checkpoint
@@ -46,6 +47,15 @@ from node.inference.requests import GenerateRequest
 from node.inference.sampling import SamplingParams
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(autouse=True)
+def ratio_rule(monkeypatch):
+    """Each run is seeded (so the test is deterministic), but this file tests the ratio rule:
+    a seeded request would otherwise take the coupled rule, which test_mtp_engine shows emits
+    exactly the local engine's draws."""
+    monkeypatch.setattr(acceptance, "rule_for", lambda p: "greedy" if p.is_greedy else "ratio")
+
 
 # A "partial"-agreement head on the smallest hybrid stack: one GatedDeltaNet layer and one
 # full-attention layer, so both kinds of rollback happen, at the lowest cost per run.

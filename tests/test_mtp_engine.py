@@ -212,13 +212,40 @@ def test_penalties_condition_each_verified_position() -> None:
         assert done.stats.accepted_draft_tokens > 0
 
 
-def test_seeded_sampling_is_reproducible() -> None:
-    params = SamplingParams(temperature=0.9, top_p=0.95, seed=123)
-    a = run("dense-partial", prompt(1), 24, 2, sampling=params)
-    b = run("dense-partial", prompt(1), 24, 2, sampling=params)
-    c = run("dense-partial", prompt(1), 24, 2, sampling=params.model_copy(update={"seed": 124}))
-    assert a.token_ids == b.token_ids
-    assert a.token_ids != c.token_ids
+def local_sampled(name: str, ids: list[int], n: int, params: SamplingParams) -> list[int]:
+    """What the local engine (target only, one token per step) draws with ``params``' seed."""
+    request = GenerateRequest(prompt_ids=ids, max_tokens=n, ignore_eos=True, sampling=params)
+    done = list(engine_module.LocalEngine(loaded(name)).generate(request))[-1]
+    assert isinstance(done, GenerationDone)
+    return done.token_ids
+
+
+SEEDED = [
+    SamplingParams(temperature=0.9, top_p=0.95, seed=123),
+    SamplingParams(temperature=0.7, top_k=40, min_p=0.02, seed=7, repetition_penalty=1.2),
+    SamplingParams(temperature=1.0, seed=2026, presence_penalty=0.4, frequency_penalty=0.2),
+]
+
+
+@pytest.mark.parametrize("name", ["dense-partial", "moe-partial", "dense-high"])
+def test_a_seed_gives_the_local_engines_text_at_every_k(monkeypatch, name: str) -> None:
+    """Seeded sampling is the target's own draw per position (coupled acceptance): native MTP
+    at any K — pinned, or changing at random every cycle — emits the tokens the local engine
+    draws with that seed, so a seed reproduces the text whatever K the policy picks."""
+    for index, params in enumerate(SEEDED):
+        ids = prompt(index + 2)
+        expected = local_sampled(name, ids, 32, params)
+        for k in (1, 2, 4):
+            done = run(name, ids, 32, k, sampling=params)
+            assert done.token_ids == expected, f"{name} seed={params.seed} K={k}"
+        random_k_schedule(monkeypatch, seed=index)
+        done = run(name, ids, 32, None, sampling=params)
+        monkeypatch.undo()
+        assert done.token_ids == expected, f"{name} seed={params.seed} random K"
+        if name == "dense-high":  # coupled drafts still pass where the head agrees
+            assert done.stats.accepted_draft_tokens > 0
+    other = params.model_copy(update={"seed": params.seed + 1})
+    assert run(name, ids, 32, 2, sampling=other).token_ids != expected
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7])

@@ -6,6 +6,15 @@ normalize(max(p_i - q_i, 0)); when all K drafts pass draw a bonus token from p_K
 token is then distributed exactly as p, where p and q are the *processed* distributions
 (`sampling.processed_logprobs`) — so temperature, top_p/top_k/min_p and penalties carry over.
 
+Seeded sampling (`coupled_accept_batch`): every position j has its own key (the request's key
+stream), the target's token at j is the Gumbel-max draw argmax(log p_j + g_j) with that key's
+noise, and the draft for j is drawn with the *same* noise from q_j. A draft passes iff it equals
+the target's draw; at the first mismatch the target's draw is emitted. Every emitted token is
+then the target's own draw for its position — exactly distributed as p, and the same token the
+local engine draws with that seed, whatever K was, so a seed reproduces the text at every K,
+batch and engine. The price: fewer drafts pass than under the ratio rule (a coupling through
+shared noise agrees less often than the optimal one), so unseeded requests keep the ratio rule.
+
 The batch functions are lazy MLX maths over [B, ...]; `speculative_accept` wraps them for one
 sequence and performs the only host sync (one `.tolist()`).
 """
@@ -13,10 +22,21 @@ sequence and performs the only host sync (one `.tolist()`).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import mlx.core as mx
 
 from node.inference.sampling import SamplingParams
+
+Rule = Literal["greedy", "coupled", "ratio"]
+
+
+def rule_for(params: SamplingParams) -> Rule:
+    """The acceptance rule of a request: greedy at temperature 0; with a seed, the coupled rule
+    (the seed reproduces the text at every K); otherwise the ratio rule (more drafts pass)."""
+    if params.is_greedy:
+        return "greedy"
+    return "coupled" if params.seed is not None else "ratio"
 
 
 def speculative_accept(
@@ -73,6 +93,22 @@ def greedy_accept_batch(target_logprobs: mx.array, drafts: mx.array) -> tuple[mx
     accepted = mx.cumprod(matches, axis=-1).sum(axis=-1)
     next_token = mx.take_along_axis(best, accepted[:, None], axis=-1)[:, 0]
     return accepted, next_token
+
+
+def coupled_accept_batch(
+    target_logprobs: mx.array, drafts: mx.array, noise: mx.array
+) -> tuple[mx.array, mx.array]:
+    """Seeded sampling: [B, K+1, V] target logprobs, [B, K] drafts, [B, K+1, V] the Gumbel noise
+    of each row's position (`sampling.position_noise` of that position's key) → (num_accepted
+    [B], next_token [B]), lazy. The drafts must have been drawn with the same noise rows
+    (`sampling.sample_tokens` with those keys); then this is the greedy rule on the perturbed
+    logprobs, and every emitted token is the target's own draw for its position."""
+    if noise.shape != target_logprobs.shape:
+        raise ValueError(
+            f"noise must match the target logprobs {tuple(target_logprobs.shape)}, "
+            f"got {tuple(noise.shape)}"
+        )
+    return greedy_accept_batch(target_logprobs + noise, drafts)
 
 
 def sampled_accept_batch(

@@ -92,15 +92,40 @@ def request_key(seed: int | None) -> mx.array:
 
 
 class KeyStream:
-    """Hands out independent subkeys of one root key, in a reproducible order (lazy, no syncs)."""
+    """Independent subkeys of one root key, in a reproducible order (lazy, no syncs).
+
+    Subkey i is the key of the request's i-th sampled token: ``next()`` hands them out in
+    order (the local engine and a pipeline's last stage draw one per token), ``at(i)`` by
+    position (seeded native MTP samples a whole verify window at once and re-draws a rejected
+    position with its own key next cycle). Both walk the same chain, so a position's key never
+    depends on which engine asked for it."""
 
     def __init__(self, seed: int | None) -> None:
         self._key = request_key(seed)
+        self._keys: list[mx.array] = []  # subkeys of positions _first, _first + 1, ...
+        self._first = 0
+        self._drawn = 0  # next() hands out position _drawn
+
+    def at(self, position: int) -> mx.array:
+        if position < self._first:
+            raise ValueError(f"key of position {position} was already forgotten")
+        while self._first + len(self._keys) <= position:
+            keys = mx.random.split(self._key)
+            self._key = keys[0]
+            self._keys.append(keys[1])
+        return self._keys[position - self._first]
 
     def next(self) -> mx.array:
-        keys = mx.random.split(self._key)
-        self._key = keys[0]
-        return keys[1]
+        key = self.at(self._drawn)
+        self._drawn += 1
+        self.forget_before(self._drawn)
+        return key
+
+    def forget_before(self, position: int) -> None:
+        """Positions below ``position`` will not be asked for again (their tokens are out)."""
+        drop = min(max(position - self._first, 0), len(self._keys))
+        del self._keys[:drop]
+        self._first += drop
 
 
 def processed_logits(
@@ -179,8 +204,18 @@ def greedy_tokens(logprobs: mx.array) -> mx.array:
 
 
 def sample_tokens(logprobs: mx.array, key: mx.array) -> mx.array:
-    """One categorical draw per row: [N, V] → [N] (-inf rows entries are never drawn)."""
-    return mx.random.categorical(logprobs, axis=-1, key=key)
+    """One categorical draw per row: [N, V] → [N] (-inf entries are never drawn).
+
+    Gumbel-max with the noise written out (``position_noise``), not ``mx.random.categorical``:
+    the same key must give the same noise whether a token is drawn alone ([1, V], the local
+    engine) or as one row of a verify window (seeded native MTP, ``acceptance.coupled_accept``),
+    and categorical's noise depends on the input's shape. Same distribution either way."""
+    return mx.argmax(logprobs + position_noise(key, logprobs.shape), axis=-1)
+
+
+def position_noise(key: mx.array, shape: tuple[int, ...] | Sequence[int]) -> mx.array:
+    """Standard Gumbel noise of ``shape`` [N, V] drawn from ``key`` (float32)."""
+    return mx.random.gumbel(shape=tuple(shape), key=key)
 
 
 def draft_token(

@@ -51,8 +51,12 @@ from typing import Any, Literal
 
 import mlx.core as mx
 
-from node.inference import forward
-from node.inference.acceptance import greedy_accept_batch, sampled_accept_batch
+from node.inference import acceptance, forward
+from node.inference.acceptance import (
+    coupled_accept_batch,
+    greedy_accept_batch,
+    sampled_accept_batch,
+)
 from node.inference.engine import (
     Clock,
     build_stats,
@@ -68,7 +72,13 @@ from node.inference.mtp.gdn import commit_verified, verify_forward
 from node.inference.mtp.head import MtpHead
 from node.inference.mtp.kpolicy import CostTable, KPolicy
 from node.inference.requests import GenerateRequest
-from node.inference.sampling import KeyStream, SamplingParams, draft_token, processed_logprobs
+from node.inference.sampling import (
+    KeyStream,
+    SamplingParams,
+    draft_token,
+    position_noise,
+    processed_logprobs,
+)
 
 Rollback = Literal["capture", "replay"]
 
@@ -180,6 +190,10 @@ class _MtpRun:
         self.history = history  # every token so far: prompt + emitted
         self.rollback = rollback
         self.keys = KeyStream(params.seed)
+        # A seed makes every position's token the target's own draw with that position's key
+        # (acceptance.coupled_accept_batch): the same text as the local engine, at every K.
+        self.seeded = acceptance.rule_for(params) == "coupled"
+        self.prompt_len = len(history)
         self.cache = self.model.make_cache()
         self.mtp_cache = self.head.make_cache()
         self.proposed = 0
@@ -228,6 +242,7 @@ class _MtpRun:
         last = self.pending_tokens[:, -1:]  # [1, 1]
         drafts: list[mx.array] = []
         draft_lps: list[mx.array] = []
+        position = len(self.history) - self.prompt_len  # of the token after `last`
         if k == 0 and self.pending_tokens.shape[1] > PENDING_LIMIT:
             # Feed all but the newest pair (the invariant keeps one pending), now.
             self._head(self.pending_tokens[:, :-1], self.pending_hidden[:, :-1])
@@ -241,8 +256,9 @@ class _MtpRun:
                 if s > 0:
                     x = self._head(drafts[-1].reshape(1, 1), x)
                 mtp_logits = forward.logits(self.model, x[:, -1, :])
-                key = None if params.is_greedy else self.keys.next()
-                token, lp = draft_token(mtp_logits, params, self._tail(drafts), key)
+                token, lp = draft_token(
+                    mtp_logits, params, self._tail(drafts), self._draft_key(position + s)
+                )
                 drafts.append(token)
                 draft_lps.append(lp)
 
@@ -261,6 +277,12 @@ class _MtpRun:
         target_lp = processed_logprobs(target_logits, params, self._tail(), draft_ids)
         if params.is_greedy:
             n_acc, nxt = greedy_accept_batch(target_lp[None], draft_ids[None])
+        elif self.seeded:
+            vocab = target_lp.shape[-1]
+            noise = mx.concatenate(
+                [position_noise(self.keys.at(position + r), (1, vocab)) for r in range(k + 1)]
+            )
+            n_acc, nxt = coupled_accept_batch(target_lp[None], draft_ids[None], noise[None])
         else:
             draft_lp = mx.stack(draft_lps) if draft_lps else mx.zeros((0, target_lp.shape[-1]))
             n_acc, nxt = sampled_accept_batch(
@@ -286,6 +308,8 @@ class _MtpRun:
             self.mtp_cache.trim(k - 1)
 
         emitted = [*proposed[:n], correction]
+        if self.seeded:
+            self.keys.forget_before(position + len(emitted))
         self.proposed += k
         self.accepted += n
         self.history.extend(emitted)
@@ -299,6 +323,11 @@ class _MtpRun:
             self.pending_hidden = hidden[:, : n + 1, :]
             self.pending_tokens = mx.array([emitted])
         return emitted
+
+    def _draft_key(self, position: int) -> mx.array | None:
+        if self.params.is_greedy:
+            return None
+        return self.keys.at(position) if self.seeded else self.keys.next()
 
 
 def _mean_k(counts: list[int]) -> float:
