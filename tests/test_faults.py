@@ -135,7 +135,8 @@ def test_stage_killed_mid_generation_fails_fast_and_is_placed_again(tmp_path):
 
 
 def test_stages_unload_the_shards_of_a_dead_coordinator(tmp_path):
-    with DaemonCluster(tmp_path) as cluster:
+    # With re-placement off nobody takes the instance over (tests/test_failover.py does).
+    with DaemonCluster(tmp_path, env={"MACMESH_REPLACE_FAILED": "0"}) as cluster:
         coord = cluster.start("coord", mdns=False)
         stage = cluster.start("stage", mdns=False, peers=[coord.address])
         cluster.wait_connected([coord, stage], timeout=15)

@@ -13,6 +13,11 @@ over the live nodes, decides the engine, loads, and records the instance in its 
 Unloading cancels the instance's requests, unloads every stage (``UnloadShard`` on each remote
 node), drops every reference to the weights and calls ``mx.clear_cache()`` so the memory goes
 back to the system, not just to MLX's buffer cache.
+
+Faults: a stage node that dies fails the instance, which is placed again (same id) on the
+survivors. A coordinator that dies is replaced by a stage holder (``take_over``,
+node.cluster.failover): the same instance id, the surviving stages adopted as they are, only
+the lost layer ranges loaded again.
 """
 
 from __future__ import annotations
@@ -28,12 +33,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.cluster import failover
 from node.cluster.admission import DEFAULT_HEADROOM, admit_load
 from node.cluster.catalog import Located, locate
 from node.cluster.instances import (
     FAILED,
     READY,
     UNLOADING,
+    InstanceInfo,
     InstanceRegistry,
     InstanceUnavailable,
     StageRef,
@@ -163,6 +170,8 @@ class Coordinator:
         )
         self.replace_failed = os.environ.get(REPLACE_ENV, "1") not in ("0", "false", "no")
         self.replace_delay_s = float(os.environ.get(REPLACE_DELAY_ENV, DEFAULT_REPLACE_DELAY_S))
+        self._taking_over: set[str] = set()  # instance ids this node is taking over now
+        self._taking_over_lock = threading.Lock()
 
     @property
     def models_dir(self) -> Path:
@@ -210,9 +219,12 @@ class Coordinator:
         *,
         instance_id: str | None = None,
         pull: bool = False,
+        taking_over: str = "",
     ) -> Instance:
         """Load ``launch_plan`` (made by ``plan``) and register the instance; returns it ready.
         ``instance_id`` keeps a name (a failed instance placed again keeps its id).
+        ``taking_over`` (why: the old coordinator is gone) adopts the stages that are loaded
+        already, this node's included, through their StageService: nothing loads twice.
 
         Raises ``NoCheckpointError`` (no weights here), ``LaunchCancelled``, ``PipelineError``
         (a stage failed to load) or the loader's own errors; nothing stays loaded on failure.
@@ -252,6 +264,8 @@ class Coordinator:
             native_mtp_enabled=self.native_mtp_enabled,
             disabled_by=self.disabled_by,
         )
+        if taking_over:
+            choice = EngineChoice(choice.engine, f"{choice.reason}; taken over: {taking_over}")
         progress(f"engine {choice.reason}")
         common: dict[str, Any] = dict(
             instance_id=instance_id or f"{_slug(located.card.id)}-{uuid.uuid4().hex[:8]}",
@@ -274,7 +288,7 @@ class Coordinator:
         try:
             with self._load_lock:
                 here = [s.bytes for s in placement.stages if s.node_id == self.daemon.node_id]
-                if here:  # measured now, after any load that finished a moment ago
+                if here and not taking_over:  # measured now, after any load that just finished
                     admit_load(sum(here), self.memory_headroom, f"node {self.daemon.node_id}")
                 if isinstance(instance, LocalInstance):
                     self._load_local(
@@ -282,7 +296,7 @@ class Coordinator:
                     )
                 else:
                     assert isinstance(instance, PipelineInstance)
-                    self._load_pipeline(instance, located, names, progress, cancel)
+                    self._load_pipeline(instance, located, names, progress, adopt=bool(taking_over))
             if cancel.is_set():
                 raise LaunchCancelled("the launch was cancelled by its caller")
             if not instance.mark_ready():
@@ -355,7 +369,8 @@ class Coordinator:
         located: Located,
         names: dict[str, str],
         progress: Progress,
-        cancel: CancelToken,
+        *,
+        adopt: bool = False,
     ) -> None:
         from node.inference.pipeline import PipelineEngine
 
@@ -365,10 +380,14 @@ class Coordinator:
             located.checkpoint,
             _Stages(instance.stages),
             addresses,
-            local_node_id=self.daemon.node_id,
+            # Adopting: this node's stage is in its StageService already; stage 0 in-process
+            # would load it a second time.
+            local_node_id=None if adopt else self.daemon.node_id,
             remote_model=located.remote_name,
             instance_id=instance.instance_id,
             reason=instance.choice.reason,
+            # Every stage holder learns the instance, so one of them can take over from us.
+            instance_record=instance.info().to_proto(),
         )
         instance.engine = engine  # set before loading, so a failure unloads what did load
         for i, s in enumerate(instance.stages):
@@ -481,6 +500,138 @@ class Coordinator:
             with contextlib.suppress(ValueError):
                 self.registry.add(failed)  # keep the failed record, with the reason
             log.warning("re-placement failed", instance=failed.instance_id, error=str(exc))
+
+    # -- taking over from a dead coordinator --
+
+    def take_over(self, record: Any) -> None:
+        """The coordinator of an instance this node holds a stage of is gone (``record``: the
+        ``inference_pb2.Instance`` it sent with the shard). The live stage holder with the
+        lowest node id takes over; every holder computes the same from the same membership,
+        so the others do nothing. Returns at once; the work runs on a thread."""
+        info = InstanceInfo.from_proto(record)
+        live = {n.id for n in self.daemon.live_nodes()}
+        lost = failover.lost_nodes(info.stages, info.coordinator_node_id, live)
+        if failover.successor(info.stages, lost) != self.daemon.node_id:
+            return
+        with self._taking_over_lock:
+            if info.instance_id in self._taking_over or self.registry.get(info.instance_id):
+                return
+            self._taking_over.add(info.instance_id)
+        threading.Thread(
+            target=self._take_over, args=(info, lost), name="take-over", daemon=True
+        ).start()
+
+    def _take_over(self, info: InstanceInfo, lost: set[str]) -> None:
+        dead = f"node {info.coordinator_node_id[:8]} at {info.coordinator_address}"
+        why = f"its coordinator, {dead}, is gone"
+        log.warning(
+            "taking over an instance from a dead coordinator",
+            instance=info.instance_id,
+            coordinator=info.coordinator_node_id,
+            address=info.coordinator_address,
+            lost=sorted(lost),
+        )
+
+        def progress(line: str) -> None:
+            log.info("take-over", instance=info.instance_id, step=line)
+
+        try:
+            try:
+                model, located = self._locate_any([info.model, *info.aliases])
+                nodes = node_capacities(self.daemon.live_nodes())
+                placement = failover.replace_missing(
+                    located.card,
+                    info.stages,
+                    lost,
+                    nodes,
+                    min_nodes=info.min_nodes,
+                    context_length=info.context_length,
+                    sequences=int(getattr(self.daemon.settings, "max_batch", 1)),
+                )
+                launch_plan = LaunchPlan(
+                    located.card, placement, None, info.min_nodes, info.context_length
+                )
+                self.launch(
+                    model,
+                    launch_plan,
+                    progress,
+                    CancelToken(),
+                    instance_id=info.instance_id,
+                    taking_over=f"{why}; {self.daemon.node_id[:8]} coordinates it now",
+                )
+                log.info("took over instance", instance=info.instance_id, why=why)
+                return
+            except Exception as exc:
+                kept = f"the surviving stages could not be kept: {exc}"
+                log.warning(
+                    "take-over could not keep the surviving stages",
+                    instance=info.instance_id,
+                    why=str(exc),
+                )
+            self._unload_survivors(info, lost)
+            failed = self._failed_record(info, f"{why}; {kept}")
+            if failed is None:
+                return
+            log.warning("instance failed", instance=info.instance_id, why=failed.failure)
+            with contextlib.suppress(ValueError):
+                self.registry.add(failed)
+                if self.replace_failed:
+                    self._place_again(failed)
+        finally:
+            with self._taking_over_lock:
+                self._taking_over.discard(info.instance_id)
+
+    def _locate_any(self, names: list[str]) -> tuple[str, Located]:
+        """The first of ``names`` (MODEL as launched, then its aliases) this node resolves:
+        a path on the dead coordinator's disk may not exist here."""
+        error: Exception | None = None
+        for name in names:
+            try:
+                return name, locate(name, self.models_dir)
+            except Exception as exc:
+                error = error or exc
+        raise error or ValueError("the instance names no model")
+
+    def _unload_survivors(self, info: InstanceInfo, lost: set[str]) -> None:
+        from node import rpc
+        from node.proto.macmesh.v1 import stage_pb2, stage_pb2_grpc
+
+        for stage in info.stages:
+            if stage.node_id in lost:
+                continue
+            address = self.daemon.address_of(stage.node_id) or stage.address
+            try:
+                with rpc.channel(address) as channel:
+                    stage_pb2_grpc.StageServiceStub(channel).UnloadShard(
+                        stage_pb2.UnloadShardRequest(instance_id=info.instance_id), timeout=10
+                    )
+            except Exception as exc:  # gone too: its own cleanup frees it
+                log.warning("unload failed", node=stage.node_id, error=str(exc))
+
+    def _failed_record(self, info: InstanceInfo, failure: str) -> Instance | None:
+        """A failed instance for status (and ``_place_again``): what was launched, and why
+        it stopped."""
+        try:
+            model, located = self._locate_any([info.model, *info.aliases])
+        except Exception as exc:
+            log.warning("instance lost", instance=info.instance_id, why=f"{failure}; {exc}")
+            return None
+        return PipelineInstance(
+            instance_id=info.instance_id,
+            model=model,
+            aliases=info.aliases,
+            card=located.card,
+            checkpoint=located.checkpoint,
+            stages=info.stages,
+            choice=EngineChoice(info.engine, info.engine_reason),  # type: ignore[arg-type]
+            coordinator_node_id=self.daemon.node_id,
+            coordinator_address=self.daemon.address,
+            max_queued=self.max_queued,
+            state=FAILED,
+            failure=failure,
+            min_nodes=info.min_nodes,
+            context_length=info.context_length,
+        )
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ class InstanceInfo(BaseModel):
     batch_size: int = 0  # requests computing together now
     queued: int = 0  # admitted, waiting for a place in the batch
     current_mtp_k: int | None = None  # native MTP: the K policy's latest choice
+    min_nodes: int = 1  # as launched: a re-placement or a takeover honours them
+    context_length: int | None = None
 
     def answers_to(self, name: str) -> bool:
         """Whether ``GenerateRequest.model == name`` reaches this instance."""
@@ -92,6 +94,8 @@ class InstanceInfo(BaseModel):
             batch_size=self.batch_size,
             queued=self.queued,
             current_mtp_k=self.current_mtp_k,
+            min_nodes=self.min_nodes,
+            context_length=self.context_length or 0,
         )
 
     @classmethod
@@ -112,6 +116,8 @@ class InstanceInfo(BaseModel):
             batch_size=msg.batch_size,
             queued=msg.queued,
             current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
+            min_nodes=max(1, msg.min_nodes),
+            context_length=msg.context_length or None,
         )
 
 
@@ -212,7 +218,7 @@ def pick_instance(
         raise EngineRefused(f"no instance can run engine={requested}")  # pragma: no cover
     ready = [c for c in usable if c.state == READY]
     if not ready:
-        states = ", ".join(f"{c.instance_id} is {c.state}" for c in usable)
+        states = ", ".join(_state_text(c) for c in usable)
         raise InstanceUnavailable(f"no instance is ready ({states}); retry shortly or relaunch")
     auto = requested in ("", "auto")
     return min(
@@ -224,3 +230,11 @@ def pick_instance(
             c.instance_id,
         ),
     )
+
+
+def _state_text(info: InstanceInfo) -> str:
+    """"X is loading", or for a failed instance what failed (its reason's ``[failed: ...]``)."""
+    _, marker, failure = info.engine_reason.partition("[failed: ")
+    if info.state == FAILED and marker:
+        return f"{info.instance_id} failed: {failure.removesuffix(']')}"
+    return f"{info.instance_id} is {info.state}"

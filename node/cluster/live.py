@@ -131,6 +131,8 @@ class Instance:
             batch_size=self.batch_size,
             queued=self.queued,
             current_mtp_k=self.current_mtp_k(),
+            min_nodes=self.min_nodes,
+            context_length=self.context_length,
         )
 
     def current_mtp_k(self) -> int | None:

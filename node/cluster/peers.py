@@ -58,23 +58,29 @@ def gather_instances(
 ) -> list[InstanceInfo]:
     """Every instance the peers at ``addresses`` coordinate, asked in parallel. A peer that
     does not answer in time (or runs no InferenceService) is skipped and logged."""
-    if not addresses:
-        return []
+    answers = gather_by_peer(channels, addresses, timeout_s)
+    return [info for infos in answers.values() for info in infos or []]
 
-    def ask(address: str) -> list[InstanceInfo]:
+
+def gather_by_peer(
+    channels: PeerChannels, addresses: Sequence[str], timeout_s: float = LOOKUP_TIMEOUT_S
+) -> dict[str, list[InstanceInfo] | None]:
+    """Address -> the instances that peer coordinates, or None when it did not answer."""
+
+    def ask(address: str) -> list[InstanceInfo] | None:
         try:
             return peer_instances(channels, address, timeout_s)
         except grpc.RpcError as exc:
             log.info("peer skipped in instance lookup", peer=address, code=exc.code().name)
         except ValueError as exc:  # a malformed record: say so, do not fail the whole view
             log.warning("peer sent an invalid instance", peer=address, error=str(exc))
-        return []
+            return []
+        return None
 
-    if len(addresses) == 1:
-        return ask(addresses[0])
+    if len(addresses) <= 1:
+        return {address: ask(address) for address in addresses}
     with ThreadPoolExecutor(max_workers=min(16, len(addresses))) as pool:
-        results = list(pool.map(ask, addresses))
-    return [info for infos in results for info in infos]
+        return dict(zip(addresses, pool.map(ask, addresses), strict=True))
 
 
 def unload_on(

@@ -7,6 +7,12 @@ and asks again only when the view is older than ``VIEW_TTL_S``, when the view ha
 instance for the request, when a peer changed state (down, left, restarted), or when the
 coordinator it relayed to no longer has the instance. In steady state a forwarded request
 costs exactly one call on an already-open channel: the relay itself.
+
+When a coordinator stops answering, its instances do not vanish from the view as if never
+launched: a peer that is up but did not answer keeps its last answer, and the instances of a
+peer gone suspect or down stay known as orphans (``ORPHAN_TTL_S``) until another node reports
+them (the stage holder that takes them over, node.cluster.failover). A request for one is
+UNAVAILABLE naming the coordinator that went, which a client may retry, never NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ from node.cluster.selector import EngineRefused
 from node.proto.macmesh.v1 import inference_pb2 as pb
 
 VIEW_TTL_S = 2.0
+ORPHAN_TTL_S = 60.0  # how long a gone coordinator's instances answer UNAVAILABLE, not NOT_FOUND
+_ORPHANING = ("suspect", "down", "left", "restarted", "forgotten")
 NO_DEADLINE_S = 365 * 24 * 3600.0  # "remaining" beyond a year means no deadline was set
 
 
@@ -51,6 +59,9 @@ class Router:
         self._lock = threading.Lock()
         self._view: list[InstanceInfo] = []
         self._view_at = float("-inf")
+        self._last: dict[str, list[InstanceInfo]] = {}  # peer address -> its last answer
+        # instance id -> (its record, what happened to its coordinator, since when)
+        self._orphans: dict[str, tuple[InstanceInfo, str, float]] = {}
 
     def close(self) -> None:
         self.channels.close()
@@ -65,8 +76,17 @@ class Router:
         with self._lock:
             if not fresh and time.monotonic() - self._view_at < VIEW_TTL_S:
                 return self._view
-        view = peers.gather_instances(self.channels, self.peer_addresses())
+        answers = peers.gather_by_peer(self.channels, self.peer_addresses())
         with self._lock:
+            # A peer that is up but did not answer keeps its last answer: a request for its
+            # instances then learns that it is unreachable, not that nothing was launched.
+            self._last = {
+                address: infos if infos is not None else self._last.get(address, [])
+                for address, infos in answers.items()
+            }
+            view = [info for infos in self._last.values() for info in infos]
+            for info in view:
+                self._orphans.pop(info.instance_id, None)  # someone coordinates it again
             self._view, self._view_at = view, time.monotonic()
         return view
 
@@ -78,8 +98,36 @@ class Router:
             self._view_at = float("-inf")
 
     def on_peer_event(self, event: Any) -> None:
-        """Any change in a peer (up, suspect, down, left, restarted) may move instances."""
+        """Any change in a peer (up, suspect, down, left, restarted) may move instances; the
+        multi-node instances of a coordinator that stopped answering become orphans."""
         self.invalidate()
+        kind, now = str(event.kind), time.monotonic()
+        with self._lock:
+            if kind == "up":
+                for key in [
+                    k for k, o in self._orphans.items() if o[0].coordinator_node_id == event.node_id
+                ]:
+                    del self._orphans[key]
+            elif kind in _ORPHANING:
+                for info in self._view:
+                    if info.coordinator_node_id == event.node_id and len(info.stages) > 1:
+                        self._orphans[info.instance_id] = (info, kind, now)
+
+    def orphan(self, model: str) -> str | None:
+        """Why a request for ``model`` cannot be served right now, when it names the
+        instance of a coordinator that went (None otherwise)."""
+        now = time.monotonic()
+        with self._lock:
+            for key in [k for k, o in self._orphans.items() if now - o[2] > ORPHAN_TTL_S]:
+                del self._orphans[key]
+            found = [o for o in self._orphans.values() if o[0].answers_to(model)]
+        if not found:
+            return None
+        info, kind, _ = found[0]
+        return (
+            f"the coordinator of {info.instance_id}, {_node(info)}, is {kind}; a node that "
+            "holds one of its stages takes the instance over; retry shortly"
+        )
 
     # -- routing ---------------------------------------------------------------------------
 
@@ -102,6 +150,8 @@ class Router:
                 return pick_instance(merge(local, remote), requested, me)
             except LookupError:
                 if fresh:
+                    if why := self.orphan(model):
+                        raise Refusal(Code.UNAVAILABLE, why) from None
                     raise Refusal(Code.NOT_FOUND, self.not_launched(model)) from None
             except (EngineRefused, InstanceUnavailable):
                 if fresh:
@@ -128,7 +178,15 @@ class Router:
         call.initial_metadata()  # the coordinator accepted it (or failed)
         if call.done() and call.code() is not Code.OK:
             call.cancel()
-            raise _Refused(call.code(), call.details() or call.code().name)
+            details = call.details() or call.code().name
+            if call.code() is Code.UNAVAILABLE and _lost_connection(details):
+                self.invalidate()  # look again on the retry: a stage holder may take it over
+                raise Refusal(
+                    Code.UNAVAILABLE,
+                    f"the coordinator of {target.instance_id}, {_node(target)}, is not "
+                    f"reachable ({details}); retry shortly",
+                )
+            raise _Refused(call.code(), details)
         return call
 
     def relay(
@@ -142,16 +200,25 @@ class Router:
             if exc.code() is Code.UNAVAILABLE and _lost_connection(exc.details() or ""):
                 context.abort(
                     Code.UNAVAILABLE,
-                    f"the coordinator of {target.instance_id}, node "
-                    f"{target.coordinator_node_id[:8]} at {target.coordinator_address}, went "
-                    f"away during the request ({exc.details()}); retry it",
+                    f"the coordinator of {target.instance_id}, {_node(target)}, went away "
+                    f"during the request ({exc.details()}); retry it",
                 )
             abort(context, exc)
         finally:
             call.cancel()
 
 
-_TRANSPORT_LOSS = ("Stream removed", "Socket closed", "Connection reset", "failed to connect")
+_TRANSPORT_LOSS = (
+    "Stream removed",
+    "Socket closed",
+    "Connection reset",
+    "Connection refused",
+    "failed to connect",
+)
+
+
+def _node(info: InstanceInfo) -> str:
+    return f"node {info.coordinator_node_id[:8]} at {info.coordinator_address}"
 
 
 def _lost_connection(details: str) -> bool:

@@ -302,6 +302,10 @@ def install(daemon: Any) -> InferenceServicer:
     from node.hub.service import install as install_hub
 
     install_hub(daemon)  # HubService: this node's part of a `launch --pull`
+    # A stage holder whose coordinator dies may be the one that takes the instance over
+    # (MACMESH_REPLACE_FAILED=0: it unloads the orphaned shard instead).
+    if servicer.coordinator.replace_failed:
+        stages.take_over = servicer.coordinator.take_over
     daemon.subscribe(servicer.coordinator.on_peer_event)
     daemon.subscribe(servicer.router.on_peer_event)
     daemon.subscribe(stages.on_peer_event)

@@ -2,9 +2,12 @@
 
 Importing the stage runtime imports mlx-lm (seconds), and a daemon that never hosts a stage
 should start in well under one, so ``LazyStageService`` answers status probes and unloads
-without it until a shard is loaded. It also remembers which coordinator loaded each shard:
-a coordinator that is gone (down, left, restarted) never unloads its shards, so this node
-unloads them itself and no weights stay orphaned.
+without it until a shard is loaded. It also remembers which coordinator loaded each shard,
+and the instance's record the coordinator sent with it. When that coordinator is gone (down,
+left, restarted), the record goes to ``take_over`` (node.cluster.failover: the live stage
+holder with the lowest node id becomes the coordinator), and the shard stays loaded for the
+new coordinator, whose LoadShard for the same range adopts it. A shard nobody adopts within
+``ADOPT_WAIT_S`` (or without a record) is unloaded here, so no weights stay orphaned.
 """
 
 from __future__ import annotations
@@ -23,6 +26,9 @@ from node.security import calling_node
 
 log = get_logger(__name__)
 
+GONE = ("down", "left", "restarted", "forgotten")
+ADOPT_WAIT_S = 60.0  # an orphaned shard waits this long for the new coordinator to adopt it
+
 Code = grpc.StatusCode
 SERVICE_NAME = stage_pb2.DESCRIPTOR.services_by_name["StageService"].full_name
 
@@ -39,6 +45,10 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
         self._service: Any = None
         self._lock = threading.Lock()
         self._coordinators: dict[str, str] = {}  # instance id -> node id that loaded it
+        self._records: dict[str, Any] = {}  # instance id -> inference_pb2.Instance it sent
+        self._orphaned: set[str] = set()  # its coordinator is gone; nobody adopted it yet
+        # The record of an orphaned instance -> the coordinator decides whether it succeeds.
+        self.take_over: Callable[[Any], None] | None = None
 
     def _real(self) -> Any:
         with self._lock:
@@ -49,28 +59,88 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
             return self._service
 
     def LoadShard(self, request: Any, context: grpc.ServicerContext) -> Any:
+        adopted = self._adopt(request, context)
+        if adopted is not None:
+            return adopted
         try:  # the coordinator planned from a heartbeat; check what is free right now
             admit_load(0, self.memory_headroom, "this stage node")
         except InsufficientMemoryError as exc:
             context.abort(Code.RESOURCE_EXHAUSTED, str(exc))
         reply = self._real().LoadShard(request, context)
-        coordinator = calling_node(context)
-        if coordinator:
-            with self._lock:
-                self._coordinators[request.instance_id] = coordinator
+        self._remember(request, context)
         return reply
 
+    def _remember(self, request: Any, context: grpc.ServicerContext) -> None:
+        coordinator = calling_node(context)
+        with self._lock:
+            if coordinator:
+                self._coordinators[request.instance_id] = coordinator
+            if request.HasField("instance"):
+                self._records[request.instance_id] = request.instance
+            self._orphaned.discard(request.instance_id)
+
+    def _adopt(self, request: Any, context: grpc.ServicerContext) -> Any:
+        """A new coordinator's LoadShard for a range this node holds for the instance: keep
+        the weights, follow its next hop, answer to it from now on."""
+        with self._lock:
+            service = self._service
+        runtime = service.runtimes.get(request.instance_id) if service is not None else None
+        if runtime is None or runtime.closed:
+            return None
+        held = (runtime.shard.start_layer, runtime.shard.end_layer, runtime.position)
+        wanted = (request.start_layer, request.end_layer, request.position)
+        if held != wanted or runtime.num_stages != request.num_stages:
+            return None  # another range: the service refuses it (ALREADY_EXISTS)
+        runtime.retarget(request.next_hop)
+        self._remember(request, context)
+        log.info(
+            "stage handed over to a new coordinator",
+            instance=request.instance_id,
+            coordinator=calling_node(context),
+            layers=f"[{request.start_layer},{request.end_layer})",
+        )
+        return stage_pb2.LoadShardResponse(shard=runtime.info())
+
     def on_peer_event(self, event: Any) -> None:
-        """A coordinator that is gone (down, left, restarted) never unloads its shards: unload
-        them here, so no weights stay orphaned on this node."""
-        if str(event.kind) not in ("down", "left", "restarted", "forgotten"):
+        """A coordinator that is gone (down, left, restarted) never unloads its shards. With
+        the instance's record, a stage holder takes over (``take_over`` decides which one);
+        the shard waits for it. Shards nobody adopts are unloaded here, so no weights stay
+        orphaned on this node. Any node going may make this one the successor of an orphan
+        still waiting (the successor it waited for died too)."""
+        if str(event.kind) not in GONE:
             return
         with self._lock:
-            orphans = [i for i, node in self._coordinators.items() if node == event.node_id]
-        if orphans:
+            fresh = [
+                i
+                for i, node in self._coordinators.items()
+                if node == event.node_id and i not in self._orphaned
+            ]
+            self._orphaned.update(fresh)
+            waiting = [(i, self._records.get(i)) for i in self._orphaned]
+        take_over = self.take_over
+        unload_now = [i for i, record in waiting if record is None or take_over is None]
+        if unload_now:
             threading.Thread(
-                target=self._unload_orphans, args=(orphans, str(event.kind)), daemon=True
+                target=self._unload_orphans, args=(unload_now, str(event.kind)), daemon=True
             ).start()
+        for _, record in waiting:
+            if record is not None and take_over is not None:
+                take_over(record)
+        for instance_id in fresh:
+            if instance_id not in unload_now:
+                timer = threading.Timer(
+                    ADOPT_WAIT_S, self._unload_if_orphaned, (instance_id, event.node_id)
+                )
+                timer.daemon = True
+                timer.start()
+
+    def _unload_if_orphaned(self, instance_id: str, coordinator: str) -> None:
+        with self._lock:
+            still = (
+                instance_id in self._orphaned and self._coordinators.get(instance_id) == coordinator
+            )
+        if still:
+            self._unload_orphans([instance_id], f"not adopted within {ADOPT_WAIT_S:g} s")
 
     def _unload_orphans(self, instance_ids: list[str], why: str) -> None:
         for instance_id in instance_ids:
@@ -86,6 +156,8 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
     def UnloadShard(self, request: Any, context: grpc.ServicerContext | None) -> Any:
         with self._lock:
             self._coordinators.pop(request.instance_id, None)
+            self._records.pop(request.instance_id, None)
+            self._orphaned.discard(request.instance_id)
         if self._service is None:
             return stage_pb2.UnloadShardResponse(unloaded=False)
         return self._real().UnloadShard(request, context)

@@ -176,6 +176,7 @@ class PipelineEngine:
         load_timeout: float = DEFAULT_LOAD_TIMEOUT,
         token_timeout: float | None = None,
         direct_return: bool = True,
+        instance_record: Any = None,
     ) -> None:
         self.model_path = Path(model).expanduser()
         self.config = load_config(self.model_path)
@@ -201,6 +202,9 @@ class PipelineEngine:
         self.token_timeout = token_timeout  # longest wait for the next token (None: no limit)
         # Tokens straight from the last stage (False: back up the chain, the control case).
         self.direct_return = direct_return
+        # inference_pb2.Instance sent with every LoadShard: what a stage holder needs to take
+        # over coordination when this coordinator dies (node.cluster.failover).
+        self.instance_record = instance_record
         self.tokenizer = load_tokenizer(
             self.model_path, eos_token_ids=self.config.get("eos_token_id")
         )
@@ -252,6 +256,7 @@ class PipelineEngine:
                 position=position,
                 num_stages=len(self.stages),
                 next_hop=self._next_hop(position),
+                instance=self.instance_record,
             )
             try:
                 return self._stub(stage.node_id).LoadShard(request, timeout=self.load_timeout).shard

@@ -155,6 +155,16 @@ class StageRuntime:
             self._channel = stage_channel(self.next_hop)
         return self._channel
 
+    def retarget(self, next_hop: str) -> None:
+        """Send to ``next_hop`` from the next upstream stream on: a new coordinator took the
+        instance over and placed the following stage elsewhere (the weights stay loaded)."""
+        if next_hop == self.next_hop:
+            return
+        channel, self._channel = self._channel, None
+        self.next_hop = next_hop
+        if channel is not None:
+            channel.close()
+
     def dispatch(self, fn: Callable[..., Any], *args: Any) -> None:
         """Run a job in order with this runtime's other jobs: inline or on the worker."""
         if self.worker is not None:

@@ -1,3 +1,4 @@
+from node.proto.macmesh.v1 import inference_pb2 as _inference_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
@@ -64,7 +65,7 @@ class SamplingOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context_size: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop")
+    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "instance")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -72,6 +73,7 @@ class LoadShardRequest(_message.Message):
     POSITION_FIELD_NUMBER: _ClassVar[int]
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
+    INSTANCE_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     start_layer: int
@@ -79,7 +81,8 @@ class LoadShardRequest(_message.Message):
     position: int
     num_stages: int
     next_hop: str
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ...) -> None: ...
+    instance: _inference_pb2.Instance
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., instance: _Optional[_Union[_inference_pb2.Instance, _Mapping]] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "num_layers", "hidden_size", "activation_dtype", "has_embedding", "has_head", "weight_bytes", "resident_bytes", "load_seconds")
