@@ -17,6 +17,14 @@ it checks what the issue asks for and exits non-zero when one fails:
 A second phase, with ``--burst N`` (default 2x the queue limit) requests at once, checks that
 admission answers RESOURCE_EXHAUSTED beyond ``MACMESH_MAX_QUEUED_REQUESTS`` instead of queueing
 without bound. Prints a table; ``--json PATH`` writes the numbers.
+
+``--failover`` runs four daemons and, mid-soak, SIGKILLs a stage node (the coordinator places
+the instance again on the survivors) and then the coordinator (a stage holder takes it over).
+Requests go to every live node; a client retries UNAVAILABLE (a clear "retry" status, naming
+the node that went) on the next node for up to ``--retry-s`` seconds, from the start: a
+request ends with all its tokens, as cancelled or past its deadline, or with a clear status —
+never lost. It reports the retries, the seconds each kill took to serve again, and that the
+instance kept its id.
 """
 
 from __future__ import annotations
@@ -46,6 +54,7 @@ from node.client import (  # noqa: E402
     MacmeshClient,
     MacmeshError,
     ResourceExhausted,
+    Unavailable,
 )
 from node.cluster.peers import status_instances  # noqa: E402
 from node.proto.macmesh.v1 import stage_pb2, stage_pb2_grpc  # noqa: E402
@@ -54,17 +63,45 @@ MODEL = "macmesh-tiny"
 PROMPTS = ["The os module", "Once upon a time", "def main():", "import sys", "Hello"]
 
 
-def _one(address: str, instance_id: str, rng: random.Random) -> str:
-    """Run one request with a random fate; return how it ended."""
+def _one(addresses: list[str], instance_id: str, rng: random.Random, retry_s: float = 0.0) -> str:
+    """Run one request with a random fate; return how it ended. An UNAVAILABLE answer is
+    retried from the start on the next address for up to ``retry_s`` seconds (a client's
+    retry after a node died), within the request's own deadline."""
     fate = rng.choices(["finish", "cancel", "deadline"], weights=[70, 25, 5])[0]
     max_tokens = rng.randint(4, 48)
     cancel_after = rng.randint(1, max(1, max_tokens - 1))
     timeout = rng.uniform(0.05, 0.4) if fate == "deadline" else 120.0
+    prompt = rng.choice(PROMPTS)
+    began = time.monotonic()
+    first = rng.randrange(len(addresses))
+    for attempt in range(1_000_000):
+        address = addresses[(first + attempt) % len(addresses)]
+        try:
+            ended = _attempt(address, instance_id, prompt, fate, max_tokens, cancel_after, timeout)
+        except Unavailable as exc:
+            waited = time.monotonic() - began
+            if waited > retry_s or waited > timeout:
+                return f"unavailable after {attempt + 1} tries: {exc.message[:160]}"
+            time.sleep(min(0.25 * (attempt + 1), 1.0))  # a client's backoff, not a sync wait
+            continue
+        return ended + (" after retry" if attempt else "")
+    raise AssertionError("unreachable")
+
+
+def _attempt(
+    address: str,
+    instance_id: str,
+    prompt: str,
+    fate: str,
+    max_tokens: int,
+    cancel_after: int,
+    timeout: float,
+) -> str:
     tokens = 0
     try:
         with MacmeshClient(address, timeout=timeout) as client:
             stream = client.generate(
-                instance_id, rng.choice(PROMPTS), max_tokens=max_tokens, ignore_eos=True, raw=True
+                instance_id, prompt, max_tokens=max_tokens, ignore_eos=True, raw=True
             )
             try:
                 for event in stream:
@@ -82,6 +119,8 @@ def _one(address: str, instance_id: str, rng: random.Random) -> str:
         return "deadline exceeded" if fate == "deadline" else "WRONG: deadline exceeded"
     except ResourceExhausted:
         return "resource exhausted"
+    except Unavailable:
+        raise
     except MacmeshError as exc:
         return f"WRONG: {type(exc).__name__}: {exc.message}"
 
@@ -103,10 +142,25 @@ def _rss(pids: list[int]) -> list[int]:
     return [psutil.Process(pid).memory_info().rss for pid in pids]
 
 
-def _round(address: str, instance_id: str, count: int, concurrency: int, seed: int) -> Counter:
+def _round(
+    addresses: list[str],
+    instance_id: str,
+    count: int,
+    concurrency: int,
+    seed: int,
+    retry_s: float = 0.0,
+    done: list[str] | None = None,
+) -> Counter:
     rngs = [random.Random(seed * 100_003 + i) for i in range(count)]
+    finished = done if done is not None else []
+
+    def one(rng: random.Random) -> str:
+        outcome = _one(addresses, instance_id, rng, retry_s)
+        finished.append(outcome)  # list.append is atomic: the chaos thread counts these
+        return outcome
+
     with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        outcomes = list(pool.map(lambda r: _one(address, instance_id, r), rngs))
+        outcomes = list(pool.map(one, rngs))
     return Counter(outcomes)
 
 
@@ -132,31 +186,133 @@ def _burst(address: str, instance_id: str, count: int) -> Counter:
         return Counter(pool.map(one, range(count)))
 
 
+def _serving(address: str, instance_id: str, gone: str) -> dict | None:
+    """The instance as ``address`` sees it, once ready again without node ``gone``."""
+    info = next(
+        (i for i in status_instances(address, timeout_s=5) or [] if i.instance_id == instance_id),
+        None,
+    )
+    if info is None or info.state != "ready" or gone in {s.node_id for s in info.stages}:
+        return None
+    if info.coordinator_node_id == gone:
+        return None
+    return {"coordinator": info.coordinator_node_id, "stages": [s.node_id for s in info.stages]}
+
+
+def _chaos(cluster_nodes: list, instance, done: list[str], total: int, report: dict) -> None:
+    """Mid-soak: SIGKILL a stage node, wait until the instance serves again, then SIGKILL
+    its coordinator and wait again. Runs beside the requests, which keep coming."""
+    by_id = {n.node_id: n for n in cluster_nodes}
+    coordinator = instance.coordinator_node_id
+    kills = []
+    for what, at in (("stage", total // 4), ("coordinator", total // 2)):
+        wait_for(lambda at=at: len(done) >= at, timeout=600, interval=0.05, what="requests")
+        live = [n for n in cluster_nodes if n.alive()]
+        info = next(
+            i
+            for i in status_instances(live[0].address, timeout_s=5) or []
+            if i.instance_id == instance.instance_id
+        )
+        coordinator = info.coordinator_node_id
+        staged = [s.node_id for s in info.stages]
+        victim_id = (
+            coordinator if what == "coordinator" else next(n for n in staged if n != coordinator)
+        )
+        victim = by_id[victim_id]
+        done_before = len(done)
+        victim.kill()
+        killed_at = time.monotonic()
+        survivor = next(n for n in cluster_nodes if n.alive())
+        back = wait_for(
+            lambda s=survivor, v=victim_id: _serving(s.address, instance.instance_id, v),
+            timeout=120,
+            interval=0.1,
+            what=f"the instance serving again after the {what} died",
+        )
+        kills.append(
+            {
+                "killed": what,
+                "node": victim.name,
+                "requests_done_before": done_before,
+                "serving_again_s": round(time.monotonic() - killed_at, 2),
+                "then": back,
+            }
+        )
+    report["kills"] = kills
+
+
 def soak(args: argparse.Namespace, workdir: Path) -> dict:
     env = {"MACMESH_MAX_QUEUED_REQUESTS": str(args.max_queued)}
+    if args.failover:
+        env["MACMESH_REPLACE_DELAY_S"] = "0.5"  # status shows the failure that long
+    size = 4 if args.failover else 2
     with DaemonCluster(workdir, env=env) as cluster:
         a = cluster.start("soak-a", mdns=False)
-        b = cluster.start("soak-b", mdns=False, peers=[a.address])
-        cluster.wait_connected([a, b], timeout=20)
+        nodes = [a] + [
+            cluster.start(f"soak-{chr(ord('a') + i)}", mdns=False, peers=[a.address])
+            for i in range(1, size)
+        ]
+        cluster.wait_connected(nodes, timeout=30)
         _, instance = launch(a.address, MODEL, min_nodes=2)
         assert len(instance.stages) == 2, instance
-        pids = [a.pid, b.pid]
-        addresses = [a.address, b.address]
+        addresses = [n.address for n in nodes]
 
         began = time.perf_counter()
-        warm = _round(a.address, instance.instance_id, args.warmup, args.concurrency, seed=1)
-        rss_base = _rss(pids)
-        # Requests go to both nodes: b relays to the coordinator, a serves directly.
+        warm = _round([a.address], instance.instance_id, args.warmup, args.concurrency, seed=1)
+        rss_base = _rss([n.pid for n in nodes])
         totals: Counter = Counter(warm)
-        per_round = max(1, args.requests // 2)
-        for i, address in enumerate(addresses):
-            totals += _round(address, instance.instance_id, per_round, args.concurrency, seed=2 + i)
+        chaos: dict = {}
+        if args.failover:
+            # Every node takes requests and relays; the kills happen while they run.
+            done: list[str] = []
+            thread = threading.Thread(
+                target=_chaos, args=(nodes, instance, done, args.requests, chaos), daemon=True
+            )
+            thread.start()
+            totals += _round(
+                addresses,
+                instance.instance_id,
+                args.requests,
+                args.concurrency,
+                seed=2,
+                retry_s=args.retry_s,
+                done=done,
+            )
+            thread.join(timeout=300)
+            if "kills" not in chaos:
+                chaos["kills"] = "the kills did not finish"
+            # RSS after the failover, against a round on the survivors: what they loaded when
+            # they took stages over is the new baseline; the requests must not grow it.
+            nodes = [n for n in nodes if n.alive()]
+            rss_base = _rss([n.pid for n in nodes])
+            totals += _round(
+                [n.address for n in nodes],
+                instance.instance_id,
+                max(1, args.requests // 2),
+                args.concurrency,
+                seed=3,
+                retry_s=args.retry_s,
+            )
+        else:
+            # Requests go to both nodes: b relays to the coordinator, a serves directly.
+            per_round = max(1, args.requests // 2)
+            for i, address in enumerate(addresses):
+                totals += _round(
+                    [address], instance.instance_id, per_round, args.concurrency, seed=2 + i
+                )
         soak_s = time.perf_counter() - began
-        burst = _burst(a.address, instance.instance_id, args.burst or 2 * args.max_queued)
+        live = [n for n in nodes if n.alive()]
+        final = next(
+            i
+            for i in status_instances(live[0].address, timeout_s=5) or []
+            if i.instance_id == instance.instance_id
+        )
+        coordinator = next(n for n in nodes if n.node_id == final.coordinator_node_id)
+        burst = _burst(coordinator.address, instance.instance_id, args.burst or 2 * args.max_queued)
 
         def drained() -> bool:
-            return all(_cached(x) == 0 for x in addresses) and (
-                _in_flight(a.address, instance.instance_id) == 0
+            return all(_cached(n.address) == 0 for n in live) and (
+                _in_flight(coordinator.address, instance.instance_id) == 0
             )
 
         try:
@@ -165,12 +321,12 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict:
         except TimeoutError:
             caches_ok = False
         time.sleep(1.0)  # freed buffers reach the allocator
-        rss_end = _rss(pids)
-        alive = a.alive() and b.alive()
+        rss_end = _rss([n.pid for n in nodes])
+        alive = all(n.alive() for n in live)
     total = sum(totals.values())
     wrong = {k: v for k, v in {**totals, **burst}.items() if k.startswith("WRONG")}
     growth = [end - base for base, end in zip(rss_base, rss_end, strict=True)]
-    return {
+    result = {
         "requests": total,
         "concurrency": args.concurrency,
         "seconds": round(soak_s, 1),
@@ -184,6 +340,17 @@ def soak(args: argparse.Namespace, workdir: Path) -> dict:
         "daemons_alive": alive,
         "wrong": wrong,
     }
+    if args.failover:
+        retried = sum(v for k, v in totals.items() if k.endswith("after retry"))
+        gave_up = {k: v for k, v in totals.items() if k.startswith("unavailable after")}
+        result["failover"] = {
+            "kills": chaos["kills"],
+            "same_instance_id": final.instance_id == instance.instance_id,
+            "retried_then_served": retried,
+            "unavailable_after_retries": sum(gave_up.values()),
+            "lost": sum(wrong.values()),
+        }
+    return result
 
 
 def _verdict(result: dict, args: argparse.Namespace) -> list[str]:
@@ -198,6 +365,17 @@ def _verdict(result: dict, args: argparse.Namespace) -> list[str]:
         problems.append("a daemon died")
     if "resource exhausted" not in result["burst"]["outcomes"]:
         problems.append(f"a burst beyond the queue limit was not refused: {result['burst']}")
+    failover = result.get("failover")
+    if failover is not None:
+        if not isinstance(failover["kills"], list) or len(failover["kills"]) != 2:
+            problems.append(f"the stage and coordinator kills did not both recover: {failover}")
+        if not failover["same_instance_id"]:
+            problems.append("the instance came back under another id")
+        if failover["unavailable_after_retries"]:
+            problems.append(
+                f"{failover['unavailable_after_retries']} requests still UNAVAILABLE after "
+                f"{args.retry_s:g} s of retries"
+            )
     return problems
 
 
@@ -209,6 +387,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-queued", type=int, default=16, help="MACMESH_MAX_QUEUED_REQUESTS")
     parser.add_argument("--burst", type=int, default=0, help="burst size (0 = 2x max-queued)")
     parser.add_argument("--rss-slack-mib", type=float, default=48.0, help="allowed RSS growth")
+    parser.add_argument(
+        "--failover", action="store_true", help="4 nodes; kill a stage, then the coordinator"
+    )
+    parser.add_argument(
+        "--retry-s", type=float, default=60.0, help="how long a client retries UNAVAILABLE"
+    )
     parser.add_argument("--json", type=Path, help="write the result here")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="macmesh-soak-") as tmp:
@@ -217,7 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     result["problems"] = problems
     print(
         f"soak: {result['requests']} requests, {result['concurrency']} concurrent, "
-        f"{result['seconds']} s (2-node pipelined {MODEL})"
+        f"{result['seconds']} s (2-node pipelined {MODEL}"
+        + (", failover: 4 daemons)" if args.failover else ")")
     )
     for outcome, count in sorted(result["outcomes"].items()):
         print(f"  {outcome:<28} {count:>5}")
@@ -225,6 +410,19 @@ def main(argv: list[str] | None = None) -> int:
         f"  burst of {result['burst']['size']} (queue limit {result['max_queued']}): "
         f"{result['burst']['outcomes']}"
     )
+    if "failover" in result:
+        failover = result["failover"]
+        for kill in failover["kills"] if isinstance(failover["kills"], list) else []:
+            print(
+                f"  killed the {kill['killed']} ({kill['node']}) after "
+                f"{kill['requests_done_before']} requests: serving again in "
+                f"{kill['serving_again_s']} s"
+            )
+        print(
+            f"  same instance id: {failover['same_instance_id']}; retried then served: "
+            f"{failover['retried_then_served']}; UNAVAILABLE after retries: "
+            f"{failover['unavailable_after_retries']}; lost: {failover['lost']}"
+        )
     print(f"  caches back to baseline: {result['caches_back_to_baseline']}")
     print(
         f"  RSS after warm-up MiB {result['rss_after_warmup_mib']}, after soak "

@@ -1,7 +1,9 @@
 """A short run of ``scripts/soak.py`` (the full soak is a script, not a test): concurrent
 requests with random cancellations and deadlines on a real 2-node pipelined cluster end as
 they should, caches return to zero, RSS stays flat, and a burst beyond the queue limit is
-refused with RESOURCE_EXHAUSTED."""
+refused with RESOURCE_EXHAUSTED. The failover mode kills a stage node and then the coordinator
+mid-soak: no request is lost (each ends with all its tokens or a clear status, UNAVAILABLE
+retried by the client) and the instance keeps its id."""
 
 from __future__ import annotations
 
@@ -36,3 +38,32 @@ def test_soak_smoke(tmp_path):
     assert result["outcomes"].get("finished", 0) > 0
     assert result["caches_back_to_baseline"] and result["daemons_alive"]
     assert result["burst"]["outcomes"].get("resource exhausted", 0) > 0
+
+
+def test_soak_smoke_with_a_stage_and_the_coordinator_killed(tmp_path):
+    out = tmp_path / "soak.json"
+    command = [
+        sys.executable,
+        str(REPO / "scripts" / "soak.py"),
+        "--failover",
+        "--requests",
+        "32",
+        "--concurrency",
+        "8",
+        "--warmup",
+        "8",
+        "--max-queued",
+        "8",
+        "--json",
+        str(out),
+    ]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
+    result = json.loads(out.read_text())
+    failover = result["failover"]
+    assert [k["killed"] for k in failover["kills"]] == ["stage", "coordinator"], failover
+    assert failover["same_instance_id"] and failover["lost"] == 0, failover
+    assert failover["unavailable_after_retries"] == 0 and not result["wrong"], result
+    assert result["outcomes"].get("finished", 0) > 0
+    assert result["caches_back_to_baseline"] and result["daemons_alive"]
+    print(run.stdout)

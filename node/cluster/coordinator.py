@@ -220,11 +220,14 @@ class Coordinator:
         instance_id: str | None = None,
         pull: bool = False,
         taking_over: str = "",
+        replacing: Instance | None = None,
     ) -> Instance:
         """Load ``launch_plan`` (made by ``plan``) and register the instance; returns it ready.
         ``instance_id`` keeps a name (a failed instance placed again keeps its id).
         ``taking_over`` (why: the old coordinator is gone) adopts the stages that are loaded
         already, this node's included, through their StageService: nothing loads twice.
+        ``replacing`` (a failed record of the same id) is swapped for the new instance, so
+        the id never disappears (a request meanwhile is UNAVAILABLE, not NOT_FOUND).
 
         Raises ``NoCheckpointError`` (no weights here), ``LaunchCancelled``, ``PipelineError``
         (a stage failed to load) or the loader's own errors; nothing stays loaded on failure.
@@ -284,7 +287,12 @@ class Coordinator:
         instance: Instance = (
             LocalInstance(**common) if len(stages) == 1 else PipelineInstance(**common)
         )
-        self.registry.add(instance)  # visible as "loading" cluster-wide from now on
+        try:  # visible as "loading" cluster-wide from now on
+            self.registry.add(instance, replacing=replacing)
+        except ValueError as exc:
+            if replacing is None:
+                raise
+            raise LaunchCancelled(str(exc)) from None
         try:
             with self._load_lock:
                 here = [s.bytes for s in placement.stages if s.node_id == self.daemon.node_id]
@@ -484,8 +492,6 @@ class Coordinator:
                 "failed instance not placed again", instance=failed.instance_id, why=str(exc)
             )
             return
-        if self.registry.remove(failed.instance_id) is not failed:
-            return  # unloaded meanwhile
         log.info("placing failed instance again", instance=failed.instance_id, model=failed.model)
         try:
             self.launch(
@@ -494,7 +500,10 @@ class Coordinator:
                 lambda line: log.info("re-placement", instance=failed.instance_id, step=line),
                 CancelToken(),
                 instance_id=failed.instance_id,
+                replacing=failed,
             )
+        except LaunchCancelled:
+            return  # unloaded meanwhile
         except Exception as exc:
             failed.failure += f"; placing it again failed: {exc}"
             with contextlib.suppress(ValueError):

@@ -165,10 +165,15 @@ class InstanceRegistry(Generic[InstanceT]):
         self._items: dict[str, InstanceT] = {}
         self._lock = threading.Lock()
 
-    def add(self, instance: InstanceT) -> None:
+    def add(self, instance: InstanceT, *, replacing: InstanceT | None = None) -> None:
+        """Register ``instance``; with ``replacing``, in that record's place (a failed instance
+        placed again: its id never disappears in between). ``ValueError`` when the id is taken
+        (or, replacing, when that record is gone)."""
         with self._lock:
-            if instance.instance_id in self._items:
-                raise ValueError(f"instance {instance.instance_id!r} is already registered")
+            current = self._items.get(instance.instance_id)
+            if current is not replacing:
+                what = "is already registered" if replacing is None else "was unloaded meanwhile"
+                raise ValueError(f"instance {instance.instance_id!r} {what}")
             self._items[instance.instance_id] = instance
 
     def remove(self, instance_id: str) -> InstanceT | None:

@@ -9,10 +9,11 @@ coordinator it relayed to no longer has the instance. In steady state a forwarde
 costs exactly one call on an already-open channel: the relay itself.
 
 When a coordinator stops answering, its instances do not vanish from the view as if never
-launched: a peer that is up but did not answer keeps its last answer, and the instances of a
-peer gone suspect or down stay known as orphans (``ORPHAN_TTL_S``) until another node reports
-them (the stage holder that takes them over, node.cluster.failover). A request for one is
-UNAVAILABLE naming the coordinator that went, which a client may retry, never NOT_FOUND.
+launched: a peer that is up but did not answer keeps its last answer, and the multi-node
+instances of a peer that is no longer up (suspect, down, gone) stay known as orphans
+(``ORPHAN_TTL_S``) until another node reports them (the stage holder that takes them over,
+node.cluster.failover). A request for one is UNAVAILABLE naming the coordinator that went,
+which a client may retry, never NOT_FOUND.
 """
 
 from __future__ import annotations
@@ -38,7 +39,6 @@ from node.proto.macmesh.v1 import inference_pb2 as pb
 
 VIEW_TTL_S = 2.0
 ORPHAN_TTL_S = 60.0  # how long a gone coordinator's instances answer UNAVAILABLE, not NOT_FOUND
-_ORPHANING = ("suspect", "down", "left", "restarted", "forgotten")
 NO_DEADLINE_S = 365 * 24 * 3600.0  # "remaining" beyond a year means no deadline was set
 
 
@@ -60,8 +60,7 @@ class Router:
         self._view: list[InstanceInfo] = []
         self._view_at = float("-inf")
         self._last: dict[str, list[InstanceInfo]] = {}  # peer address -> its last answer
-        # instance id -> (its record, what happened to its coordinator, since when)
-        self._orphans: dict[str, tuple[InstanceInfo, str, float]] = {}
+        self._orphans: dict[str, tuple[InstanceInfo, float]] = {}  # id -> (record, since)
 
     def close(self) -> None:
         self.channels.close()
@@ -77,7 +76,15 @@ class Router:
             if not fresh and time.monotonic() - self._view_at < VIEW_TTL_S:
                 return self._view
         answers = peers.gather_by_peer(self.channels, self.peer_addresses())
+        now = time.monotonic()
         with self._lock:
+            # A peer no longer up leaves its multi-node instances behind as orphans: a stage
+            # holder takes them over; until then a request for one is told so.
+            for address, infos in self._last.items():
+                if address not in answers:
+                    for info in infos:
+                        if len(info.stages) > 1:
+                            self._orphans.setdefault(info.instance_id, (info, now))
             # A peer that is up but did not answer keeps its last answer: a request for its
             # instances then learns that it is unreachable, not that nothing was launched.
             self._last = {
@@ -87,7 +94,7 @@ class Router:
             view = [info for infos in self._last.values() for info in infos]
             for info in view:
                 self._orphans.pop(info.instance_id, None)  # someone coordinates it again
-            self._view, self._view_at = view, time.monotonic()
+            self._view, self._view_at = view, now
         return view
 
     def cluster_instances(self) -> list[InstanceInfo]:
@@ -98,35 +105,22 @@ class Router:
             self._view_at = float("-inf")
 
     def on_peer_event(self, event: Any) -> None:
-        """Any change in a peer (up, suspect, down, left, restarted) may move instances; the
-        multi-node instances of a coordinator that stopped answering become orphans."""
+        """Any change in a peer (up, suspect, down, left, restarted) may move instances."""
         self.invalidate()
-        kind, now = str(event.kind), time.monotonic()
-        with self._lock:
-            if kind == "up":
-                for key in [
-                    k for k, o in self._orphans.items() if o[0].coordinator_node_id == event.node_id
-                ]:
-                    del self._orphans[key]
-            elif kind in _ORPHANING:
-                for info in self._view:
-                    if info.coordinator_node_id == event.node_id and len(info.stages) > 1:
-                        self._orphans[info.instance_id] = (info, kind, now)
 
     def orphan(self, model: str) -> str | None:
         """Why a request for ``model`` cannot be served right now, when it names the
         instance of a coordinator that went (None otherwise)."""
         now = time.monotonic()
         with self._lock:
-            for key in [k for k, o in self._orphans.items() if now - o[2] > ORPHAN_TTL_S]:
+            for key in [k for k, o in self._orphans.items() if now - o[1] > ORPHAN_TTL_S]:
                 del self._orphans[key]
-            found = [o for o in self._orphans.values() if o[0].answers_to(model)]
+            found = [info for info, _ in self._orphans.values() if info.answers_to(model)]
         if not found:
             return None
-        info, kind, _ = found[0]
         return (
-            f"the coordinator of {info.instance_id}, {_node(info)}, is {kind}; a node that "
-            "holds one of its stages takes the instance over; retry shortly"
+            f"the coordinator of {found[0].instance_id}, {_node(found[0])}, stopped answering; "
+            "a node that holds one of its stages takes the instance over; retry shortly"
         )
 
     # -- routing ---------------------------------------------------------------------------
