@@ -7,11 +7,13 @@ serves MODEL?") asks every live peer in parallel and merges the answers with its
 
 Why not replicate (gossip on heartbeats, or a replicated table)? An instance is only usable
 while its coordinator is alive — it tokenizes, drives the pipeline and streams the text — so
-the coordinator is the one source of truth that can never be stale: when it dies, its instances
-vanish from every view at once, with nothing to expire or reconcile, and there is no second
-copy to disagree with. The cost is one parallel round of small RPCs per cluster-wide query,
-which for the handful of Macs macmesh targets is a millisecond on a LAN; peers that do not
-answer within the timeout are skipped, so one sick node cannot stall ``macmesh status``.
+the coordinator is the one source of truth that can never be stale, and there is no second
+copy to disagree with. Its stage holders keep the record it sent with their shard only to
+take over when it dies (node.cluster.failover): the successor then becomes the one source of
+truth under the same instance id. The cost is one parallel round of small RPCs per
+cluster-wide query, which for the handful of Macs macmesh targets is a millisecond on a LAN;
+peers that do not answer within the timeout are skipped, so one sick node cannot stall
+``macmesh status``.
 
 This module holds the typed record (``InstanceInfo``, converted to and from the wire here),
 the throughput meter behind "recent tok/s", and the thread-safe local registry.
