@@ -13,7 +13,7 @@ import time
 
 import mlx.core as mx
 import pytest
-from helpers.cluster_client import generate, launch
+from helpers.cluster_client import generate, launch, stub
 from helpers.daemons import PATIENCE_S, DaemonCluster, wait_for
 from mlx_lm.generate import generate_step
 
@@ -21,10 +21,11 @@ from node import rpc
 from node.client import MacmeshClient, MacmeshError, Unavailable
 from node.cluster.failover import lost_nodes, replace_missing, successor
 from node.cluster.instances import InstanceInfo, StageRef
-from node.cluster.peers import status_instances
+from node.cluster.peers import FORWARDED, status_instances
 from node.inference.loading import load_checkpoint
 from node.placement import NodeCapacity, PlacementError, resolve_card
 from node.placement.resolve import BUNDLED_MODELS_DIR
+from node.proto.macmesh.v1 import inference_pb2 as pb
 from node.proto.macmesh.v1 import stage_pb2, stage_pb2_grpc
 
 MODEL = "macmesh-tiny"
@@ -86,9 +87,10 @@ def test_a_killed_coordinator_is_replaced_by_a_stage_holder(tmp_path):
         cluster.wait_connected(nodes, timeout=PATIENCE_S)
         coord, survivors = nodes[0], nodes[1:]
         _, two = launch(coord.address, MODEL, min_nodes=2)
-        _, three = launch(coord.address, MODEL, min_nodes=3)
+        three = _launch_holding_a_stage(coord.address, MODEL, min_nodes=3)
         launched = {two.instance_id: two, three.instance_id: three}
         assert [len(two.stages), len(three.stages)] == [2, 3]
+        assert coord.node_id in {s.node_id for s in three.stages}  # its range is lost with it
         relay = survivors[0]
         for info in launched.values():
             wait_for(
@@ -149,6 +151,15 @@ def test_a_killed_coordinator_is_replaced_by_a_stage_holder(tmp_path):
             # Any survivor serves it, exactly as one node running mlx-lm does.
             for node in survivors:
                 assert _ids(node.address, instance_id) == (expected, "pipeline")
+        # The coordinator's own range of the 3-node instance went to the one node without one.
+        spare = {n.node_id for n in survivors} - {s.node_id for s in three.stages}
+        moved = [
+            s for s in _instance(relay.address, three.instance_id).stages if s.node_id in spare
+        ]
+        lost = [s for s in three.stages if s.node_id == coord.node_id]
+        assert [(s.start_layer, s.end_layer) for s in moved] == [
+            (s.start_layer, s.end_layer) for s in lost
+        ]
         print(f"both instances served again {time.monotonic() - killed_at:.2f} s after the kill")
         logs = "".join(n.log_text() for n in survivors)
         assert "taking over an instance from a dead coordinator" in logs
@@ -184,6 +195,19 @@ def test_a_take_over_that_cannot_honour_min_nodes_says_why_and_frees_the_stage(t
         with pytest.raises(Unavailable, match="min_nodes 2"):
             _ids(stage.address, instance.instance_id)
         assert stage.alive()
+
+
+def _launch_holding_a_stage(address: str, model: str, min_nodes: int) -> InstanceInfo:
+    """Launch so that the coordinator holds a stage itself: a launch forwarded by a peer pins
+    the receiving node into the placement (as a delegated launch does)."""
+    channel, inference = stub(address)
+    with channel:
+        for event in inference.Launch(
+            pb.LaunchRequest(model=model, min_nodes=min_nodes), timeout=120, metadata=FORWARDED
+        ):
+            if event.HasField("instance"):
+                return InstanceInfo.from_proto(event.instance)
+    raise AssertionError("the launch ended without an instance")
 
 
 def _address(nodes, node_id: str) -> str:
