@@ -517,7 +517,11 @@ class Coordinator:
         ``inference_pb2.Instance`` it sent with the shard). The live stage holder with the
         lowest node id takes over; every holder computes the same from the same membership,
         so the others do nothing. Returns at once; the work runs on a thread."""
-        info = InstanceInfo.from_proto(record)
+        try:
+            info = InstanceInfo.from_proto(record)
+        except ValueError as exc:  # a record this node cannot read: nothing to take over
+            log.warning("unreadable instance record", instance=record.instance_id, error=str(exc))
+            return
         live = {n.id for n in self.daemon.live_nodes()}
         lost = failover.lost_nodes(info.stages, info.coordinator_node_id, live)
         if failover.successor(info.stages, lost) != self.daemon.node_id:

@@ -123,9 +123,12 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
             threading.Thread(
                 target=self._unload_orphans, args=(unload_now, str(event.kind)), daemon=True
             ).start()
-        for _, record in waiting:
+        for instance_id, record in waiting:
             if record is not None and take_over is not None:
-                take_over(record)
+                try:
+                    take_over(record)
+                except Exception:  # one bad record must not keep the others waiting
+                    log.exception("take-over failed", instance=instance_id)
         for instance_id in fresh:
             if instance_id not in unload_now:
                 timer = threading.Timer(
