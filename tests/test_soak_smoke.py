@@ -15,11 +15,12 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_soak_smoke(tmp_path):
+def _soak(tmp_path: Path, *extra: str, timeout: float) -> dict:
     out = tmp_path / "soak.json"
     command = [
         sys.executable,
         str(REPO / "scripts" / "soak.py"),
+        *extra,
         "--requests",
         "32",
         "--concurrency",
@@ -31,9 +32,14 @@ def test_soak_smoke(tmp_path):
         "--json",
         str(out),
     ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=REPO)
+    run = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    print(run.stdout)
+    return json.loads(out.read_text())
+
+
+def test_soak_smoke(tmp_path):
+    result = _soak(tmp_path, timeout=120)
     assert result["requests"] >= 40 and not result["wrong"], result
     assert result["outcomes"].get("finished", 0) > 0
     assert result["caches_back_to_baseline"] and result["daemons_alive"]
@@ -41,29 +47,10 @@ def test_soak_smoke(tmp_path):
 
 
 def test_soak_smoke_with_a_stage_and_the_coordinator_killed(tmp_path):
-    out = tmp_path / "soak.json"
-    command = [
-        sys.executable,
-        str(REPO / "scripts" / "soak.py"),
-        "--failover",
-        "--requests",
-        "32",
-        "--concurrency",
-        "8",
-        "--warmup",
-        "8",
-        "--max-queued",
-        "8",
-        "--json",
-        str(out),
-    ]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=REPO)
-    assert run.returncode == 0, run.stdout + run.stderr[-3000:]
-    result = json.loads(out.read_text())
+    result = _soak(tmp_path, "--failover", timeout=600)
     failover = result["failover"]
     assert [k["killed"] for k in failover["kills"]] == ["stage", "coordinator"], failover
     assert failover["same_instance_id"] and failover["lost"] == 0, failover
     assert failover["unavailable_after_retries"] == 0 and not result["wrong"], result
     assert result["outcomes"].get("finished", 0) > 0
     assert result["caches_back_to_baseline"] and result["daemons_alive"]
-    print(run.stdout)
