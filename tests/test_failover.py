@@ -20,7 +20,7 @@ from mlx_lm.generate import generate_step
 from node import rpc
 from node.client import MacmeshClient, MacmeshError, Unavailable
 from node.cluster.failover import lost_nodes, replace_missing, successor
-from node.cluster.instances import InstanceInfo, StageRef
+from node.cluster.instances import InstanceInfo, InstanceUnavailable, StageRef, pick_instance
 from node.cluster.peers import FORWARDED, status_instances
 from node.inference.loading import load_checkpoint
 from node.placement import NodeCapacity, PlacementError, resolve_card
@@ -250,3 +250,18 @@ def test_only_the_lost_ranges_move_and_min_nodes_is_honoured():
     tight = [_node("b"), _node("c", 1024)]
     with pytest.raises(PlacementError):
         replace_missing(card, stages, {"a"}, tight, min_nodes=2)
+
+
+def test_a_request_for_a_failed_instance_is_told_what_failed():
+    failed = InstanceInfo(
+        instance_id="tiny-1",
+        model=MODEL,
+        coordinator_node_id="b",
+        stages=[_stage("b", 0, 4)],
+        engine="pipeline",
+        engine_reason="pipeline: 2 nodes [failed: its coordinator, node a at H:1, is gone; "
+        "not placed again: min_nodes 2 is above the cluster size 1]",
+        state="failed",
+    )
+    with pytest.raises(InstanceUnavailable, match=r"tiny-1 failed: its coordinator.*min_nodes 2"):
+        pick_instance([failed], "auto", "b")
