@@ -11,9 +11,10 @@ import re
 import threading
 import time
 
+import grpc
 import mlx.core as mx
 import pytest
-from helpers.cluster_client import generate, launch, stub
+from helpers.cluster_client import generate, launch, status_code, stub
 from helpers.daemons import PATIENCE_S, DaemonCluster, wait_for
 from mlx_lm.generate import generate_step
 
@@ -27,6 +28,7 @@ from node.placement import NodeCapacity, PlacementError, resolve_card
 from node.placement.resolve import BUNDLED_MODELS_DIR
 from node.proto.macmesh.v1 import inference_pb2 as pb
 from node.proto.macmesh.v1 import stage_pb2, stage_pb2_grpc
+from node.security import NODE_KEY
 
 MODEL = "macmesh-tiny"
 PROMPT = [11, 402, 97, 1500, 23, 7, 640, 3001]
@@ -195,6 +197,46 @@ def test_a_take_over_that_cannot_honour_min_nodes_says_why_and_frees_the_stage(t
         with pytest.raises(Unavailable, match="min_nodes 2"):
             _ids(stage.address, instance.instance_id)
         assert stage.alive()
+
+
+def test_a_shard_answers_only_to_its_live_coordinator(tmp_path):
+    """A coordinator that was cut off for a while and taken over must not unload or take back
+    the stages its successor drives: while the shard's coordinator is up, another node's
+    UnloadShard is refused and its LoadShard is ALREADY_EXISTS naming the owner."""
+    with DaemonCluster(tmp_path) as cluster:
+        coord = cluster.start("coord", mdns=False)
+        stage = cluster.start("stage", mdns=False, peers=[coord.address])
+        other = cluster.start("other", mdns=False, peers=[coord.address])
+        cluster.wait_connected([coord, stage, other], timeout=PATIENCE_S)
+        instance = _launch_holding_a_stage(coord.address, MODEL, min_nodes=2)
+        held = next(s for s in instance.stages if s.node_id != coord.node_id)
+        holder = next(n for n in (stage, other) if n.node_id == held.node_id)
+        stranger = next(n for n in (stage, other) if n is not holder)
+        as_stranger = ((NODE_KEY, stranger.node_id),)
+        with rpc.channel(holder.address) as channel:
+            stages = stage_pb2_grpc.StageServiceStub(channel)
+            reply = stages.UnloadShard(
+                stage_pb2.UnloadShardRequest(instance_id=instance.instance_id),
+                timeout=10,
+                metadata=as_stranger,
+            )
+            assert not reply.unloaded
+            runtime = _runtime(holder.address, instance.instance_id)
+            request = stage_pb2.LoadShardRequest(
+                instance_id=instance.instance_id,
+                model=MODEL,
+                start_layer=held.start_layer,
+                end_layer=held.end_layer,
+                position=runtime.shard.position,
+                num_stages=runtime.shard.num_stages,
+                next_hop=runtime.shard.next_hop,
+            )
+            code, details = status_code(
+                lambda: stages.LoadShard(request, timeout=30, metadata=as_stranger)
+            )
+        assert code is grpc.StatusCode.ALREADY_EXISTS and coord.node_id[:8] in details, details
+        assert _ids(coord.address, instance.instance_id) == (_reference(), "pipeline")
+        assert "unload refused" in holder.log_text()
 
 
 def _launch_holding_a_stage(address: str, model: str, min_nodes: int) -> InstanceInfo:

@@ -199,10 +199,14 @@ class InstanceRegistry(Generic[InstanceT]):
 
 
 def merge(local: Iterable[InstanceInfo], remote: Iterable[InstanceInfo]) -> list[InstanceInfo]:
-    """One list, each instance once (a peer may have been asked twice under two addresses)."""
+    """One list, each instance once (a peer may have been asked twice under two addresses; a
+    coordinator cut off for a while may still hold the failed record of an instance its
+    successor serves: the ready one wins)."""
     seen: dict[str, InstanceInfo] = {}
     for info in [*local, *remote]:
-        seen.setdefault(info.instance_id, info)
+        kept = seen.get(info.instance_id)
+        if kept is None or (kept.state != READY and info.state == READY):
+            seen[info.instance_id] = info
     return sorted(seen.values(), key=lambda i: (i.model, i.instance_id))
 
 
@@ -240,7 +244,7 @@ def pick_instance(
 
 
 def _state_text(info: InstanceInfo) -> str:
-    """"X is loading", or for a failed instance what failed (its reason's ``[failed: ...]``)."""
+    """ "X is loading", or for a failed instance what failed (its reason's ``[failed: ...]``)."""
     _, marker, failure = info.engine_reason.partition("[failed: ")
     if info.state == FAILED and marker:
         return f"{info.instance_id} failed: {failure.removesuffix(']')}"

@@ -306,6 +306,9 @@ def install(daemon: Any) -> InferenceServicer:
     # (MACMESH_REPLACE_FAILED=0: it unloads the orphaned shard instead).
     if servicer.coordinator.replace_failed:
         stages.take_over = servicer.coordinator.take_over
+    stages.is_live = lambda node_id: (
+        node_id == daemon.node_id or any(n.id == node_id for n in daemon.live_nodes())
+    )
     daemon.subscribe(servicer.coordinator.on_peer_event)
     daemon.subscribe(servicer.router.on_peer_event)
     daemon.subscribe(stages.on_peer_event)

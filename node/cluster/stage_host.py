@@ -8,6 +8,11 @@ left, restarted), the record goes to ``take_over`` (node.cluster.failover: the l
 holder with the lowest node id becomes the coordinator), and the shard stays loaded for the
 new coordinator, whose LoadShard for the same range adopts it. A shard nobody adopts within
 ``ADOPT_WAIT_S`` (or without a record) is unloaded here, so no weights stay orphaned.
+
+A shard answers to one coordinator at a time: while the node that loaded (or adopted) it is
+up, another node's LoadShard or UnloadShard for that instance is refused. So a coordinator
+that was only cut off for a while (seen down, taken over) cannot, once back, unload or take
+back the stages its successor now drives.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
         self._orphaned: set[str] = set()  # its coordinator is gone; nobody adopted it yet
         # The record of an orphaned instance -> the coordinator decides whether it succeeds.
         self.take_over: Callable[[Any], None] | None = None
+        self.is_live: Callable[[str], bool] = lambda node_id: True  # membership: node up?
 
     def _real(self) -> Any:
         with self._lock:
@@ -59,6 +65,13 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
             return self._service
 
     def LoadShard(self, request: Any, context: grpc.ServicerContext) -> Any:
+        owner = self._owned_by_another(request.instance_id, context)
+        if owner:
+            context.abort(
+                Code.ALREADY_EXISTS,
+                f"instance {request.instance_id!r} has a stage on this node that answers to "
+                f"coordinator {owner[:8]}, which is up",
+            )
         adopted = self._adopt(request, context)
         if adopted is not None:
             return adopted
@@ -69,6 +82,17 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
         reply = self._real().LoadShard(request, context)
         self._remember(request, context)
         return reply
+
+    def _owned_by_another(self, instance_id: str, context: grpc.ServicerContext | None) -> str:
+        """The live coordinator, other than the calling node, this instance's shard answers to
+        ("" when the caller may manage it: its owner, a client, or the owner is gone)."""
+        caller = calling_node(context) if context is not None else ""
+        with self._lock:
+            owner = self._coordinators.get(instance_id, "")
+            orphaned = instance_id in self._orphaned  # its owner went (or restarted)
+        if not caller or not owner or owner == caller or orphaned or not self.is_live(owner):
+            return ""
+        return owner
 
     def _remember(self, request: Any, context: grpc.ServicerContext) -> None:
         coordinator = calling_node(context)
@@ -157,6 +181,15 @@ class LazyStageService(stage_pb2_grpc.StageServiceServicer):
     # without importing the runtime (a status probe must not take seconds).
 
     def UnloadShard(self, request: Any, context: grpc.ServicerContext | None) -> Any:
+        owner = self._owned_by_another(request.instance_id, context)
+        if owner:
+            log.warning(
+                "unload refused: the shard answers to another coordinator now",
+                instance=request.instance_id,
+                caller=calling_node(context),
+                coordinator=owner,
+            )
+            return stage_pb2.UnloadShardResponse(unloaded=False)
         with self._lock:
             self._coordinators.pop(request.instance_id, None)
             self._records.pop(request.instance_id, None)
