@@ -1,0 +1,319 @@
+"""The prompt cache of one instance: reuse the state of the longest cached prefix of a prompt.
+
+A follow-up turn of a chat sends the whole conversation again; everything up to the new user
+message was computed before. ``PromptCache`` keeps snapshots of per-layer cache state keyed
+by the tokens they hold, finds the longest one a new prompt can start from, and evicts the
+least recently used snapshots beyond a memory budget in bytes.
+
+What a snapshot can be reused for depends on its caches:
+
+- KV caches (full attention, the MTP head) hold one entry per position and trim: a snapshot
+  of tokens ``T`` serves any prompt sharing a prefix of ``c`` tokens with ``T``, trimmed to
+  ``c``.
+- GatedDeltaNet's ``ArraysCache`` holds one recurrent state for the whole prefix and cannot be
+  trimmed: a snapshot serves only prompts that start with *all* of ``T``. So the engines store
+  snapshots at the boundaries a later prompt is likely to extend: the end of each prompt (its
+  first n-1 tokens, which is also what a repeat of the same prompt needs) and the end of each
+  generation (prompt + answer: the next turn's prompt starts with it when the chat template
+  renders the answer back as the same tokens).
+
+A hit always leaves at least one prompt token to compute: the logits of the last one are what
+the first generated token is sampled from.
+
+The store (``PromptCache``) is pure bookkeeping over opaque per-layer cache lists — a radix
+trie over token ids plus an LRU order, no MLX, no I/O — so any engine can use it with its own
+cache layout: the local batch (the model's caches), native MTP (the model's caches followed by
+the head's KV cache), a pipeline stage (its own layers' caches). ``freeze`` and ``thaw`` turn
+mlx-lm caches of one sequence into a detached snapshot and back into fresh caches.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_PROMPT_CACHE_MB = 1024
+
+
+@dataclass(frozen=True, eq=False)
+class Snapshot:
+    """Per-layer cache state of one sequence after exactly the tokens it is stored under."""
+
+    caches: list[Any]  # the owner's layout, opaque to the store
+    nbytes: int
+    trimmable: bool  # every cache can be cut back to a shorter prefix (KV caches only)
+
+
+@dataclass(frozen=True)
+class Hit:
+    """A snapshot a prompt can start from: its first ``length`` tokens need no compute."""
+
+    length: int
+    snapshot: Snapshot
+    stored_length: int  # the tokens the snapshot holds; ``stored_length - length`` get trimmed
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    entries: int
+    nbytes: int
+    budget_bytes: int
+    lookups: int
+    hits: int
+    hit_tokens: int  # prompt tokens served from snapshots, summed over hits
+    stored: int
+    evicted: int
+
+
+@dataclass(eq=False)
+class _Node:
+    edge: tuple[int, ...]  # the tokens from the parent to here
+    depth: int  # tokens from the root to here
+    parent: _Node | None
+    children: dict[int, _Node] = field(default_factory=dict)  # keyed by the edge's first token
+    entry: Snapshot | None = None
+
+
+def _common(edge: tuple[int, ...], tokens: Sequence[int], start: int) -> int:
+    """How many leading tokens of ``edge`` equal ``tokens[start:]``."""
+    n = min(len(edge), len(tokens) - start)
+    i = 0
+    while i < n and edge[i] == tokens[start + i]:
+        i += 1
+    return i
+
+
+class PromptCache:
+    """Snapshots keyed by token prefix, within ``budget_bytes``, least recently used out first.
+
+    One store holds one model's snapshots (one layout). Thread-safe: a daemon's status and
+    metrics read the counters while the instance's worker looks up and stores."""
+
+    def __init__(self, budget_bytes: int) -> None:
+        if budget_bytes < 0:
+            raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
+        self.budget_bytes = budget_bytes
+        self._root = _Node(edge=(), depth=0, parent=None)
+        self._lru: OrderedDict[_Node, None] = OrderedDict()  # oldest first
+        self._nbytes = 0
+        self._trimmable = 0  # stored snapshots that trim
+        self._lock = threading.Lock()
+        self._lookups = self._hits = self._hit_tokens = self._stored = self._evicted = 0
+
+    def __len__(self) -> int:
+        return len(self._lru)
+
+    @property
+    def nbytes(self) -> int:
+        return self._nbytes
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(
+                entries=len(self._lru),
+                nbytes=self._nbytes,
+                budget_bytes=self.budget_bytes,
+                lookups=self._lookups,
+                hits=self._hits,
+                hit_tokens=self._hit_tokens,
+                stored=self._stored,
+                evicted=self._evicted,
+            )
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    def lookup(self, tokens: Sequence[int]) -> Hit | None:
+        """The snapshot covering the longest prefix of ``tokens`` (at most ``len - 1``)."""
+        with self._lock:
+            self._lookups += 1
+            hit = self._find(tokens)
+            if hit is None:
+                return None
+            self._hits += 1
+            self._hit_tokens += hit.length
+            return hit
+
+    def _find(self, tokens: Sequence[int]) -> Hit | None:
+        limit = len(tokens) - 1  # the last prompt token is always computed
+        if limit < 1:
+            return None
+        node, depth = self._root, 0
+        full: _Node | None = None  # the deepest entry that is a whole prefix of tokens
+        while True:
+            if node.entry is not None and 0 < depth <= limit:
+                full = node
+            if depth >= len(tokens):
+                below, common = node, depth
+                break
+            child = node.children.get(tokens[depth])
+            if child is None:
+                below, common = node, depth
+                break
+            m = _common(child.edge, tokens, depth)
+            if m < len(child.edge):
+                below, common = child, depth + m
+                break
+            node, depth = child, depth + m
+        best = full.depth if full is not None else 0
+        trimmed = self._trimmed(below, common, limit, best) if self._trimmable else None
+        if trimmed is not None:
+            return trimmed
+        if full is None:
+            return None
+        self._lru.move_to_end(full)
+        assert full.entry is not None
+        return Hit(full.depth, full.entry, full.depth)
+
+    def _trimmed(self, below: _Node, common: int, limit: int, best: int) -> Hit | None:
+        """The trimmable snapshot sharing the most tokens with the prompt, if that beats
+        ``best``: entries under ``below`` share ``common`` tokens; going up the path, the
+        rest of an ancestor's subtree shares the ancestor's depth."""
+        node: _Node | None = below
+        searched: _Node | None = None
+        shared = common
+        while node is not None:
+            usable = min(shared, limit)
+            if usable <= best:
+                return None
+            stack = [node]
+            while stack:
+                n = stack.pop()
+                if n.entry is not None and n.entry.trimmable:
+                    self._lru.move_to_end(n)
+                    return Hit(usable, n.entry, n.depth)
+                stack.extend(c for c in n.children.values() if c is not searched)
+            searched, node = node, node.parent
+            shared = node.depth if node is not None else 0
+        return None
+
+    # -- storing -----------------------------------------------------------------------------
+
+    def insert(self, tokens: Sequence[int], snapshot: Snapshot) -> bool:
+        """Store ``snapshot`` under ``tokens`` (replacing one stored there); evict the least
+        recently used beyond the budget. False when it alone exceeds the budget."""
+        if not tokens or snapshot.nbytes > self.budget_bytes:
+            return False
+        with self._lock:
+            node = self._node_for(tokens)
+            if node.entry is not None:
+                self._nbytes -= node.entry.nbytes
+                self._trimmable -= node.entry.trimmable
+            node.entry = snapshot
+            self._nbytes += snapshot.nbytes
+            self._trimmable += snapshot.trimmable
+            self._lru[node] = None
+            self._lru.move_to_end(node)
+            self._stored += 1
+            if snapshot.trimmable:
+                # A trimmable snapshot serves every prefix of itself: stored prefixes that
+                # trim too only take memory.
+                ancestor = node.parent
+                while ancestor is not None:
+                    if ancestor.entry is not None and ancestor.entry.trimmable:
+                        self._drop(ancestor)
+                    ancestor = ancestor.parent
+            while self._nbytes > self.budget_bytes:
+                oldest = next(iter(self._lru))
+                self._drop(oldest)
+                self._evicted += 1
+            return True
+
+    def clear(self) -> None:
+        with self._lock:
+            for node in list(self._lru):
+                self._drop(node)
+
+    def _node_for(self, tokens: Sequence[int]) -> _Node:
+        """The node at exactly ``tokens``, splitting an edge or adding a leaf as needed."""
+        node, depth = self._root, 0
+        while depth < len(tokens):
+            child = node.children.get(tokens[depth])
+            if child is None:
+                leaf = _Node(edge=tuple(tokens[depth:]), depth=len(tokens), parent=node)
+                node.children[tokens[depth]] = leaf
+                return leaf
+            m = _common(child.edge, tokens, depth)
+            if m < len(child.edge):  # split the edge at m
+                mid = _Node(edge=child.edge[:m], depth=depth + m, parent=node)
+                node.children[tokens[depth]] = mid
+                child.edge = child.edge[m:]
+                child.parent = mid
+                mid.children[child.edge[0]] = child
+                child = mid
+            node, depth = child, depth + m
+        return node
+
+    def _drop(self, node: _Node) -> None:
+        """Forget ``node``'s snapshot and prune the branch it leaves empty."""
+        assert node.entry is not None
+        self._nbytes -= node.entry.nbytes
+        self._trimmable -= node.entry.trimmable
+        node.entry = None
+        del self._lru[node]
+        while node.parent is not None and node.entry is None and not node.children:
+            del node.parent.children[node.edge[0]]
+            node = node.parent
+
+
+# ----------------------------------------------------------------------------- mlx-lm caches
+
+
+def freeze(caches: list[Any]) -> Snapshot | None:
+    """A detached copy of one sequence's caches (batch size 1) as they are now.
+
+    Copies, so the snapshot keeps no batch buffer alive and no later forward can change it.
+    None for a cache type the store cannot restore exactly (rotating windows, quantized KV)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    frozen: list[Any] = []
+    for c in caches:
+        if type(c) is KVCache:
+            copy = KVCache()
+            if c.keys is not None:
+                copy.keys = mx.array(c.keys[..., : c.offset, :])
+                copy.values = mx.array(c.values[..., : c.offset, :])
+                copy.offset = c.offset
+            frozen.append(copy)
+        elif type(c) is ArraysCache:
+            copy = ArraysCache(len(c.cache))
+            copy.cache = [mx.array(a) if a is not None else None for a in c.cache]
+            frozen.append(copy)
+        else:
+            return None
+    mx.eval([c.state for c in frozen])
+    return Snapshot(
+        caches=frozen,
+        nbytes=sum(c.nbytes for c in frozen),
+        trimmable=all(c.is_trimmable() for c in frozen),
+    )
+
+
+def thaw(hit: Hit) -> list[Any]:
+    """Fresh caches for a new sequence, seeded with ``hit``'s first ``hit.length`` tokens.
+
+    New cache objects and new array objects: what the sequence's forwards write (KV slice
+    updates, re-bound recurrent states) never reaches the stored snapshot."""
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    trim = hit.stored_length - hit.length
+    if trim and not hit.snapshot.trimmable:
+        raise ValueError(f"cannot trim {trim} tokens from a snapshot with recurrent state")
+    fresh: list[Any] = []
+    for c in hit.snapshot.caches:
+        if isinstance(c, KVCache):
+            copy = KVCache()
+            if c.keys is not None:
+                copy.keys = c.keys[..., : hit.length, :]
+                copy.values = c.values[..., : hit.length, :]
+                copy.offset = hit.length
+            fresh.append(copy)
+        else:
+            assert isinstance(c, ArraysCache)
+            copy = ArraysCache(len(c.cache))
+            copy.cache = list(c.cache)
+            fresh.append(copy)
+    return fresh
