@@ -20,6 +20,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from node.inference.prompt_cache import DEFAULT_PROMPT_CACHE_MB
+
 DEFAULT_GRPC_PORT = 52700
 DEFAULT_CONFIG_PATH = Path("~/.config/macmesh/config.toml")
 
@@ -60,6 +62,9 @@ class Settings(BaseSettings):
     # Requests a single-node instance decodes together in one batch (the rest wait in its
     # queue); the planner budgets KV and GatedDeltaNet state for this many sequences.
     max_batch: int = Field(default=8, ge=1, le=256)
+    # Memory each single-node instance may keep for earlier requests' cache snapshots, which
+    # a later prompt sharing their prefix starts from (a chat's next turn); 0 disables.
+    prompt_cache_mb: int = Field(default=DEFAULT_PROMPT_CACHE_MB, ge=0)
     max_stops: int = Field(default=16, ge=0)
     max_messages: int = Field(default=4_096, ge=1)
     # Admission: a launch must leave this fraction of a node's memory free.

@@ -198,6 +198,7 @@ def stats_to_proto(stats: FinalStats) -> pb.GenerationStats:
         accepted_draft_tokens=stats.accepted_draft_tokens,
         acceptance_rate=stats.acceptance_rate or 0.0,  # unset on the wire when None
         prompt_tokens=stats.prompt_tokens,
+        cached_prompt_tokens=stats.cached_prompt_tokens,
         generation_tokens=stats.generation_tokens,
         prompt_tps=stats.prompt_tps,
         generation_tps=stats.generation_tps,
@@ -225,6 +226,7 @@ def stats_from_proto(msg: pb.GenerationStats) -> FinalStats:
             accepted_draft_tokens=msg.accepted_draft_tokens,
             acceptance_rate=msg.acceptance_rate if msg.proposed_draft_tokens else None,
             prompt_tokens=msg.prompt_tokens,
+            cached_prompt_tokens=msg.cached_prompt_tokens,
             generation_tokens=msg.generation_tokens,
             prompt_tps=msg.prompt_tps,
             generation_tps=msg.generation_tps,

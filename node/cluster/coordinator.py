@@ -354,6 +354,7 @@ class Coordinator:
             disabled_by=self.disabled_by,
             max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
             context_tokens=context_tokens,  # what the plan budgeted memory for
+            prompt_cache_bytes=int(getattr(self.daemon.settings, "prompt_cache_mb", 0)) * 2**20,
         )
         if instance.choice.engine == "native_mtp":
             # Recover the head now: the first request should not pay for it, and a head that

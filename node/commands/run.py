@@ -77,6 +77,13 @@ def run(
         int | None,
         typer.Option(help="requests an instance on this node decodes together (default 8)"),
     ] = None,
+    prompt_cache_mb: Annotated[
+        int | None,
+        typer.Option(
+            help="MiB each instance keeps for cached prompt prefixes a later request (a chat's "
+            "next turn) starts from; 0 disables (default 1024)"
+        ),
+    ] = None,
 ) -> None:
     """Start this machine's node: serve gRPC, find peers, exchange heartbeats."""
     try:
@@ -98,6 +105,7 @@ def run(
             max_prompt_tokens=max_prompt_tokens,
             max_tokens_limit=max_tokens_limit,
             max_batch=max_batch,
+            prompt_cache_mb=prompt_cache_mb,
         )
     except SettingsError as exc:
         typer.echo(f"macmesh run: {exc}", err=True)

@@ -185,6 +185,7 @@ def build_stats(
     draft_k_histogram: list[int] | None = None,
     proposed: int = 0,
     accepted: int = 0,
+    cached_prompt_tokens: int = 0,
 ) -> GenerationStats:
     first = clock.first_token or clock.start
     end = clock.end or first
@@ -199,6 +200,7 @@ def build_stats(
         accepted_draft_tokens=accepted,
         acceptance_rate=acceptance_rate(accepted, proposed),
         prompt_tokens=len(prepared.prompt_ids),
+        cached_prompt_tokens=cached_prompt_tokens,
         generation_tokens=generated,
         prompt_tps=rate(len(prepared.prompt_ids), first - clock.start),
         # The first token comes out of prefill; decode speed counts the ones after it.

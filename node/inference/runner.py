@@ -22,6 +22,7 @@ from node.inference.events import GenerationEvent
 from node.inference.loading import LoadedModel
 from node.inference.mtp.engine import MtpEngine, Rollback
 from node.inference.mtp.recovery import MtpUnavailable
+from node.inference.prompt_cache import DEFAULT_PROMPT_CACHE_MB, PromptCache
 from node.inference.requests import GenerateRequest, RequestedEngine
 from node.inference.selector import DEFAULT_DISABLED_BY, select_engine
 from node.inference.stats import EngineKind
@@ -40,6 +41,7 @@ class LocalRunner:
         rollback: Rollback = "capture",
         max_batch: int = DEFAULT_MAX_BATCH,
         context_tokens: int | None = None,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_MB * 2**20,
     ) -> None:
         self.loaded = loaded
         self.native_mtp_enabled = native_mtp_enabled
@@ -54,6 +56,8 @@ class LocalRunner:
         self.context_tokens = context_tokens
         self._scheduler: BatchScheduler | None = None
         self._scheduler_lock = threading.Lock()
+        # Snapshots of earlier requests' caches a later prompt can start from (0 disables).
+        self.prompt_cache = PromptCache(prompt_cache_bytes) if prompt_cache_bytes > 0 else None
 
     def select(self, requested: RequestedEngine = "auto") -> tuple[EngineKind, str]:
         """(engine, reason) for a request asking for ``requested``; may load the MTP head."""
@@ -97,7 +101,10 @@ class LocalRunner:
                 self._scheduler = BatchScheduler(
                     {
                         "local": LocalBatchStep(
-                            self.loaded, self.max_batch, context_tokens=self.context_tokens
+                            self.loaded,
+                            self.max_batch,
+                            context_tokens=self.context_tokens,
+                            prompt_cache=self.prompt_cache,
                         ),
                         "native_mtp": GeneratorStep(self._start_mtp),
                     },

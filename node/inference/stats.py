@@ -51,6 +51,9 @@ class GenerationStats(BaseModel):
         None, ge=0.0, le=1.0, description="accepted / proposed; None when nothing was drafted"
     )
     prompt_tokens: int = Field(0, ge=0)
+    cached_prompt_tokens: int = Field(
+        0, ge=0, description="of prompt_tokens, the ones the prompt cache served (not computed)"
+    )
     generation_tokens: int = Field(0, ge=0)
     prompt_tps: float = Field(0.0, ge=0.0)
     generation_tps: float = Field(0.0, ge=0.0)

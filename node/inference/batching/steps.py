@@ -11,6 +11,13 @@ request's own ``SamplingParams`` through ``node.inference.sampling``, with its o
 stream) and the output bookkeeping (EOS, ``max_tokens``, context room, detokenized deltas,
 stats) shared with the single-sequence engines.
 
+With a ``PromptCache`` the step seeds a newcomer's row from the longest cached prefix of its
+prompt (``BatchGenerator.insert`` takes per-sequence caches and the tokens they hold) and
+prefills only the rest; it stores a snapshot of each row at the end of its prompt (all but
+the last token, taken between two steps while the row is still in the prompt batch) and at
+the end of its generation (prompt + every generated token: the next turn of a chat starts
+with them).
+
 ``GeneratorStep`` runs per-request generator engines (the single-sequence native-MTP engine)
 one cycle each per step: they share the device with the batch fairly, without batching.
 """
@@ -33,6 +40,7 @@ from node.inference.engine import (
 )
 from node.inference.events import GenerationDone, GenerationEvent
 from node.inference.loading import LoadedModel
+from node.inference.prompt_cache import PromptCache, freeze, thaw
 from node.inference.requests import GenerateRequest
 from node.inference.sampling import (
     KeyStream,
@@ -83,6 +91,7 @@ class _Slot:
     seq: Sequence
     prepared: PreparedRequest
     clock: Clock
+    cached: int = 0  # prompt tokens seeded from the prompt cache
 
 
 class LocalBatchStep:
@@ -94,9 +103,11 @@ class LocalBatchStep:
         max_batch: int,
         prefill_chunk: int = BATCH_PREFILL_CHUNK,
         context_tokens: int | None = None,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.loaded = loaded
         self.context_tokens = context_tokens  # per-sequence budget: generation stops there
+        self.prompt_cache = prompt_cache
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self._generator: Any = None
@@ -127,13 +138,19 @@ class LocalBatchStep:
         needs_processor = bool(params.logit_bias) or params.has_penalties
         # Greedy rows share one sampler object, so mlx-lm samples them in one batched argmax.
         sample = greedy_tokens if params.is_greedy else sampler(params, KeyStream(params.seed))
+        ids = prepared.prompt_ids
+        hit = self.prompt_cache.lookup(ids) if self.prompt_cache is not None else None
+        cached = hit.length if hit is not None else 0
         (uid,) = self._gen().insert(
-            [prepared.prompt_ids],
+            [ids[cached:]],
             max_tokens=[prepared.output.remaining],
+            caches=[thaw(hit) if hit is not None else None],
+            # The tokens the seeded cache holds: penalties see the whole history either way.
+            all_tokens=[ids[:cached]],
             samplers=[sample],
             logits_processors=[[logits_processor(params)] if needs_processor else []],
         )
-        self._slots[uid] = _Slot(seq, prepared, Clock())
+        self._slots[uid] = _Slot(seq, prepared, Clock(), cached)
         self._uids[seq.uid] = uid
 
     def leave(self, seq: Sequence) -> None:
@@ -144,7 +161,9 @@ class LocalBatchStep:
         self._generator.remove([uid])  # a no-op when the generator finished it itself
 
     def step(self) -> StepOutput:
-        _, responses = self._gen().next()
+        prompt_responses, responses = self._gen().next()
+        if self.prompt_cache is not None:
+            self._store_prompt_ends(prompt_responses)
         out: StepOutput = []
         for response in responses:
             slot = self._slots.get(response.uid)
@@ -160,8 +179,40 @@ class LocalBatchStep:
                 if output.finish_reason is None:
                     output.finish_reason = "length"
                 slot.clock.mark_end()
+                if self.prompt_cache is not None:
+                    self._store_generation_end(slot, response)
                 out.append((slot.seq, self._done(slot)))
         return out
+
+    def _store_prompt_ends(self, responses: list[Any]) -> None:
+        """Snapshot the rows whose prompt batch now holds all but their last prompt token."""
+        ending = [
+            r.uid
+            for r in responses
+            if r.uid in self._slots and r.progress[0] == r.progress[1] - 1 > 0
+        ]
+        if ending:
+            for cache, tokens in self._generator.extract_cache(ending).values():
+                self._store(tokens, cache)
+
+    def _store_generation_end(self, slot: _Slot, response: Any) -> None:
+        """Snapshot a finished row: its cache holds the prompt and every generated token."""
+        if response.prompt_cache is not None:  # the generator finished the row itself
+            self._store(response.all_tokens, response.prompt_cache)
+            return
+        # We finished it (EOS, context room): take the row out now, with its cache.
+        self._uids.pop(slot.seq.uid, None)
+        self._slots.pop(response.uid, None)
+        removed = self._generator.remove([response.uid], return_prompt_caches=True)
+        if response.uid in removed:
+            cache, tokens = removed[response.uid]
+            self._store(tokens, cache)
+
+    def _store(self, tokens: list[int], cache: list[Any]) -> None:
+        assert self.prompt_cache is not None
+        snapshot = freeze(cache)
+        if snapshot is not None:
+            self.prompt_cache.insert(list(tokens), snapshot)
 
     def _done(self, slot: _Slot) -> GenerationDone:
         output = slot.prepared.output
@@ -176,6 +227,7 @@ class LocalBatchStep:
                 loaded=self.loaded,
                 prepared=slot.prepared,
                 clock=slot.clock,
+                cached_prompt_tokens=slot.cached,
             ),
         )
 

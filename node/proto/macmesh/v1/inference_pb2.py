@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amacmesh/v1/inference.proto\x12\nmacmesh.v1\"\xb0\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12=\n\nlogit_bias\x18\x08 \x03(\x0b\x32).macmesh.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\nprompt_ids\x18\x03 \x01(\x0b\x32\x14.macmesh.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.macmesh.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.macmesh.v1.SamplingParams\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\r\n\x05mtp_k\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0b\n\x03raw\x18\n \x01(\x08\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.ChatMessage\"V\n\nStageStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\"\xca\x03\n\x0fGenerationStats\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x15\n\rengine_reason\x18\x02 \x01(\t\x12\x14\n\x0c\x64rafter_kind\x18\x03 \x01(\t\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\x01\x12\x1d\n\x15proposed_draft_tokens\x18\x05 \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x07 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x19\n\x11generation_tokens\x18\t \x01(\x04\x12\x12\n\nprompt_tps\x18\n \x01(\x01\x12\x16\n\x0egeneration_tps\x18\x0b \x01(\x01\x12&\n\x06stages\x18\x0c \x03(\x0b\x32\x16.macmesh.v1.StageStats\x12\x15\n\rfinish_reason\x18\r \x01(\t\x12\x15\n\rstop_sequence\x18\x0e \x01(\t\x12\x15\n\rqueue_seconds\x18\x0f \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x10 \x01(\x01\x12\x19\n\x11\x64raft_k_histogram\x18\x11 \x03(\x04\"q\n\x10GenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.TextDeltaH\x00\x12,\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.macmesh.v1.GenerationStatsH\x00\x42\x07\n\x05\x65vent\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"-\n\tNativeMtp\x12\x11\n\tdefault_k\x18\x01 \x01(\r\x12\r\n\x05max_k\x18\x02 \x01(\r\"\x85\x02\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12.\n\nnative_mtp\x18\x06 \x01(\x0b\x32\x15.macmesh.v1.NativeMtpH\x00\x88\x01\x01\x12\x10\n\x08launched\x18\x07 \x01(\x08\x12\x13\n\x0bhas_weights\x18\x08 \x01(\x08\x12\x15\n\rdownload_from\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x10\n\x08mtp_note\x18\x0b \x01(\tB\r\n\x0b_native_mtp\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.macmesh.v1.ModelInfo\"H\n\x0cPlaceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tmin_nodes\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"V\n\x0cPlannedStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\r\x12\x11\n\tend_layer\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"n\n\tPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06stages\x18\x02 \x03(\x0b\x32\x18.macmesh.v1.PlannedStage\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x65xplanation\x18\x04 \x01(\t\"W\n\rLaunchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tmin_nodes\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x0c\n\x04pull\x18\x04 \x01(\x08\"V\n\x0eLaunchProgress\x12\x11\n\x07message\x18\x01 \x01(\tH\x00\x12(\n\x08instance\x18\x02 \x01(\x0b\x32\x14.macmesh.v1.InstanceH\x00\x42\x07\n\x05\x65vent\"\x9f\x03\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1b\n\x13\x63oordinator_node_id\x18\x03 \x01(\t\x12&\n\x06stages\x18\x04 \x03(\x0b\x32\x16.macmesh.v1.StageStats\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x15\n\rengine_reason\x18\x06 \x01(\t\x12\r\n\x05state\x18\x07 \x01(\t\x12\x1d\n\x15recent_generation_tps\x18\x08 \x01(\x01\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x17\n\x0frequests_served\x18\x0b \x01(\x04\x12\x1b\n\x13\x63oordinator_address\x18\x0c \x01(\t\x12\x12\n\nbatch_size\x18\r \x01(\r\x12\x0e\n\x06queued\x18\x0e \x01(\r\x12\x1a\n\rcurrent_mtp_k\x18\x0f \x01(\rH\x00\x88\x01\x01\x12\x11\n\tmin_nodes\x18\x10 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x11 \x01(\rB\x10\n\x0e_current_mtp_k\"3\n\rUnloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\"\n\x0eUnloadResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\r\"*\n\x14\x43lusterStatusRequest\x12\x12\n\nlocal_only\x18\x01 \x01(\x08\"h\n\x15\x43lusterStatusResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.ClusterNode\x12\'\n\tinstances\x18\x02 \x03(\x0b\x32\x14.macmesh.v1.Instance\"\xb5\x01\n\x0b\x43lusterNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x1d\n\x15last_seen_seconds_ago\x18\x08 \x01(\x01\x32\xbc\x03\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.macmesh.v1.GenerateRequest\x1a\x1c.macmesh.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.macmesh.v1.ListModelsRequest\x1a\x1e.macmesh.v1.ListModelsResponse\x12T\n\rClusterStatus\x12 .macmesh.v1.ClusterStatusRequest\x1a!.macmesh.v1.ClusterStatusResponse\x12\x38\n\x05Place\x12\x18.macmesh.v1.PlaceRequest\x1a\x15.macmesh.v1.Placement\x12\x41\n\x06Launch\x12\x19.macmesh.v1.LaunchRequest\x1a\x1a.macmesh.v1.LaunchProgress0\x01\x12?\n\x06Unload\x12\x19.macmesh.v1.UnloadRequest\x1a\x1a.macmesh.v1.UnloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1amacmesh/v1/inference.proto\x12\nmacmesh.v1\"\xb0\x02\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x01\x12\x18\n\x10presence_penalty\x18\x06 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x07 \x01(\x01\x12=\n\nlogit_bias\x18\x08 \x03(\x0b\x32).macmesh.v1.SamplingParams.LogitBiasEntry\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xb8\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12*\n\nprompt_ids\x18\x03 \x01(\x0b\x32\x14.macmesh.v1.TokenIdsH\x00\x12,\n\x08messages\x18\x04 \x01(\x0b\x32\x18.macmesh.v1.ChatMessagesH\x00\x12\x12\n\nmax_tokens\x18\x05 \x01(\r\x12,\n\x08sampling\x18\x06 \x01(\x0b\x32\x1a.macmesh.v1.SamplingParams\x12\x0e\n\x06\x65ngine\x18\x07 \x01(\t\x12\r\n\x05mtp_k\x18\x08 \x01(\r\x12\x12\n\nignore_eos\x18\t \x01(\x08\x12\x0b\n\x03raw\x18\n \x01(\x08\x12\x0c\n\x04stop\x18\x0b \x03(\t\x12\x12\n\nrequest_id\x18\x0c \x01(\tB\x08\n\x06prompt\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\r\"9\n\x0c\x43hatMessages\x12)\n\x08messages\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.ChatMessage\"V\n\nStageStats\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\"\xe8\x03\n\x0fGenerationStats\x12\x0e\n\x06\x65ngine\x18\x01 \x01(\t\x12\x15\n\rengine_reason\x18\x02 \x01(\t\x12\x14\n\x0c\x64rafter_kind\x18\x03 \x01(\t\x12\x18\n\x10num_draft_tokens\x18\x04 \x01(\x01\x12\x1d\n\x15proposed_draft_tokens\x18\x05 \x01(\x04\x12\x1d\n\x15\x61\x63\x63\x65pted_draft_tokens\x18\x06 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\x07 \x01(\x01\x12\x15\n\rprompt_tokens\x18\x08 \x01(\x04\x12\x19\n\x11generation_tokens\x18\t \x01(\x04\x12\x12\n\nprompt_tps\x18\n \x01(\x01\x12\x16\n\x0egeneration_tps\x18\x0b \x01(\x01\x12&\n\x06stages\x18\x0c \x03(\x0b\x32\x16.macmesh.v1.StageStats\x12\x15\n\rfinish_reason\x18\r \x01(\t\x12\x15\n\rstop_sequence\x18\x0e \x01(\t\x12\x15\n\rqueue_seconds\x18\x0f \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x10 \x01(\x01\x12\x19\n\x11\x64raft_k_histogram\x18\x11 \x03(\x04\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x12 \x01(\x04\"q\n\x10GenerateResponse\x12&\n\x05\x64\x65lta\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.TextDeltaH\x00\x12,\n\x05\x66inal\x18\x02 \x01(\x0b\x32\x1b.macmesh.v1.GenerationStatsH\x00\x42\x07\n\x05\x65vent\",\n\tTextDelta\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\"-\n\tNativeMtp\x12\x11\n\tdefault_k\x18\x01 \x01(\r\x12\r\n\x05max_k\x18\x02 \x01(\r\"\x85\x02\n\tModelInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x12\n\nnum_layers\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\x12\x16\n\x0e\x63ontext_length\x18\x05 \x01(\r\x12.\n\nnative_mtp\x18\x06 \x01(\x0b\x32\x15.macmesh.v1.NativeMtpH\x00\x88\x01\x01\x12\x10\n\x08launched\x18\x07 \x01(\x08\x12\x13\n\x0bhas_weights\x18\x08 \x01(\x08\x12\x15\n\rdownload_from\x18\t \x03(\t\x12\x0e\n\x06source\x18\n \x01(\t\x12\x10\n\x08mtp_note\x18\x0b \x01(\tB\r\n\x0b_native_mtp\"\x13\n\x11ListModelsRequest\";\n\x12ListModelsResponse\x12%\n\x06models\x18\x01 \x03(\x0b\x32\x15.macmesh.v1.ModelInfo\"H\n\x0cPlaceRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tmin_nodes\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"V\n\x0cPlannedStage\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x13\n\x0bstart_layer\x18\x02 \x01(\r\x12\x11\n\tend_layer\x18\x03 \x01(\r\x12\r\n\x05\x62ytes\x18\x04 \x01(\x04\"n\n\tPlacement\x12\r\n\x05model\x18\x01 \x01(\t\x12(\n\x06stages\x18\x02 \x03(\x0b\x32\x18.macmesh.v1.PlannedStage\x12\x13\n\x0btotal_bytes\x18\x03 \x01(\x04\x12\x13\n\x0b\x65xplanation\x18\x04 \x01(\t\"W\n\rLaunchRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x11\n\tmin_nodes\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12\x0c\n\x04pull\x18\x04 \x01(\x08\"V\n\x0eLaunchProgress\x12\x11\n\x07message\x18\x01 \x01(\tH\x00\x12(\n\x08instance\x18\x02 \x01(\x0b\x32\x14.macmesh.v1.InstanceH\x00\x42\x07\n\x05\x65vent\"\x9f\x03\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x1b\n\x13\x63oordinator_node_id\x18\x03 \x01(\t\x12&\n\x06stages\x18\x04 \x03(\x0b\x32\x16.macmesh.v1.StageStats\x12\x0e\n\x06\x65ngine\x18\x05 \x01(\t\x12\x15\n\rengine_reason\x18\x06 \x01(\t\x12\r\n\x05state\x18\x07 \x01(\t\x12\x1d\n\x15recent_generation_tps\x18\x08 \x01(\x01\x12\x0f\n\x07\x61liases\x18\t \x03(\t\x12\x11\n\tin_flight\x18\n \x01(\r\x12\x17\n\x0frequests_served\x18\x0b \x01(\x04\x12\x1b\n\x13\x63oordinator_address\x18\x0c \x01(\t\x12\x12\n\nbatch_size\x18\r \x01(\r\x12\x0e\n\x06queued\x18\x0e \x01(\r\x12\x1a\n\rcurrent_mtp_k\x18\x0f \x01(\rH\x00\x88\x01\x01\x12\x11\n\tmin_nodes\x18\x10 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x11 \x01(\rB\x10\n\x0e_current_mtp_k\"3\n\rUnloadRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x13\n\x0binstance_id\x18\x02 \x01(\t\"\"\n\x0eUnloadResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\r\"*\n\x14\x43lusterStatusRequest\x12\x12\n\nlocal_only\x18\x01 \x01(\x08\"h\n\x15\x43lusterStatusResponse\x12&\n\x05nodes\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.ClusterNode\x12\'\n\tinstances\x18\x02 \x03(\x0b\x32\x14.macmesh.v1.Instance\"\xb5\x01\n\x0b\x43lusterNode\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\r\n\x05state\x18\x04 \x01(\t\x12\x1a\n\x12memory_total_bytes\x18\x05 \x01(\x04\x12\x1e\n\x16memory_available_bytes\x18\x06 \x01(\x04\x12\x0c\n\x04\x63hip\x18\x07 \x01(\t\x12\x1d\n\x15last_seen_seconds_ago\x18\x08 \x01(\x01\x32\xbc\x03\n\x10InferenceService\x12G\n\x08Generate\x12\x1b.macmesh.v1.GenerateRequest\x1a\x1c.macmesh.v1.GenerateResponse0\x01\x12K\n\nListModels\x12\x1d.macmesh.v1.ListModelsRequest\x1a\x1e.macmesh.v1.ListModelsResponse\x12T\n\rClusterStatus\x12 .macmesh.v1.ClusterStatusRequest\x1a!.macmesh.v1.ClusterStatusResponse\x12\x38\n\x05Place\x12\x18.macmesh.v1.PlaceRequest\x1a\x15.macmesh.v1.Placement\x12\x41\n\x06Launch\x12\x19.macmesh.v1.LaunchRequest\x1a\x1a.macmesh.v1.LaunchProgress0\x01\x12?\n\x06Unload\x12\x19.macmesh.v1.UnloadRequest\x1a\x1a.macmesh.v1.UnloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -48,41 +48,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGESTATS']._serialized_start=794
   _globals['_STAGESTATS']._serialized_end=880
   _globals['_GENERATIONSTATS']._serialized_start=883
-  _globals['_GENERATIONSTATS']._serialized_end=1341
-  _globals['_GENERATERESPONSE']._serialized_start=1343
-  _globals['_GENERATERESPONSE']._serialized_end=1456
-  _globals['_TEXTDELTA']._serialized_start=1458
-  _globals['_TEXTDELTA']._serialized_end=1502
-  _globals['_NATIVEMTP']._serialized_start=1504
-  _globals['_NATIVEMTP']._serialized_end=1549
-  _globals['_MODELINFO']._serialized_start=1552
-  _globals['_MODELINFO']._serialized_end=1813
-  _globals['_LISTMODELSREQUEST']._serialized_start=1815
-  _globals['_LISTMODELSREQUEST']._serialized_end=1834
-  _globals['_LISTMODELSRESPONSE']._serialized_start=1836
-  _globals['_LISTMODELSRESPONSE']._serialized_end=1895
-  _globals['_PLACEREQUEST']._serialized_start=1897
-  _globals['_PLACEREQUEST']._serialized_end=1969
-  _globals['_PLANNEDSTAGE']._serialized_start=1971
-  _globals['_PLANNEDSTAGE']._serialized_end=2057
-  _globals['_PLACEMENT']._serialized_start=2059
-  _globals['_PLACEMENT']._serialized_end=2169
-  _globals['_LAUNCHREQUEST']._serialized_start=2171
-  _globals['_LAUNCHREQUEST']._serialized_end=2258
-  _globals['_LAUNCHPROGRESS']._serialized_start=2260
-  _globals['_LAUNCHPROGRESS']._serialized_end=2346
-  _globals['_INSTANCE']._serialized_start=2349
-  _globals['_INSTANCE']._serialized_end=2764
-  _globals['_UNLOADREQUEST']._serialized_start=2766
-  _globals['_UNLOADREQUEST']._serialized_end=2817
-  _globals['_UNLOADRESPONSE']._serialized_start=2819
-  _globals['_UNLOADRESPONSE']._serialized_end=2853
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=2855
-  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=2897
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=2899
-  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=3003
-  _globals['_CLUSTERNODE']._serialized_start=3006
-  _globals['_CLUSTERNODE']._serialized_end=3187
-  _globals['_INFERENCESERVICE']._serialized_start=3190
-  _globals['_INFERENCESERVICE']._serialized_end=3634
+  _globals['_GENERATIONSTATS']._serialized_end=1371
+  _globals['_GENERATERESPONSE']._serialized_start=1373
+  _globals['_GENERATERESPONSE']._serialized_end=1486
+  _globals['_TEXTDELTA']._serialized_start=1488
+  _globals['_TEXTDELTA']._serialized_end=1532
+  _globals['_NATIVEMTP']._serialized_start=1534
+  _globals['_NATIVEMTP']._serialized_end=1579
+  _globals['_MODELINFO']._serialized_start=1582
+  _globals['_MODELINFO']._serialized_end=1843
+  _globals['_LISTMODELSREQUEST']._serialized_start=1845
+  _globals['_LISTMODELSREQUEST']._serialized_end=1864
+  _globals['_LISTMODELSRESPONSE']._serialized_start=1866
+  _globals['_LISTMODELSRESPONSE']._serialized_end=1925
+  _globals['_PLACEREQUEST']._serialized_start=1927
+  _globals['_PLACEREQUEST']._serialized_end=1999
+  _globals['_PLANNEDSTAGE']._serialized_start=2001
+  _globals['_PLANNEDSTAGE']._serialized_end=2087
+  _globals['_PLACEMENT']._serialized_start=2089
+  _globals['_PLACEMENT']._serialized_end=2199
+  _globals['_LAUNCHREQUEST']._serialized_start=2201
+  _globals['_LAUNCHREQUEST']._serialized_end=2288
+  _globals['_LAUNCHPROGRESS']._serialized_start=2290
+  _globals['_LAUNCHPROGRESS']._serialized_end=2376
+  _globals['_INSTANCE']._serialized_start=2379
+  _globals['_INSTANCE']._serialized_end=2794
+  _globals['_UNLOADREQUEST']._serialized_start=2796
+  _globals['_UNLOADREQUEST']._serialized_end=2847
+  _globals['_UNLOADRESPONSE']._serialized_start=2849
+  _globals['_UNLOADRESPONSE']._serialized_end=2883
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_start=2885
+  _globals['_CLUSTERSTATUSREQUEST']._serialized_end=2927
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_start=2929
+  _globals['_CLUSTERSTATUSRESPONSE']._serialized_end=3033
+  _globals['_CLUSTERNODE']._serialized_start=3036
+  _globals['_CLUSTERNODE']._serialized_end=3217
+  _globals['_INFERENCESERVICE']._serialized_start=3220
+  _globals['_INFERENCESERVICE']._serialized_end=3664
 # @@protoc_insertion_point(module_scope)

@@ -96,7 +96,7 @@ class StageStats(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., address: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ...) -> None: ...
 
 class GenerationStats(_message.Message):
-    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason", "stop_sequence", "queue_seconds", "time_to_first_token_seconds", "draft_k_histogram")
+    __slots__ = ("engine", "engine_reason", "drafter_kind", "num_draft_tokens", "proposed_draft_tokens", "accepted_draft_tokens", "acceptance_rate", "prompt_tokens", "generation_tokens", "prompt_tps", "generation_tps", "stages", "finish_reason", "stop_sequence", "queue_seconds", "time_to_first_token_seconds", "draft_k_histogram", "cached_prompt_tokens")
     ENGINE_FIELD_NUMBER: _ClassVar[int]
     ENGINE_REASON_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_KIND_FIELD_NUMBER: _ClassVar[int]
@@ -114,6 +114,7 @@ class GenerationStats(_message.Message):
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DRAFT_K_HISTOGRAM_FIELD_NUMBER: _ClassVar[int]
+    CACHED_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     engine: str
     engine_reason: str
     drafter_kind: str
@@ -131,7 +132,8 @@ class GenerationStats(_message.Message):
     queue_seconds: float
     time_to_first_token_seconds: float
     draft_k_histogram: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[float] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_sequence: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., draft_k_histogram: _Optional[_Iterable[int]] = ...) -> None: ...
+    cached_prompt_tokens: int
+    def __init__(self, engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., drafter_kind: _Optional[str] = ..., num_draft_tokens: _Optional[float] = ..., proposed_draft_tokens: _Optional[int] = ..., accepted_draft_tokens: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., prompt_tokens: _Optional[int] = ..., generation_tokens: _Optional[int] = ..., prompt_tps: _Optional[float] = ..., generation_tps: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., finish_reason: _Optional[str] = ..., stop_sequence: _Optional[str] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., draft_k_histogram: _Optional[_Iterable[int]] = ..., cached_prompt_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("delta", "final")
