@@ -222,7 +222,12 @@ def test_non_streaming_bodies_carry_usage_and_stats() -> None:
         "finish_reason": "length",
         "logprobs": None,
     }
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14}
+    assert body["usage"] == {
+        "prompt_tokens": 5,
+        "completion_tokens": 9,
+        "total_tokens": 14,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
     assert body["macmesh"]["tps"] == 50.0
     assert body["macmesh"]["acceptance_rate"] == 0.7
     assert body["macmesh"]["stages"][0]["end_layer"] == 4

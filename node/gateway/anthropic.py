@@ -120,8 +120,14 @@ class TextOut(_Response):
 
 
 class Usage(_Response):
+    """Anthropic's split: ``input_tokens`` are the prompt tokens computed, the ones the prompt
+    cache served are ``cache_read_input_tokens`` (macmesh caches on its own: nothing is ever
+    written on request, ``cache_creation_input_tokens`` stays 0)."""
+
     input_tokens: int
     output_tokens: int
+    cache_creation_input_tokens: int = 0
+    cache_read_input_tokens: int = 0
 
 
 class Message(_Response):
@@ -143,7 +149,11 @@ def stop_reason(stats: FinalStats) -> Literal["end_turn", "max_tokens", "stop_se
 
 
 def usage(stats: FinalStats) -> Usage:
-    return Usage(input_tokens=stats.prompt_tokens, output_tokens=stats.generation_tokens)
+    return Usage(
+        input_tokens=stats.prompt_tokens - stats.cached_prompt_tokens,
+        output_tokens=stats.generation_tokens,
+        cache_read_input_tokens=stats.cached_prompt_tokens,
+    )
 
 
 def message(id_: str, model: str, text: str, stats: FinalStats) -> Message:

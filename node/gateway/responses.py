@@ -155,7 +155,7 @@ class Reply:
         if stats is not None:
             body["usage"] = {
                 "input_tokens": stats.prompt_tokens,
-                "input_tokens_details": {"cached_tokens": 0},
+                "input_tokens_details": {"cached_tokens": stats.cached_prompt_tokens},
                 "output_tokens": stats.generation_tokens,
                 "output_tokens_details": {"reasoning_tokens": 0},
                 "total_tokens": stats.prompt_tokens + stats.generation_tokens,

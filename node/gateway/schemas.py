@@ -185,10 +185,15 @@ class _Response(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class PromptTokensDetails(_Response):
+    cached_tokens: int = Field(0, description="prompt tokens the instance's prompt cache served")
+
+
 class Usage(_Response):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class StageOut(_Response):
@@ -212,6 +217,7 @@ class MacmeshStats(_Response):
         description="accepted / proposed; null when nothing was drafted"
     )
     prompt_tokens: int
+    cached_prompt_tokens: int = 0
     generation_tokens: int
     prompt_tps: float
     tps: float = Field(description="generation tokens per second")

@@ -28,6 +28,7 @@ from node.gateway.schemas import (
     GenerationFields,
     MacmeshExtensions,
     MacmeshStats,
+    PromptTokensDetails,
     Usage,
 )
 
@@ -156,6 +157,7 @@ def usage(stats: FinalStats) -> Usage:
         prompt_tokens=stats.prompt_tokens,
         completion_tokens=stats.generation_tokens,
         total_tokens=stats.prompt_tokens + stats.generation_tokens,
+        prompt_tokens_details=PromptTokensDetails(cached_tokens=stats.cached_prompt_tokens),
     )
 
 

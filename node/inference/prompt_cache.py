@@ -314,6 +314,6 @@ def thaw(hit: Hit) -> list[Any]:
         else:
             assert isinstance(c, ArraysCache)
             copy = ArraysCache(len(c.cache))
-            copy.cache = [None] * len(c.cache)
+            copy.cache = list(c.cache)
             fresh.append(copy)
     return fresh
