@@ -81,6 +81,18 @@ class GenerationMetrics:
             [*labels, "engine"],
             registry=registry,
         )
+        self.cached_prompt_tokens = Counter(
+            f"{prefix}_prompt_cache_hit_tokens",
+            "prompt tokens the instance's prompt cache served instead of computing them",
+            [*labels, "engine"],
+            registry=registry,
+        )
+        self.prompt_cache_hits = Counter(
+            f"{prefix}_prompt_cache_hits",
+            "requests that started from a cached prefix of their prompt",
+            [*labels, "engine"],
+            registry=registry,
+        )
         self.generation_tokens = Counter(
             f"{prefix}_generation_tokens",
             "tokens generated",
@@ -155,9 +167,15 @@ class RequestTracker:
         proposed: int,
         accepted: int,
         instance: str,
+        cached_prompt_tokens: int = 0,
     ) -> None:
         self.engine = engine or "none"
         self.metrics.prompt_tokens.labels(**self.labels, engine=self.engine).inc(prompt_tokens)
+        self.metrics.cached_prompt_tokens.labels(**self.labels, engine=self.engine).inc(
+            cached_prompt_tokens
+        )
+        if cached_prompt_tokens:
+            self.metrics.prompt_cache_hits.labels(**self.labels, engine=self.engine).inc()
         self.metrics.generation_tokens.labels(**self.labels, engine=self.engine).inc(
             generation_tokens
         )
@@ -366,6 +384,7 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
                             final.proposed_draft_tokens,
                             final.accepted_draft_tokens,
                             instance,
+                            final.cached_prompt_tokens,
                         )
                     outcome = final.finish_reason or "stop"
                 elif not relayed:

@@ -6,7 +6,8 @@ turn reports the tokens its prompt shared with the first in
 ``usage.prompt_tokens_details.cached_tokens``. The same second turn again through the
 ``anthropic`` client (``cache_read_input_tokens``, with ``input_tokens`` the rest) and the
 OpenAI Responses API (``usage.input_tokens_details.cached_tokens``): all but the last prompt
-token come from the cache, and the text is the same greedy text.
+token come from the cache, and the text is the same greedy text. The daemon's and the
+gateway's ``/metrics`` count the hits and the tokens served.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import pytest
 from helpers.cluster_client import launch
 from helpers.daemons import DaemonCluster
 from helpers.gateway_processes import start_gateway
+from test_metrics import metrics_url, settled
 
 from node.checkpoints import PRESETS, ensure_checkpoint
 
@@ -27,17 +29,17 @@ SYSTEM = "You are a careful assistant who answers in one short sentence. " * 6
 def gateway(tmp_path_factory):
     root = tmp_path_factory.mktemp("prompt-cache-gateway")
     with DaemonCluster(root) as cluster:
-        node = cluster.start("node", mdns=False)
+        node = cluster.start("node", mdns=False, extra_args=["--metrics-port", "0"])
         _, instance = launch(node.address, str(ensure_checkpoint(PRESETS["dense-stripped"])))
         gw = start_gateway(root, node.address)
         try:
-            yield gw, instance.instance_id
+            yield gw, instance.instance_id, node
         finally:
             gw.stop()
 
 
 def test_cached_tokens_in_openai_anthropic_and_responses_usage(gateway) -> None:
-    gw, model = gateway
+    gw, model, node = gateway
     oai = openai.OpenAI(base_url=gw.api, api_key="none", max_retries=0, timeout=120)
     claude = anthropic.Anthropic(base_url=gw.url, api_key="none", max_retries=0, timeout=120)
     greedy = {"ignore_eos": True}
@@ -97,3 +99,10 @@ def test_cached_tokens_in_openai_anthropic_and_responses_usage(gateway) -> None:
     assert response.output_text == expected
     assert response.usage.input_tokens == total
     assert response.usage.input_tokens_details.cached_tokens == total - 1
+
+    # Four requests hit (the second turn, then the same turn three times).
+    served = cached + 3 * (total - 1)
+    for url, prefix in ((metrics_url(node), "macmesh"), (f"{gw.url}/metrics", "macmesh_gateway")):
+        samples = settled(url, f"{prefix}_prompt_cache_hits_total", 4, engine="local")
+        tokens = samples[f"{prefix}_prompt_cache_hit_tokens_total"]
+        assert sum(v for labels, v in tokens if labels["engine"] == "local") == served, url

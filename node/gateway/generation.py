@@ -104,6 +104,7 @@ class Generation:
                     event.proposed_draft_tokens,
                     event.accepted_draft_tokens,
                     instance=self.options.model,  # the gateway sees models, not instance ids
+                    cached_prompt_tokens=event.cached_prompt_tokens,
                 )
                 return
             self.tracker.tokens(len(event.token_ids))
