@@ -91,6 +91,22 @@ def test_budget_evicts_least_recently_used_first() -> None:
     assert len(store) == 0 and store.nbytes == 0 and store.lookup([1, 1, 0]) is None
 
 
+def test_the_owner_hears_of_every_snapshot_the_store_lets_go() -> None:
+    """A pipeline's coordinator keeps the index and its stages the payload: it must learn of
+    each snapshot evicted, replaced, made redundant by a longer trimmable one, or cleared."""
+    released: list[str] = []
+    store = PromptCache(budget_bytes=20, on_evict=lambda s: released.append(s.caches[0]))
+    store.insert([1, 2], snap("a"))
+    store.insert([1, 2], snap("a2"))  # replaced
+    store.insert([3, 4], snap("b"))
+    store.insert([5, 6], snap("c"))  # over budget: a2 goes
+    store.insert([5, 6, 7], snap("c-longer", nbytes=5, trimmable=True))
+    store.insert([5, 6, 7, 8], snap("c-longest", nbytes=5, trimmable=True))  # c-longer redundant
+    assert released == ["a", "a2", "b", "c-longer"]
+    store.clear()
+    assert sorted(released[4:]) == ["c", "c-longest"] and store.nbytes == 0
+
+
 def test_random_operations_match_a_brute_force_reference() -> None:
     """The radix trie finds what a scan over every stored sequence finds."""
     rng = random.Random(7)
@@ -181,6 +197,20 @@ def test_trimmed_kv_snapshot_equals_the_shorter_prefix_computed_directly(model) 
         assert k.shape[2] == 25 and mx.array_equal(k, full.keys[..., :25, :]).item()
         assert mx.array_equal(v, full.values[..., :25, :]).item()
     assert all(c.offset == 40 for c in frozen.caches)  # the stored snapshot is not trimmed
+
+
+def test_extras_are_copied_counted_and_make_a_snapshot_exact_only(model) -> None:
+    """Native MTP keeps the last hidden state with the caches: it is copied, counted in the
+    budget, and a snapshot carrying one is never trimmed (the hidden belongs to its end)."""
+    cache = model.make_cache()
+    kv_only = [c for c in cache if c.is_trimmable()]
+    forward.hidden_states(model, mx.array(list(range(30)))[None], cache)
+    hidden = mx.ones((1, 1, 64))
+    frozen = freeze(kv_only, extras={"hidden": hidden})
+    assert frozen is not None and not frozen.trimmable
+    assert frozen.nbytes == sum(c.nbytes for c in frozen.caches) + hidden.nbytes > hidden.nbytes
+    assert frozen.extras["hidden"] is not hidden
+    assert mx.array_equal(frozen.extras["hidden"], hidden).item()
 
 
 def _arrays(c):

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,6 +45,9 @@ class Snapshot:
     caches: list[Any]  # the owner's layout, opaque to the store
     nbytes: int
     trimmable: bool  # every cache can be cut back to a shorter prefix (KV caches only)
+    # What else the owner needs to continue from here, e.g. native MTP's last hidden state
+    # (the head's next input pair); arrays are never written in place, so hits share them.
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -92,10 +95,16 @@ class PromptCache:
     One store holds one model's snapshots (one layout). Thread-safe: a daemon's status and
     metrics read the counters while the instance's worker looks up and stores."""
 
-    def __init__(self, budget_bytes: int) -> None:
+    def __init__(
+        self, budget_bytes: int, on_evict: Callable[[Snapshot], None] | None = None
+    ) -> None:
+        """``on_evict`` sees every snapshot the store lets go of (evicted, replaced, made
+        redundant, cleared): an owner whose payload lives elsewhere (a pipeline's stages)
+        frees it there. It runs under the store's lock: it must not call the store."""
         if budget_bytes < 0:
             raise ValueError(f"budget_bytes must be >= 0, got {budget_bytes}")
         self.budget_bytes = budget_bytes
+        self._on_evict = on_evict
         self._root = _Node(edge=(), depth=0, parent=None)
         self._lru: OrderedDict[_Node, None] = OrderedDict()  # oldest first
         self._nbytes = 0
@@ -201,6 +210,7 @@ class PromptCache:
             if node.entry is not None:
                 self._nbytes -= node.entry.nbytes
                 self._trimmable -= node.entry.trimmable
+                self._released(node.entry)
             node.entry = snapshot
             self._nbytes += snapshot.nbytes
             self._trimmable += snapshot.trimmable
@@ -225,6 +235,10 @@ class PromptCache:
         with self._lock:
             for node in list(self._lru):
                 self._drop(node)
+
+    def _released(self, snapshot: Snapshot) -> None:
+        if self._on_evict is not None:
+            self._on_evict(snapshot)
 
     def _node_for(self, tokens: Sequence[int]) -> _Node:
         """The node at exactly ``tokens``, splitting an edge or adding a leaf as needed."""
@@ -251,6 +265,7 @@ class PromptCache:
         assert node.entry is not None
         self._nbytes -= node.entry.nbytes
         self._trimmable -= node.entry.trimmable
+        self._released(node.entry)
         node.entry = None
         del self._lru[node]
         while node.parent is not None and node.entry is None and not node.children:
@@ -261,11 +276,12 @@ class PromptCache:
 # ----------------------------------------------------------------------------- mlx-lm caches
 
 
-def freeze(caches: list[Any]) -> Snapshot | None:
+def freeze(caches: list[Any], extras: dict[str, Any] | None = None) -> Snapshot | None:
     """A detached copy of one sequence's caches (batch size 1) as they are now.
 
     Copies, so the snapshot keeps no batch buffer alive and no later forward can change it.
-    None for a cache type the store cannot restore exactly (rotating windows, quantized KV)."""
+    ``extras`` (arrays) are copied too and count in the snapshot's bytes. None for a cache
+    type the store cannot restore exactly (rotating windows, quantized KV)."""
     import mlx.core as mx
     from mlx_lm.models.cache import ArraysCache, KVCache
 
@@ -284,11 +300,14 @@ def freeze(caches: list[Any]) -> Snapshot | None:
             frozen.append(copy)
         else:
             return None
-    mx.eval([c.state for c in frozen])
+    kept = {name: mx.array(a) for name, a in (extras or {}).items()}
+    mx.eval([c.state for c in frozen], list(kept.values()))
     return Snapshot(
         caches=frozen,
-        nbytes=sum(c.nbytes for c in frozen),
-        trimmable=all(c.is_trimmable() for c in frozen),
+        nbytes=sum(c.nbytes for c in frozen) + sum(a.nbytes for a in kept.values()),
+        # A snapshot with extras (a hidden state at its last position) cannot be cut back.
+        trimmable=all(c.is_trimmable() for c in frozen) and not kept,
+        extras=kept,
     )
 
 
