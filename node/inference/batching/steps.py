@@ -50,6 +50,9 @@ from node.inference.sampling import (
     processed_logprobs,
     sample_tokens,
 )
+from node.logging import get_logger
+
+log = get_logger(__name__)
 
 # Prompt tokens per prefill chunk while others decode: running streams wait at most one
 # chunk's forward for a newcomer.
@@ -139,12 +142,11 @@ class LocalBatchStep:
         # Greedy rows share one sampler object, so mlx-lm samples them in one batched argmax.
         sample = greedy_tokens if params.is_greedy else sampler(params, KeyStream(params.seed))
         ids = prepared.prompt_ids
-        hit = self.prompt_cache.lookup(ids) if self.prompt_cache is not None else None
-        cached = hit.length if hit is not None else 0
+        seeded, cached = self._seed(ids)
         (uid,) = self._gen().insert(
             [ids[cached:]],
             max_tokens=[prepared.output.remaining],
-            caches=[thaw(hit) if hit is not None else None],
+            caches=[seeded],
             # The tokens the seeded cache holds: penalties see the whole history either way.
             all_tokens=[ids[:cached]],
             samplers=[sample],
@@ -152,6 +154,17 @@ class LocalBatchStep:
         )
         self._slots[uid] = _Slot(seq, prepared, Clock(), cached)
         self._uids[seq.uid] = uid
+
+    def _seed(self, ids: list[int]) -> tuple[list[Any] | None, int]:
+        """Caches holding the longest cached prefix of ``ids`` and its length (None, 0: none)."""
+        if self.prompt_cache is None:
+            return None, 0
+        try:
+            hit = self.prompt_cache.lookup(ids)
+            return (thaw(hit), hit.length) if hit is not None else (None, 0)
+        except Exception:  # the request runs without the cache rather than not at all
+            log.exception("seeding from the prompt cache failed", tokens=len(ids))
+            return None, 0
 
     def leave(self, seq: Sequence) -> None:
         uid = self._uids.pop(seq.uid, None)
@@ -210,9 +223,12 @@ class LocalBatchStep:
 
     def _store(self, tokens: list[int], cache: list[Any]) -> None:
         assert self.prompt_cache is not None
-        snapshot = freeze(cache)
-        if snapshot is not None:
-            self.prompt_cache.insert(list(tokens), snapshot)
+        try:
+            snapshot = freeze(cache)
+            if snapshot is not None:
+                self.prompt_cache.insert(list(tokens), snapshot)
+        except Exception:  # a snapshot is an optimisation: it never fails the batch
+            log.exception("storing a prompt-cache snapshot failed", tokens=len(tokens))
 
     def _done(self, slot: _Slot) -> GenerationDone:
         output = slot.prepared.output
