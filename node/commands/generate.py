@@ -123,7 +123,9 @@ def _native_mtp_setting() -> tuple[bool, str]:
 def _print_summary(stats: Any) -> None:
     parts = [
         f"engine={stats.engine}",
-        f"prompt={stats.prompt_tokens} tok @ {stats.prompt_tps:.1f} tok/s",
+        f"prompt={stats.prompt_tokens} tok"
+        + (f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else "")
+        + f" @ {stats.prompt_tps:.1f} tok/s",
         f"generated={stats.generation_tokens} tok @ {stats.generation_tps:.1f} tok/s",
     ]
     if stats.drafter_kind:
