@@ -85,6 +85,8 @@ def test_config_file_comes_from_env_unless_given(
         ("env", "mdns", "perhaps"),
         ("file", "grpc_port", -1),
         ("file", "log_level", "loud"),
+        ("flag", "prompt_cache_mb", -1),
+        ("env", "prompt_cache_mb", "lots"),
     ],
 )
 def test_invalid_values_name_the_setting_and_the_value(
