@@ -304,7 +304,14 @@ class Coordinator:
                     )
                 else:
                     assert isinstance(instance, PipelineInstance)
-                    self._load_pipeline(instance, located, names, progress, adopt=bool(taking_over))
+                    self._load_pipeline(
+                        instance,
+                        located,
+                        names,
+                        progress,
+                        adopt=bool(taking_over),
+                        context_tokens=placement.context_length,
+                    )
             if cancel.is_set():
                 raise LaunchCancelled("the launch was cancelled by its caller")
             if not instance.mark_ready():
@@ -380,7 +387,9 @@ class Coordinator:
         progress: Progress,
         *,
         adopt: bool = False,
+        context_tokens: int | None = None,
     ) -> None:
+        from node.inference.batching.scheduler import DEFAULT_MAX_BATCH
         from node.inference.pipeline import PipelineEngine
 
         began = time.perf_counter()
@@ -397,6 +406,9 @@ class Coordinator:
             reason=instance.choice.reason,
             # Every stage holder learns the instance, so one of them can take over from us.
             instance_record=instance.info().to_proto(),
+            # What the plan budgeted on every stage: max_batch sequences of context_tokens.
+            max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
+            context_tokens=context_tokens,
         )
         instance.engine = engine  # set before loading, so a failure unloads what did load
         for i, s in enumerate(instance.stages):

@@ -16,6 +16,14 @@ the token back in; so several requests are in flight at once and different stage
 requests at the same time. Finishing, cancelling or abandoning a request's iterator sends a
 release down the pipeline, and every stage frees that request's caches.
 
+Batching: the last stage samples the rows of a batched forward together and sends their tokens
+home as one ``TokenBatch``; the coordinator feeds the ones that go on back to stage 0 as one
+``ActivationBatch``, and stage 0 batches whatever waits at it (node.inference.stage_batch), so
+the decode steps of the requests in flight go through each stage as one [B, 1] forward. At
+most ``max_batch`` requests are in flight (the memory the plan budgeted on every stage: caches
+for ``max_batch`` sequences of ``context_tokens``); the others wait for a place, and a prompt
+that does not fit ``context_tokens`` is refused with RESOURCE_EXHAUSTED naming the budget.
+
 How a daemon drives it (the planner's ``Placement`` fits ``PlacementLike`` as is)::
 
     engine = PipelineEngine(checkpoint_dir, placement, {n.id: n.grpc_address for n in nodes},
@@ -46,6 +54,7 @@ from typing import Any, Protocol
 import grpc
 from mlx_lm.utils import load_config, load_tokenizer
 
+from node.inference.batching.scheduler import DEFAULT_MAX_BATCH
 from node.inference.codec import DEFAULT_CHUNK_BYTES
 from node.inference.engine import OutputTracker
 from node.inference.events import GenerationDone, GenerationEvent
@@ -65,6 +74,7 @@ log = get_logger(__name__)
 # mlx-lm's generate_step default: the prompt minus its last token goes through in pieces this big.
 PREFILL_STEP_SIZE = 2048
 DEFAULT_LOAD_TIMEOUT = 600.0
+ADMIT_POLL_S = 0.05  # how often a request waiting for a place checks whether it was cancelled
 
 
 class StageLike(Protocol):
@@ -131,6 +141,7 @@ class _Active:
     max_new: int  # tokens to generate at most (max_tokens, bounded by the context)
     events: SimpleQueue[tuple[str, Any]] = field(default_factory=SimpleQueue)
     generated: int = 0
+    admitted: bool = False  # holds one of the engine's max_batch places
     released: bool = False
 
 
@@ -177,6 +188,8 @@ class PipelineEngine:
         token_timeout: float | None = None,
         direct_return: bool = True,
         instance_record: Any = None,
+        max_batch: int = DEFAULT_MAX_BATCH,
+        context_tokens: int | None = None,
     ) -> None:
         self.model_path = Path(model).expanduser()
         self.config = load_config(self.model_path)
@@ -205,6 +218,12 @@ class PipelineEngine:
         # inference_pb2.Instance sent with every LoadShard: what a stage holder needs to take
         # over coordination when this coordinator dies (node.cluster.failover).
         self.instance_record = instance_record
+        if max_batch < 1:
+            raise ValueError(f"max_batch must be >= 1, got {max_batch}")
+        self.max_batch = max_batch
+        # Positions per sequence the plan budgeted memory for (None: the model's context).
+        self.context_tokens = min(context_tokens or self.context_length, self.context_length)
+        self._places = threading.BoundedSemaphore(max_batch)
         self.tokenizer = load_tokenizer(
             self.model_path, eos_token_ids=self.config.get("eos_token_id")
         )
@@ -257,6 +276,8 @@ class PipelineEngine:
                 num_stages=len(self.stages),
                 next_hop=self._next_hop(position),
                 instance=self.instance_record,
+                max_batch=self.max_batch,
+                context_tokens=self.context_tokens,
             )
             try:
                 return self._stub(stage.node_id).LoadShard(request, timeout=self.load_timeout).shard
@@ -282,6 +303,8 @@ class PipelineEngine:
                     num_stages=len(self.stages),
                     next_hop=self._next_hop(0),
                     max_chunk_bytes=self.max_chunk_bytes,
+                    max_batch=self.max_batch,
+                    context_tokens=self.context_tokens,
                 )
                 infos[0] = self._local.info()
             errors = []
@@ -396,7 +419,30 @@ class PipelineEngine:
                 return
             request.released = True
             self._active.pop(request.request_id, None)
-        self._send([pb.ForwardRequest(request_id=request.request_id, release=pb.ReleaseRequest())])
+            admitted, request.admitted = request.admitted, False
+        if admitted:  # a request still waiting for a place has nothing on the stages
+            self._send(
+                [pb.ForwardRequest(request_id=request.request_id, release=pb.ReleaseRequest())]
+            )
+            self._places.release()
+
+    def _admit(self, request: _Active) -> bool:
+        """Wait for one of the ``max_batch`` places; False when the request ended meanwhile."""
+        while not self._places.acquire(timeout=ADMIT_POLL_S):
+            if request.released:
+                return False
+        with self._lock:
+            if not request.released:
+                request.admitted = True
+                return True
+        self._places.release()
+        return False
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for a place."""
+        with self._lock:
+            return sum(1 for r in self._active.values() if not r.admitted)
 
     def _finish(self, request: _Active, event: tuple[str, Any]) -> None:
         self._release(request)
@@ -406,26 +452,53 @@ class PipelineEngine:
 
     def _on_response(self, response: pb.ForwardResponse) -> None:
         kind = response.WhichOneof("kind")
+        if kind == "tokens":
+            self._on_tokens([(t.request_id, t.token) for t in response.tokens.tokens])
+            return
+        if kind == "token":
+            self._on_tokens([(response.request_id, response.token)])
+            return
         with self._lock:
             request = self._active.get(response.request_id)
         if request is None or request.released:
-            return  # a late token or the ack of a released request
-        if kind == "token":
-            token = response.token
-            request.generated += 1
-            stop = token.token_id in request.stop_ids or request.generated >= request.max_new
-            if stop:
-                self._release(request)
-            else:
-                frame = pb.Activation(
-                    start_position=token.position, token_ids=[token.token_id], sample=True
-                )
-                self._send([pb.ForwardRequest(request_id=request.request_id, activation=frame)])
-            request.events.put(("token", token.token_id))
-        elif kind == "error":
+            return  # the ack of a released request
+        if kind == "error":
             error = response.error
             status = status_for_code(error.code)
             self._finish(request, ("error", PipelineError(status, error.message, error.position)))
+
+    def _on_tokens(self, tokens: list[tuple[str, pb.SampledToken]]) -> None:
+        """Tokens of one forward: the requests that go on go back in together, as one batch."""
+        rows: list[pb.BatchRow] = []
+        delivered: list[tuple[_Active, int]] = []
+        for request_id, token in tokens:
+            with self._lock:
+                request = self._active.get(request_id)
+            if request is None or request.released:
+                continue  # a late token of a released request
+            request.generated += 1
+            if token.token_id in request.stop_ids or request.generated >= request.max_new:
+                self._release(request)
+            else:
+                rows.append(
+                    pb.BatchRow(
+                        request_id=request_id,
+                        start_position=token.position,
+                        token_ids=[token.token_id],
+                        sample=True,
+                    )
+                )
+            delivered.append((request, token.token_id))
+        if len(rows) == 1:
+            (row,) = rows
+            frame = pb.Activation(
+                start_position=row.start_position, token_ids=row.token_ids, sample=True
+            )
+            self._send([pb.ForwardRequest(request_id=row.request_id, activation=frame)])
+        elif rows:
+            self._send([pb.ForwardRequest(batch=pb.ActivationBatch(rows=rows))])
+        for request, token_id in delivered:
+            request.events.put(("token", token_id))
 
     def _on_return_closed(self, error: grpc.RpcError | None) -> None:
         with self._send_lock:
@@ -457,6 +530,9 @@ class PipelineEngine:
             active = list(self._active.values())
             for request in active:
                 request.released = True  # the stages dropped the stream and its caches
+                if request.admitted:
+                    request.admitted = False
+                    self._places.release()
             self._active.clear()
         for request in active:
             request.events.put(
@@ -473,6 +549,13 @@ class PipelineEngine:
         check_against_model(
             request, ids, vocab_size=self.vocab_size, context_length=self.context_length, max_k=None
         )
+        if len(ids) >= self.context_tokens:
+            raise PipelineError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the prompt has {len(ids)} tokens; instance {self.instance_id} budgets memory "
+                f"on every stage for {self.context_tokens} tokens per sequence x "
+                f"{self.max_batch} sequences; launch it with a larger --context-length",
+            )
         return ids
 
     def _prefill_frames(self, request_id: str, ids: list[int]) -> list[pb.ForwardRequest]:
@@ -502,7 +585,7 @@ class PipelineEngine:
             )
         ids = self.prompt_ids(request)
         request_id = request_id or uuid.uuid4().hex
-        room = self.context_length - len(ids)
+        room = self.context_tokens - len(ids)
         active = _Active(
             request_id=request_id,
             stop_ids=set() if request.ignore_eos else self.eos_ids,
@@ -521,6 +604,12 @@ class PipelineEngine:
         started = time.perf_counter()
         first_token_at: float | None = None
         try:
+            if not self._admit(active):  # cancelled or closed while waiting for a place
+                while not active.events.empty():
+                    kind, payload = active.events.get_nowait()
+                    if kind == "error":
+                        raise payload
+                return
             open_frame = pb.ForwardRequest(
                 request_id=request_id,
                 open=pb.OpenRequest(

@@ -1,23 +1,33 @@
 """One loaded shard of one instance on this node, and its per-request caches.
 
-A ``StageRuntime`` runs every forward pass of its shard, in arrival order: inline on the
-upstream stream's reader thread (a daemon's stages: one thread handoff less per hop, a lock
-serializes streams) or on a ``SerialWorker`` (the coordinator's in-process stage 0, whose
-callers must not block). Frames reach it already validated by a ``StageSession``
-(node.inference.stage_session).
+A ``StageRuntime`` runs every forward pass of its shard. Jobs (opens, activations, releases,
+probes) arrive already validated by a ``StageSession`` (node.inference.stage_session) and
+wait in the runtime's queue; each time the runtime is free it takes everything that waited
+(``node.inference.stage_batch.plan_drain``): the rows that sample a token, of all requests
+of one upstream stream, go through one batched [B, T] forward on batch caches, and travel on
+as one ``ActivationBatch`` frame; prefill chunks go one request at a time after them. It
+computes on its own worker thread (stage 0, where requests meet: its queue is where their
+decode steps line up) or inline on the upstream stream's reader thread (later stages: a
+batched frame already is the batch; one thread handoff less per hop).
 
-The last stage applies the final norm + LM head to the final position of a frame marked
-``sample`` and draws the token with the request's sampling parameters, mlx-lm style (history =
-every token id the request has fed so far, one PRNG subkey per sampled token). It sends the
-token on the request's return route — the coordinator's own stream to this stage — when the
-coordinator opened one, so tokens travel home in one hop (a ring); otherwise back up the
-stream the request came in on.
+The last stage applies the final norm + LM head to the final position of every row marked
+``sample`` and draws each row's token with its own request's sampling parameters, mlx-lm style
+(history = every token id the request has fed so far, one PRNG subkey per sampled token). It
+sends the tokens on each request's return route — the coordinator's own stream to this stage
+— when the coordinator opened one, so tokens travel home in one hop (a ring); otherwise back
+up the stream the request came in on: one ``TokenBatch`` per route for a batch, one
+``SampledToken`` for a row alone.
+
+Pipeline MTP plugs in at ``_sample_rows`` (the last stage's use of a batch's hidden states)
+and in rows of T > 1 positions: a verify row is a row like any other, batched with the rows
+of the same T.
 """
 
 from __future__ import annotations
 
 import itertools
 import threading
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -27,7 +37,7 @@ import mlx.core as mx
 import mlx.nn as nn
 
 from node.inference.codec import DEFAULT_CHUNK_BYTES, RawTensor, encode_tensor, wire_dtype
-from node.inference.link import SerialWorker, stage_channel
+from node.inference.link import stage_channel
 from node.inference.sampling import (
     KeyStream,
     SamplingParams,
@@ -36,7 +46,8 @@ from node.inference.sampling import (
     sample_tokens,
 )
 from node.inference.shard import Shard, ShardError
-from node.inference.stage_wire import INTERNAL, error_response
+from node.inference.stage_batch import BatchCaches, BatchEntry, Job, Key, Row, plan_drain
+from node.inference.stage_wire import INTERNAL, RESOURCE_EXHAUSTED, error_response
 from node.logging import get_logger
 from node.proto.macmesh.v1 import stage_pb2 as pb
 
@@ -50,7 +61,6 @@ Emit = Callable[[pb.ForwardResponse], None]
 
 @dataclass
 class RequestState:
-    cache: list[Any]
     sampling: SamplingParams
     reply: Emit  # where this request's tokens, acks and errors go (see ``open_request``)
     direct: bool = False  # reply is the coordinator's return stream, not the upstream stage
@@ -60,7 +70,7 @@ class RequestState:
 
 
 class StageRuntime:
-    """One loaded shard of one instance, its worker, and its per-request caches."""
+    """One loaded shard of one instance, its job queue, and its per-request caches."""
 
     def __init__(
         self,
@@ -73,6 +83,8 @@ class StageRuntime:
         next_hop: str,
         max_chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         inline: bool = False,
+        max_batch: int = 0,
+        context_tokens: int = 0,
     ) -> None:
         if shard.has_head != (next_hop == ""):
             raise ShardError(
@@ -91,31 +103,46 @@ class StageRuntime:
         self.next_hop = next_hop
         self.max_chunk_bytes = max_chunk_bytes
         self.context_length = shard.context_length
-        # inline: a session's reader thread computes (one thread handoff less per hop; the
-        # lock serializes sessions). Otherwise a worker thread does, which callers that must
-        # not block (the coordinator's token callback) need.
+        # The memory the plan budgeted here: caches for max_batch sequences (0: no limit) of
+        # context_tokens positions (0: the model's context).
+        self.max_batch = max_batch
+        self.context_tokens = min(context_tokens or shard.context_length, shard.context_length)
+        # inline: the caller's thread (a session's reader) computes what it queued. Otherwise
+        # a worker thread drains the queue: what waited meanwhile is batched.
         self.inline = inline
-        self.worker = None if inline else SerialWorker(f"stage-{instance_id}-{position}")
+        self._jobs: deque[Job] = deque()
+        self._jobs_cond = threading.Condition()
         self._compute_lock = threading.Lock()
-        self.states: dict[tuple[int, str], RequestState] = {}
+        self._worker: threading.Thread | None = None
+        self.states: dict[Key, RequestState] = {}
+        self.caches = BatchCaches(shard.make_cache)
         self.sessions: set[int] = set()
         self.frames_processed = 0
         self.frames_rejected = 0
         self.tokens_returned = 0  # tokens sent straight to a coordinator's return stream
         self.responses_relayed = 0  # responses passed up from the next stage
+        self.batch_size = 0  # rows of the latest forward of sampled positions
+        self.max_batch_seen = 0
+        self.batched_forwards = 0
         self.routes: dict[str, Emit] = {}  # return route -> that return stream's emit
         self._routes_lock = threading.Lock()
         self.closed = False
         self.closed_reason = ""
         self._channel: grpc.Channel | None = None
         self._session_ids = itertools.count(1)
+        if not inline:
+            self._worker = threading.Thread(
+                target=self._work, name=f"stage-{instance_id}-{position}", daemon=True
+            )
+            self._worker.start()
 
     # -- facts --
 
     @property
     def max_activation_bytes(self) -> int:
         itemsize = 2 if self.shard.activation_dtype in (mx.float16, mx.bfloat16) else 4
-        return self.context_length * self.shard.hidden_size * itemsize
+        rows = max(self.max_batch, 1) if self.max_batch else 256
+        return max(self.context_length, rows) * self.shard.hidden_size * itemsize
 
     def info(self) -> pb.ShardInfo:
         s = self.shard
@@ -148,6 +175,11 @@ class StageRuntime:
             frames_rejected=self.frames_rejected,
             tokens_returned=self.tokens_returned,
             responses_relayed=self.responses_relayed,
+            batch_size=self.batch_size,
+            max_batch_seen=self.max_batch_seen,
+            batched_forwards=self.batched_forwards,
+            max_batch=self.max_batch,
+            context_tokens=self.context_tokens,
         )
 
     def channel(self) -> grpc.Channel:
@@ -165,16 +197,56 @@ class StageRuntime:
         if channel is not None:
             channel.close()
 
-    def dispatch(self, fn: Callable[..., Any], *args: Any) -> None:
-        """Run a job in order with this runtime's other jobs: inline or on the worker."""
-        if self.worker is not None:
-            self.worker.submit(fn, *args)
-            return
-        with self._compute_lock:
-            try:
-                fn(*args)
-            except Exception:
-                log.exception("stage job failed", job=getattr(fn, "__name__", fn))
+    # -- the job queue --
+
+    def submit(self, job: Job) -> None:
+        """Queue a job; it runs in order with this request's other jobs (inline: now)."""
+        with self._jobs_cond:
+            self._jobs.append(job)
+            self._jobs_cond.notify()
+        if self.inline:
+            with self._compute_lock:
+                while self._drain_once():
+                    pass
+
+    def _work(self) -> None:
+        while True:
+            with self._jobs_cond:
+                while not self._jobs and not self.closed:
+                    self._jobs_cond.wait()
+                if not self._jobs and self.closed:
+                    return
+            with self._compute_lock:
+                self._drain_once()
+
+    def _drain_once(self) -> bool:
+        """Run what waited: cheap jobs, the batches, one held-back job. False: nothing waited."""
+        with self._jobs_cond:
+            jobs, self._jobs = list(self._jobs), deque()
+        if not jobs:
+            return False
+        plan = plan_drain(jobs)
+        if plan.requeue:
+            with self._jobs_cond:
+                self._jobs.extendleft(reversed(plan.requeue))
+        for job in plan.now:
+            self._run_job(job)
+        for entries in plan.batches:
+            self._run_rows(entries)
+        if plan.chunk is not None:
+            self._run_job(plan.chunk)
+        return True
+
+    def _run_job(self, job: Job) -> None:
+        try:
+            if job.kind == "rows":
+                self._run_rows([BatchEntry(job, row) for row in job.rows])
+            elif job.run is not None:
+                job.run()
+        except Exception:
+            log.exception("stage job failed", job=job.kind, stage=self.position)
+
+    # -- control --
 
     def add_route(self, route: str, emit: Emit) -> None:
         """A coordinator's return stream (last stage only): requests opened with this route
@@ -200,19 +272,25 @@ class StageRuntime:
         request may be retried once the instance is placed again."""
         self.closed_reason = reason
         self.closed = True
-        self.dispatch(self.states.clear)
-        if self.worker is not None:
-            self.worker.stop()
+        self.submit(Job("control", 0, run=self._clear))
+        with self._jobs_cond:
+            self._jobs_cond.notify_all()
+        if self._worker is not None and threading.current_thread() is not self._worker:
+            self._worker.join(10.0)
         if self._channel is not None:
             self._channel.close()
         self._free_weights_if_unused()
+
+    def _clear(self) -> None:
+        self.states.clear()
+        self.caches.clear()
 
     def _free_weights_if_unused(self) -> None:
         if self.closed and not self.sessions:
             self.shard.model = nn.Module()  # drop the arrays now, not when the runtime goes
             mx.clear_cache()  # and hand MLX's cached buffers back to the system
 
-    # -- jobs, run on the worker thread --
+    # -- jobs --
 
     def open_request(
         self, session: StageSession, rid: str, sampling: SamplingParams, frame: pb.ForwardRequest
@@ -222,92 +300,35 @@ class StageRuntime:
         route = frame.open.return_route
         with self._routes_lock:
             direct = self.routes.get(route) if route and self.shard.has_head else None
-        self.states[(session.session_id, rid)] = RequestState(
-            cache=self.shard.make_cache(),
+        reply = direct or session.emit
+        if self.max_batch and len(self.states) >= self.max_batch:
+            # Over the memory the plan budgeted here: refuse this one; the others go on.
+            session.emit(
+                error_response(
+                    rid,
+                    RESOURCE_EXHAUSTED,
+                    f"stage {self.position} of {self.instance_id!r} already holds caches for "
+                    f"{len(self.states)} sequences, its budget (max_batch {self.max_batch} x "
+                    f"{self.context_tokens} tokens)",
+                    self.position,
+                )
+            )
+            return
+        key = (session.session_id, rid)
+        self.states[key] = RequestState(
             sampling=sampling,
-            reply=direct or session.emit,
+            reply=reply,
             direct=direct is not None,
             keys=None if sampling.is_greedy else KeyStream(sampling.seed),
         )
+        self.caches.open(key)
         if not self.shard.has_head:
             session.send_downstream([frame])
 
-    def run_activation(
-        self,
-        session: StageSession,
-        rid: str,
-        header: pb.Activation,
-        hidden: RawTensor | None,
-    ) -> None:
-        state = self.states.get((session.session_id, rid))
-        if state is None or state.failed:
-            return
-        try:
-            self._forward(session, rid, state, header, hidden)
-        except Exception as exc:
-            state.failed = True
-            log.exception("stage forward failed", request_id=rid, stage=self.position)
-            state.reply(
-                error_response(rid, INTERNAL, f"stage {self.position} failed: {exc}", self.position)
-            )
-
-    def _forward(
-        self,
-        session: StageSession,
-        rid: str,
-        state: RequestState,
-        header: pb.Activation,
-        hidden: RawTensor | None,
-    ) -> None:
-        token_ids = list(header.token_ids)
-        inputs = mx.array([token_ids], dtype=mx.uint32) if hidden is None else hidden.to_mx()
-        h = self.shard.forward(inputs, state.cache)
-        self.frames_processed += 1
-        if not self.shard.has_head:
-            mx.eval(h, [c.state for c in state.cache])
-            chunks = encode_tensor(h, self.max_chunk_bytes)
-            out = pb.Activation(
-                start_position=header.start_position,
-                token_ids=token_ids,
-                sample=header.sample,
-                hidden=chunks[0],
-            )
-            frames = [pb.ForwardRequest(request_id=rid, activation=out)]
-            frames += [
-                pb.ForwardRequest(request_id=rid, activation=pb.Activation(hidden=chunk))
-                for chunk in chunks[1:]
-            ]
-            session.send_downstream(frames)
-            return
-        state.history.extend(token_ids)
-        if not header.sample:
-            mx.eval([c.state for c in state.cache])
-            return
-        logits = self.shard.logits(h[:, -1:, :])[0]
-        # Penalties look at the trailing window only; mlx-lm's processors see the same tokens.
-        history = state.history[-state.sampling.max_context_size :]
-        logprobs = processed_logprobs(logits, state.sampling, history)
-        if state.keys is None:
-            token = greedy_tokens(logprobs)
-        else:
-            token = sample_tokens(logprobs, state.keys.next())
-        logprob = logprobs[0, token[0]]
-        mx.eval(token, logprob, [c.state for c in state.cache])
-        if state.direct:
-            self.tokens_returned += 1
-        state.reply(
-            pb.ForwardResponse(
-                request_id=rid,
-                token=pb.SampledToken(
-                    token_id=int(token.item()),
-                    position=header.start_position + len(token_ids),
-                    logprob=float(logprob.item()),
-                ),
-            )
-        )
-
     def release_request(self, session: StageSession, rid: str, frame: pb.ForwardRequest) -> None:
-        state = self.states.pop((session.session_id, rid), None)
+        key = (session.session_id, rid)
+        state = self.states.pop(key, None)
+        self.caches.release(key)
         if self.shard.has_head:
             reply = state.reply if state is not None else session.emit
             reply(pb.ForwardResponse(request_id=rid, released=pb.Released(stages=1)))
@@ -322,6 +343,146 @@ class StageRuntime:
     def drop_session(self, session: StageSession) -> None:
         for key in [k for k in self.states if k[0] == session.session_id]:
             del self.states[key]
+        self.caches.drop_session(session.session_id)
         self.sessions.discard(session.session_id)
         session.close_downstream()
         self._free_weights_if_unused()
+
+    # -- forwards --
+
+    def _run_rows(self, entries: list[BatchEntry]) -> None:
+        """One forward for rows of one session with the same number of positions."""
+        live = []
+        for entry in entries:
+            state = self.states.get(entry.key)
+            if state is not None and not state.failed:
+                live.append((entry, state))
+        if not live:
+            return
+        session: StageSession = live[0][0].job.session
+        try:
+            self._forward(session, live)
+        except Exception as exc:
+            log.exception(
+                "stage forward failed", requests=[e.row.rid for e, _ in live], stage=self.position
+            )
+            for entry, state in live:
+                state.failed = True
+                state.reply(
+                    error_response(
+                        entry.row.rid,
+                        INTERNAL,
+                        f"stage {self.position} failed: {exc}",
+                        self.position,
+                    )
+                )
+
+    def _inputs(self, live: list[tuple[BatchEntry, RequestState]]) -> mx.array:
+        """Token ids [B, T] (first stage) or the rows' hidden states [B, T, D]."""
+        if self.shard.has_embedding:
+            return mx.array([e.row.token_ids for e, _ in live], dtype=mx.uint32)
+        tensors: dict[int, mx.array] = {}
+        rows = []
+        for entry, _ in live:
+            job = entry.job
+            if id(job) not in tensors:
+                tensors[id(job)] = job.tensor.to_mx()
+            rows.append(tensors[id(job)][entry.row.index])
+        return mx.stack(rows) if len(rows) > 1 else rows[0][None]
+
+    def _forward(self, session: StageSession, live: list[tuple[BatchEntry, RequestState]]) -> None:
+        if len(live) == 1:
+            cache = self.caches.solo(live[0][0].key)
+        else:
+            order, cache = self.caches.batch([e.key for e, _ in live])
+            by_key = {e.key: (e, s) for e, s in live}
+            live = [by_key[k] for k in order]  # the group's row order
+        h = self.shard.forward(self._inputs(live), cache)
+        self.frames_processed += 1
+        if live[0][0].row.sample:
+            self.batch_size = len(live)
+            self.max_batch_seen = max(self.max_batch_seen, len(live))
+            if len(live) > 1:
+                self.batched_forwards += 1
+        rows = [e.row for e, _ in live]
+        if not self.shard.has_head:
+            mx.eval(h, [c.state for c in cache])
+            session.send_downstream(self._frames(rows, h))
+            return
+        for row, (_, state) in zip(rows, live, strict=True):
+            state.history.extend(row.token_ids)
+        if not rows[0].sample:
+            mx.eval([c.state for c in cache])
+            return
+        self._sample_rows(live, h, cache)
+
+    def _frames(self, rows: list[Row], h: mx.array) -> list[pb.ForwardRequest]:
+        """The next stage's frames: one ``Activation`` for a row alone, else one batch."""
+        chunks = encode_tensor(h, self.max_chunk_bytes)
+        if len(rows) == 1:
+            (row,) = rows
+            first = pb.Activation(
+                start_position=row.start_position,
+                token_ids=row.token_ids,
+                sample=row.sample,
+                hidden=chunks[0],
+            )
+            frames = [pb.ForwardRequest(request_id=row.rid, activation=first)]
+            return frames + [
+                pb.ForwardRequest(request_id=row.rid, activation=pb.Activation(hidden=chunk))
+                for chunk in chunks[1:]
+            ]
+        header = pb.ActivationBatch(
+            rows=[
+                pb.BatchRow(
+                    request_id=r.rid,
+                    start_position=r.start_position,
+                    token_ids=r.token_ids,
+                    sample=r.sample,
+                )
+                for r in rows
+            ],
+            hidden=chunks[0],
+        )
+        frames = [pb.ForwardRequest(batch=header)]
+        return frames + [
+            pb.ForwardRequest(batch=pb.ActivationBatch(hidden=chunk)) for chunk in chunks[1:]
+        ]
+
+    def _sample_rows(
+        self, live: list[tuple[BatchEntry, RequestState]], h: mx.array, cache: list[Any]
+    ) -> None:
+        """The last stage: each row's token from its final position, with its own sampling.
+
+        (Pipeline MTP's hook: a verify row's positions all need logits, and its acceptance
+        decides what it commits; rows of T = 1 are plain decode.)"""
+        logits = self.shard.logits(h[:, -1:, :])  # [B, 1, V]
+        picks = []
+        for b, (_, state) in enumerate(live):
+            # Penalties look at the trailing window only; mlx-lm's processors see the same.
+            history = state.history[-state.sampling.max_context_size :]
+            logprobs = processed_logprobs(logits[b], state.sampling, history)
+            if state.keys is None:
+                token = greedy_tokens(logprobs)
+            else:
+                token = sample_tokens(logprobs, state.keys.next())
+            picks.append((token, logprobs[0, token[0]]))
+        mx.eval(picks, [c.state for c in cache])
+        replies: dict[int, tuple[Emit, list[pb.BatchToken]]] = {}
+        for (entry, state), (token, logprob) in zip(live, picks, strict=True):
+            row = entry.row
+            sampled = pb.SampledToken(
+                token_id=int(token.item()),
+                position=row.start_position + len(row.token_ids),
+                logprob=float(logprob.item()),
+            )
+            if state.direct:
+                self.tokens_returned += 1
+            replies.setdefault(id(state.reply), (state.reply, []))[1].append(
+                pb.BatchToken(request_id=row.rid, token=sampled)
+            )
+        for reply, tokens in replies.values():
+            if len(tokens) == 1:
+                reply(pb.ForwardResponse(request_id=tokens[0].request_id, token=tokens[0].token))
+            else:
+                reply(pb.ForwardResponse(tokens=pb.TokenBatch(tokens=tokens)))

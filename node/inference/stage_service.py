@@ -96,7 +96,12 @@ class StageService(pb_grpc.StageServiceServicer):
                 num_stages=request.num_stages,
                 next_hop=request.next_hop,
                 max_chunk_bytes=self.max_chunk_bytes,
-                inline=True,
+                # Stage 0 is where requests' decode steps meet: a worker drains its queue and
+                # batches what waited. Later stages get batches whole, and compute on the
+                # reader (the last stage answers on it: see _forward_last).
+                inline=request.position > 0 or request.end_layer >= shard.num_layers,
+                max_batch=request.max_batch,
+                context_tokens=request.context_tokens,
             )
         except CorruptCheckpoint as exc:  # the request is fine; this node's files are not
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))

@@ -1,8 +1,10 @@
 """One upstream Forward stream into a stage: frame validation, and the link to the next hop.
 
 A ``StageSession`` validates frames as they arrive (unknown request, wrong width or dtype,
-oversized, out-of-order positions all become a per-request INVALID_ARGUMENT ``StageError``;
-the stream and the other requests go on), hands complete work to its ``StageRuntime``, and
+oversized, out-of-order positions all become a per-request INVALID_ARGUMENT ``StageError``,
+positions beyond the stage's budgeted context RESOURCE_EXHAUSTED; the stream and the other
+requests go on; a bad row of an ``ActivationBatch`` fails that row's request alone), hands
+complete work to its ``StageRuntime`` as jobs (``node.inference.stage_batch.Job``), and
 owns the session's ``ForwardLink`` to the next hop. Responses from downstream (tokens of
 requests without a return route, release acks, errors) are relayed back up unchanged.
 """
@@ -10,7 +12,7 @@ requests without a return route, release acks, errors) are relayed back up uncha
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -18,16 +20,19 @@ import grpc
 from node.inference.codec import (
     DEFAULT_MAX_TENSOR_BYTES,
     FrameError,
+    RawTensor,
     TensorAssembler,
     dtype_name,
     wire_dtype,
 )
 from node.inference.link import ForwardLink
 from node.inference.sampling import SamplingParams
+from node.inference.stage_batch import Job, Row
 from node.inference.stage_runtime import Emit, StageRuntime
 from node.inference.stage_wire import (
     FAILED_PRECONDITION,
     INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
     UNAVAILABLE,
     error_response,
     sampling_from_proto,
@@ -36,6 +41,18 @@ from node.logging import get_logger
 from node.proto.macmesh.v1 import stage_pb2 as pb
 
 log = get_logger(__name__)
+
+
+class BudgetError(FrameError):
+    """Positions beyond the context this stage budgeted memory for."""
+
+
+@dataclass
+class _PendingBatch:
+    """A chunked ``ActivationBatch`` tensor in progress (batches of a stream come in order)."""
+
+    rows: list[Row]
+    assembler: TensorAssembler
 
 
 @dataclass
@@ -62,6 +79,7 @@ class StageSession:
         self.emit = emit
         self.inbound: dict[str, _Inbound] = {}
         self.probes: dict[str, TensorAssembler] = {}
+        self.batch: _PendingBatch | None = None
         self._link: ForwardLink | None = None
         self._closing = False
         self._finished = threading.Event()
@@ -78,10 +96,13 @@ class StageSession:
             else:
                 self.emit_error(rid, FAILED_PRECONDITION, f"instance {instance!r} was unloaded")
             return
+        kind = frame.WhichOneof("kind")
+        if kind == "batch":
+            self._batch(frame.batch)
+            return
         try:
             if not rid:
                 raise FrameError("frame has an empty request_id")
-            kind = frame.WhichOneof("kind")
             if kind == "open":
                 self._open(rid, frame)
             elif kind == "activation":
@@ -95,12 +116,31 @@ class StageSession:
                     f"frame for request {rid!r} carries nothing (no open, activation, release or probe)"
                 )
         except FrameError as exc:
-            self.runtime.frames_rejected += 1
-            inbound = self.inbound.get(rid)
-            if inbound is not None:
-                inbound.failed = True
-                inbound.assembler = inbound.header = None
-            self.emit_error(rid, INVALID_ARGUMENT, str(exc))
+            self._reject(rid, exc)
+
+    def _reject(self, rid: str, exc: FrameError) -> None:
+        self.runtime.frames_rejected += 1
+        inbound = self.inbound.get(rid)
+        if inbound is not None:
+            inbound.failed = True
+            inbound.assembler = inbound.header = None
+        code = RESOURCE_EXHAUSTED if isinstance(exc, BudgetError) else INVALID_ARGUMENT
+        self.emit_error(rid, code, str(exc))
+
+    def _submit(
+        self,
+        kind: str,
+        rid: str,
+        run: Callable[[], None] | None = None,
+        rows: list[Row] | None = None,
+        tensor: RawTensor | None = None,
+    ) -> None:
+        self.runtime.submit(
+            Job(kind, self.session_id, rid, rows or [], session=self, tensor=tensor, run=run)
+        )
+
+    def _rows_job(self, rows: list[Row], tensor: RawTensor | None) -> None:
+        self._submit("rows", "", rows=rows, tensor=tensor)
 
     def _open(self, rid: str, frame: pb.ForwardRequest) -> None:
         if rid in self.inbound:
@@ -111,7 +151,8 @@ class StageSession:
             else SamplingParams()
         )
         self.inbound[rid] = _Inbound()
-        self.runtime.dispatch(self.runtime.open_request, self, rid, sampling, frame)
+        runtime = self.runtime
+        self._submit("open", rid, run=lambda: runtime.open_request(self, rid, sampling, frame))
 
     def _known(self, rid: str) -> _Inbound:
         inbound = self.inbound.get(rid)
@@ -121,6 +162,55 @@ class StageSession:
             )
         return inbound
 
+    def _check_row(self, rid: str, start: int, token_ids: Sequence[int]) -> _Inbound:
+        """A row's header against what the stage holds for its request; advances its position."""
+        inbound = self._known(rid)
+        shard = self.runtime.shard
+        count = len(token_ids)
+        if count == 0:
+            raise FrameError(f"activation for request {rid!r} has no token_ids")
+        if start != inbound.position:
+            raise FrameError(
+                f"activation for request {rid!r} starts at position {start} but "
+                f"the stage has {inbound.position} positions cached"
+            )
+        if start + count > self.runtime.context_length:
+            raise FrameError(
+                f"activation for request {rid!r} covers positions up to {start + count}, "
+                f"beyond the model's context of {self.runtime.context_length}"
+            )
+        if start + count > self.runtime.context_tokens:
+            raise BudgetError(
+                f"activation for request {rid!r} covers positions up to {start + count}, beyond "
+                f"the {self.runtime.context_tokens} tokens per sequence stage "
+                f"{self.runtime.position} budgeted memory for (max_batch "
+                f"{self.runtime.max_batch} x {self.runtime.context_tokens} tokens)"
+            )
+        if shard.has_embedding:
+            bad = next((t for t in token_ids if t >= shard.vocab_size), None)
+            if bad is not None:
+                raise FrameError(
+                    f"token id {bad} is outside the vocabulary [0, {shard.vocab_size})"
+                )
+        return inbound
+
+    def _check_hidden(self, chunk: pb.TensorChunk, rows: int, count: int) -> TensorAssembler:
+        shard = self.runtime.shard
+        expected_dtype = wire_dtype(shard.activation_dtype)
+        if chunk.dtype != expected_dtype:
+            raise FrameError(
+                f"hidden tensor is {dtype_name(chunk.dtype)} but stage {self.runtime.position} "
+                f"runs {dtype_name(expected_dtype)}"
+            )
+        shape = list(chunk.shape)
+        if shape != [rows, count, shard.hidden_size]:
+            raise FrameError(
+                f"hidden tensor has shape {shape}; stage {self.runtime.position} expects "
+                f"[{rows}, {count}, {shard.hidden_size}] (batch {rows}, {count} token ids, "
+                f"width {shard.hidden_size})"
+            )
+        return TensorAssembler(self.runtime.max_activation_bytes)
+
     def _activation(self, rid: str, act: pb.Activation) -> None:
         inbound = self._known(rid)
         if inbound.failed:
@@ -129,60 +219,94 @@ class StageSession:
             tensor = inbound.assembler.add(act.hidden)
             if tensor is not None:
                 header, inbound.assembler, inbound.header = inbound.header, None, None
-                self.runtime.dispatch(self.runtime.run_activation, self, rid, header, tensor)
+                self._rows_job([_row(rid, header)], tensor)
             return
         shard = self.runtime.shard
+        if shard.has_embedding and act.HasField("hidden"):
+            raise FrameError("the first stage takes token ids, not a hidden tensor")
+        self._check_row(rid, act.start_position, act.token_ids)
         count = len(act.token_ids)
-        if count == 0:
-            raise FrameError(f"activation for request {rid!r} has no token_ids")
-        if act.start_position != inbound.position:
-            raise FrameError(
-                f"activation for request {rid!r} starts at position {act.start_position} but "
-                f"the stage has {inbound.position} positions cached"
-            )
-        if act.start_position + count > self.runtime.context_length:
-            raise FrameError(
-                f"activation for request {rid!r} covers positions up to {act.start_position + count}, "
-                f"beyond the model's context of {self.runtime.context_length}"
-            )
         if shard.has_embedding:
-            if act.HasField("hidden"):
-                raise FrameError("the first stage takes token ids, not a hidden tensor")
-            bad = next((t for t in act.token_ids if t >= shard.vocab_size), None)
-            if bad is not None:
-                raise FrameError(
-                    f"token id {bad} is outside the vocabulary [0, {shard.vocab_size})"
-                )
             inbound.position += count
-            self.runtime.dispatch(self.runtime.run_activation, self, rid, act, None)
+            self._rows_job([_row(rid, act)], None)
             return
         if not act.HasField("hidden"):
             raise FrameError(f"activation for request {rid!r} has no hidden tensor")
-        chunk = act.hidden
-        expected_dtype = wire_dtype(shard.activation_dtype)
-        if chunk.dtype != expected_dtype:
-            raise FrameError(
-                f"hidden tensor is {dtype_name(chunk.dtype)} but stage {self.runtime.position} "
-                f"runs {dtype_name(expected_dtype)}"
-            )
-        shape = list(chunk.shape)
-        if shape != [1, count, shard.hidden_size]:
-            raise FrameError(
-                f"hidden tensor has shape {shape}; stage {self.runtime.position} expects "
-                f"[1, {count}, {shard.hidden_size}] (batch 1, {count} token ids, width {shard.hidden_size})"
-            )
-        assembler = TensorAssembler(self.runtime.max_activation_bytes)
-        tensor = assembler.add(chunk)
+        assembler = self._check_hidden(act.hidden, 1, count)
+        tensor = assembler.add(act.hidden)
         inbound.position += count
         if tensor is None:
             inbound.assembler, inbound.header = assembler, act
         else:
-            self.runtime.dispatch(self.runtime.run_activation, self, rid, act, tensor)
+            self._rows_job([_row(rid, act)], tensor)
+
+    def _batch(self, batch: pb.ActivationBatch) -> None:
+        """An ``ActivationBatch`` frame: the rows' headers (and first chunk), or a next chunk."""
+        if self.batch is not None:  # the next chunk of a batch tensor in progress
+            pending = self.batch
+            try:
+                tensor = pending.assembler.add(batch.hidden)
+            except FrameError as exc:
+                self.batch = None
+                for row in pending.rows:
+                    self._reject(row.rid, exc)
+                return
+            if tensor is not None:
+                self.batch = None
+                self._rows_job(pending.rows, tensor)
+            return
+        rows: list[Row] = []
+        for index, header in enumerate(batch.rows):
+            rid = header.request_id
+            try:
+                if not rid:
+                    raise FrameError("a batch row has an empty request_id")
+                inbound = self._check_row(rid, header.start_position, header.token_ids)
+            except FrameError as exc:
+                self._reject(rid, exc)
+                continue
+            if not inbound.failed:
+                rows.append(_row(rid, header, index))
+        counts = {len(r.token_ids) for r in rows} | {len(h.token_ids) for h in batch.rows}
+        shard = self.runtime.shard
+        try:
+            if not batch.rows:
+                raise FrameError("a batch frame has no rows and no batch in progress")
+            if len(counts) != 1 or len({h.sample for h in batch.rows}) != 1:
+                raise FrameError(
+                    "the rows of a batch must carry the same number of token ids and the same "
+                    "sample flag"
+                )
+            if shard.has_embedding and batch.HasField("hidden"):
+                raise FrameError("the first stage takes token ids, not a hidden tensor")
+            if not shard.has_embedding and not batch.HasField("hidden"):
+                raise FrameError("a batch frame for a later stage has no hidden tensor")
+            assembler = (
+                None
+                if shard.has_embedding
+                else self._check_hidden(batch.hidden, len(batch.rows), counts.pop())
+            )
+        except FrameError as exc:
+            for row in rows:
+                self._reject(row.rid, exc)
+            return
+        for row in rows:
+            self.inbound[row.rid].position += len(row.token_ids)
+        if assembler is None:
+            if rows:
+                self._rows_job(rows, None)
+            return
+        tensor = assembler.add(batch.hidden)
+        if tensor is None:
+            self.batch = _PendingBatch(rows, assembler)
+        elif rows:
+            self._rows_job(rows, tensor)
 
     def _release(self, rid: str, frame: pb.ForwardRequest) -> None:
         self._known(rid)
         del self.inbound[rid]
-        self.runtime.dispatch(self.runtime.release_request, self, rid, frame)
+        runtime = self.runtime
+        self._submit("release", rid, run=lambda: runtime.release_request(self, rid, frame))
 
     def _probe(self, rid: str, probe: pb.Probe) -> None:
         assembler = self.probes.setdefault(rid, TensorAssembler(DEFAULT_MAX_TENSOR_BYTES))
@@ -193,14 +317,17 @@ class StageSession:
             raise
         if tensor is not None:
             del self.probes[rid]
-            self.runtime.dispatch(self.runtime.echo_probe, self, rid, tensor)
+            runtime = self.runtime
+            self._submit("probe", "", run=lambda: runtime.echo_probe(self, rid, tensor))
 
     def end(self, on_finished: Callable[[], None] | None = None) -> None:
         """The upstream stream ended: free this session's caches everywhere, then finish."""
         self._on_finished = on_finished
         self.inbound.clear()
         self.probes.clear()
-        self.runtime.dispatch(self.runtime.drop_session, self)
+        self.batch = None
+        runtime = self.runtime
+        self._submit("end", "", run=lambda: runtime.drop_session(self))
 
     # -- worker side --
 
@@ -251,3 +378,7 @@ class StageSession:
             self._finished.set()
             if self._on_finished is not None:
                 self._on_finished()
+
+
+def _row(rid: str, header: pb.Activation | pb.BatchRow, index: int = 0) -> Row:
+    return Row(rid, header.start_position, list(header.token_ids), header.sample, index)

@@ -17,6 +17,7 @@ INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT.value[0]
 UNAVAILABLE = grpc.StatusCode.UNAVAILABLE.value[0]
 INTERNAL = grpc.StatusCode.INTERNAL.value[0]
 FAILED_PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION.value[0]
+RESOURCE_EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
 
 
 def sampling_to_proto(params: SamplingParams) -> pb.SamplingOptions:

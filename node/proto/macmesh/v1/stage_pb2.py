@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from node.proto.macmesh.v1 import inference_pb2 as macmesh_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16macmesh/v1/stage.proto\x12\nmacmesh.v1\x1a\x1amacmesh/v1/inference.proto\"b\n\x0bTensorChunk\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xf1\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x01\x12\x1f\n\x17repetition_context_size\x18\x06 \x01(\r\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1c\n\x14penalty_context_size\x18\t \x01(\r\x12>\n\nlogit_bias\x18\n \x03(\x0b\x32*.macmesh.v1.SamplingOptions.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\"\xbe\x01\n\x10LoadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12&\n\x08instance\x18\x08 \x01(\x0b\x32\x14.macmesh.v1.Instance\"\xd8\x02\n\tShardInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x31\n\x10\x61\x63tivation_dtype\x18\n \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\x15\n\rhas_embedding\x18\x0b \x01(\x08\x12\x10\n\x08has_head\x18\x0c \x01(\x08\x12\x14\n\x0cweight_bytes\x18\r \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x0e \x01(\x04\x12\x14\n\x0cload_seconds\x18\x0f \x01(\x01\"9\n\x11LoadShardResponse\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\")\n\x12UnloadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\'\n\x13UnloadShardResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\")\n\x12StageStatusRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xde\x01\n\x0bStageStatus\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x02 \x01(\r\x12\x13\n\x0brequest_ids\x18\x03 \x03(\t\x12\x14\n\x0copen_streams\x18\x04 \x01(\r\x12\x18\n\x10\x66rames_processed\x18\x05 \x01(\x04\x12\x17\n\x0f\x66rames_rejected\x18\x06 \x01(\x04\x12\x17\n\x0ftokens_returned\x18\x07 \x01(\x04\x12\x19\n\x11responses_relayed\x18\x08 \x01(\x04\">\n\x13StageStatusResponse\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.StageStatus\"R\n\x0bOpenRequest\x12-\n\x08sampling\x18\x01 \x01(\x0b\x32\x1b.macmesh.v1.SamplingOptions\x12\x14\n\x0creturn_route\x18\x02 \x01(\t\"p\n\nActivation\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\'\n\x06hidden\x18\x03 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\x12\x0e\n\x06sample\x18\x04 \x01(\x08\"\x10\n\x0eReleaseRequest\"0\n\x05Probe\x12\'\n\x06tensor\x18\x01 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\"\xd6\x01\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x04open\x18\x02 \x01(\x0b\x32\x17.macmesh.v1.OpenRequestH\x00\x12,\n\nactivation\x18\x03 \x01(\x0b\x32\x16.macmesh.v1.ActivationH\x00\x12-\n\x07release\x18\x04 \x01(\x0b\x32\x1a.macmesh.v1.ReleaseRequestH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x42\x06\n\x04kind\"C\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x1a\n\x08Released\x12\x0e\n\x06stages\x18\x01 \x01(\r\"=\n\nStageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\r\"\xcf\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.macmesh.v1.SampledTokenH\x00\x12(\n\x08released\x18\x03 \x01(\x0b\x32\x14.macmesh.v1.ReleasedH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.macmesh.v1.StageErrorH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x42\x06\n\x04kind*z\n\x0bTensorDType\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x32\xbb\x02\n\x0cStageService\x12H\n\tLoadShard\x12\x1c.macmesh.v1.LoadShardRequest\x1a\x1d.macmesh.v1.LoadShardResponse\x12N\n\x0bUnloadShard\x12\x1e.macmesh.v1.UnloadShardRequest\x1a\x1f.macmesh.v1.UnloadShardResponse\x12I\n\x06Status\x12\x1e.macmesh.v1.StageStatusRequest\x1a\x1f.macmesh.v1.StageStatusResponse\x12\x46\n\x07\x46orward\x12\x1a.macmesh.v1.ForwardRequest\x1a\x1b.macmesh.v1.ForwardResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16macmesh/v1/stage.proto\x12\nmacmesh.v1\x1a\x1amacmesh/v1/inference.proto\"b\n\x0bTensorChunk\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xf1\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x01\x12\x1f\n\x17repetition_context_size\x18\x06 \x01(\r\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1c\n\x14penalty_context_size\x18\t \x01(\r\x12>\n\nlogit_bias\x18\n \x03(\x0b\x32*.macmesh.v1.SamplingOptions.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\"\xe9\x01\n\x10LoadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12&\n\x08instance\x18\x08 \x01(\x0b\x32\x14.macmesh.v1.Instance\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\n \x01(\r\"\xd8\x02\n\tShardInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x31\n\x10\x61\x63tivation_dtype\x18\n \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\x15\n\rhas_embedding\x18\x0b \x01(\x08\x12\x10\n\x08has_head\x18\x0c \x01(\x08\x12\x14\n\x0cweight_bytes\x18\r \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x0e \x01(\x04\x12\x14\n\x0cload_seconds\x18\x0f \x01(\x01\"9\n\x11LoadShardResponse\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\")\n\x12UnloadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\'\n\x13UnloadShardResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\")\n\x12StageStatusRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xcf\x02\n\x0bStageStatus\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x02 \x01(\r\x12\x13\n\x0brequest_ids\x18\x03 \x03(\t\x12\x14\n\x0copen_streams\x18\x04 \x01(\r\x12\x18\n\x10\x66rames_processed\x18\x05 \x01(\x04\x12\x17\n\x0f\x66rames_rejected\x18\x06 \x01(\x04\x12\x17\n\x0ftokens_returned\x18\x07 \x01(\x04\x12\x19\n\x11responses_relayed\x18\x08 \x01(\x04\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x16\n\x0emax_batch_seen\x18\n \x01(\r\x12\x18\n\x10\x62\x61tched_forwards\x18\x0b \x01(\x04\x12\x11\n\tmax_batch\x18\x0c \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\r \x01(\r\">\n\x13StageStatusResponse\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.StageStatus\"R\n\x0bOpenRequest\x12-\n\x08sampling\x18\x01 \x01(\x0b\x32\x1b.macmesh.v1.SamplingOptions\x12\x14\n\x0creturn_route\x18\x02 \x01(\t\"p\n\nActivation\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\'\n\x06hidden\x18\x03 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\x12\x0e\n\x06sample\x18\x04 \x01(\x08\"Y\n\x08\x42\x61tchRow\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06sample\x18\x04 \x01(\x08\"^\n\x0f\x41\x63tivationBatch\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.macmesh.v1.BatchRow\x12\'\n\x06hidden\x18\x02 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\"\x10\n\x0eReleaseRequest\"0\n\x05Probe\x12\'\n\x06tensor\x18\x01 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\"\x84\x02\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x04open\x18\x02 \x01(\x0b\x32\x17.macmesh.v1.OpenRequestH\x00\x12,\n\nactivation\x18\x03 \x01(\x0b\x32\x16.macmesh.v1.ActivationH\x00\x12-\n\x07release\x18\x04 \x01(\x0b\x32\x1a.macmesh.v1.ReleaseRequestH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x12,\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x1b.macmesh.v1.ActivationBatchH\x00\x42\x06\n\x04kind\"C\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"\x1a\n\x08Released\x12\x0e\n\x06stages\x18\x01 \x01(\r\"I\n\nBatchToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x18.macmesh.v1.SampledToken\"4\n\nTokenBatch\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.macmesh.v1.BatchToken\"=\n\nStageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\r\"\xf9\x01\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.macmesh.v1.SampledTokenH\x00\x12(\n\x08released\x18\x03 \x01(\x0b\x32\x14.macmesh.v1.ReleasedH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.macmesh.v1.StageErrorH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x12(\n\x06tokens\x18\x06 \x01(\x0b\x32\x16.macmesh.v1.TokenBatchH\x00\x42\x06\n\x04kind*z\n\x0bTensorDType\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x32\xbb\x02\n\x0cStageService\x12H\n\tLoadShard\x12\x1c.macmesh.v1.LoadShardRequest\x1a\x1d.macmesh.v1.LoadShardResponse\x12N\n\x0bUnloadShard\x12\x1e.macmesh.v1.UnloadShardRequest\x1a\x1f.macmesh.v1.UnloadShardResponse\x12I\n\x06Status\x12\x1e.macmesh.v1.StageStatusRequest\x1a\x1f.macmesh.v1.StageStatusResponse\x12\x46\n\x07\x46orward\x12\x1a.macmesh.v1.ForwardRequest\x1a\x1b.macmesh.v1.ForwardResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_TENSORDTYPE']._serialized_start=2406
-  _globals['_TENSORDTYPE']._serialized_end=2528
+  _globals['_TENSORDTYPE']._serialized_start=2966
+  _globals['_TENSORDTYPE']._serialized_end=3088
   _globals['_TENSORCHUNK']._serialized_start=66
   _globals['_TENSORCHUNK']._serialized_end=164
   _globals['_SAMPLINGOPTIONS']._serialized_start=167
@@ -43,39 +43,47 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_start=479
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_end=527
   _globals['_LOADSHARDREQUEST']._serialized_start=539
-  _globals['_LOADSHARDREQUEST']._serialized_end=729
-  _globals['_SHARDINFO']._serialized_start=732
-  _globals['_SHARDINFO']._serialized_end=1076
-  _globals['_LOADSHARDRESPONSE']._serialized_start=1078
-  _globals['_LOADSHARDRESPONSE']._serialized_end=1135
-  _globals['_UNLOADSHARDREQUEST']._serialized_start=1137
-  _globals['_UNLOADSHARDREQUEST']._serialized_end=1178
-  _globals['_UNLOADSHARDRESPONSE']._serialized_start=1180
-  _globals['_UNLOADSHARDRESPONSE']._serialized_end=1219
-  _globals['_STAGESTATUSREQUEST']._serialized_start=1221
-  _globals['_STAGESTATUSREQUEST']._serialized_end=1262
-  _globals['_STAGESTATUS']._serialized_start=1265
-  _globals['_STAGESTATUS']._serialized_end=1487
-  _globals['_STAGESTATUSRESPONSE']._serialized_start=1489
-  _globals['_STAGESTATUSRESPONSE']._serialized_end=1551
-  _globals['_OPENREQUEST']._serialized_start=1553
-  _globals['_OPENREQUEST']._serialized_end=1635
-  _globals['_ACTIVATION']._serialized_start=1637
-  _globals['_ACTIVATION']._serialized_end=1749
-  _globals['_RELEASEREQUEST']._serialized_start=1751
-  _globals['_RELEASEREQUEST']._serialized_end=1767
-  _globals['_PROBE']._serialized_start=1769
-  _globals['_PROBE']._serialized_end=1817
-  _globals['_FORWARDREQUEST']._serialized_start=1820
-  _globals['_FORWARDREQUEST']._serialized_end=2034
-  _globals['_SAMPLEDTOKEN']._serialized_start=2036
-  _globals['_SAMPLEDTOKEN']._serialized_end=2103
-  _globals['_RELEASED']._serialized_start=2105
-  _globals['_RELEASED']._serialized_end=2131
-  _globals['_STAGEERROR']._serialized_start=2133
-  _globals['_STAGEERROR']._serialized_end=2194
-  _globals['_FORWARDRESPONSE']._serialized_start=2197
-  _globals['_FORWARDRESPONSE']._serialized_end=2404
-  _globals['_STAGESERVICE']._serialized_start=2531
-  _globals['_STAGESERVICE']._serialized_end=2846
+  _globals['_LOADSHARDREQUEST']._serialized_end=772
+  _globals['_SHARDINFO']._serialized_start=775
+  _globals['_SHARDINFO']._serialized_end=1119
+  _globals['_LOADSHARDRESPONSE']._serialized_start=1121
+  _globals['_LOADSHARDRESPONSE']._serialized_end=1178
+  _globals['_UNLOADSHARDREQUEST']._serialized_start=1180
+  _globals['_UNLOADSHARDREQUEST']._serialized_end=1221
+  _globals['_UNLOADSHARDRESPONSE']._serialized_start=1223
+  _globals['_UNLOADSHARDRESPONSE']._serialized_end=1262
+  _globals['_STAGESTATUSREQUEST']._serialized_start=1264
+  _globals['_STAGESTATUSREQUEST']._serialized_end=1305
+  _globals['_STAGESTATUS']._serialized_start=1308
+  _globals['_STAGESTATUS']._serialized_end=1643
+  _globals['_STAGESTATUSRESPONSE']._serialized_start=1645
+  _globals['_STAGESTATUSRESPONSE']._serialized_end=1707
+  _globals['_OPENREQUEST']._serialized_start=1709
+  _globals['_OPENREQUEST']._serialized_end=1791
+  _globals['_ACTIVATION']._serialized_start=1793
+  _globals['_ACTIVATION']._serialized_end=1905
+  _globals['_BATCHROW']._serialized_start=1907
+  _globals['_BATCHROW']._serialized_end=1996
+  _globals['_ACTIVATIONBATCH']._serialized_start=1998
+  _globals['_ACTIVATIONBATCH']._serialized_end=2092
+  _globals['_RELEASEREQUEST']._serialized_start=2094
+  _globals['_RELEASEREQUEST']._serialized_end=2110
+  _globals['_PROBE']._serialized_start=2112
+  _globals['_PROBE']._serialized_end=2160
+  _globals['_FORWARDREQUEST']._serialized_start=2163
+  _globals['_FORWARDREQUEST']._serialized_end=2423
+  _globals['_SAMPLEDTOKEN']._serialized_start=2425
+  _globals['_SAMPLEDTOKEN']._serialized_end=2492
+  _globals['_RELEASED']._serialized_start=2494
+  _globals['_RELEASED']._serialized_end=2520
+  _globals['_BATCHTOKEN']._serialized_start=2522
+  _globals['_BATCHTOKEN']._serialized_end=2595
+  _globals['_TOKENBATCH']._serialized_start=2597
+  _globals['_TOKENBATCH']._serialized_end=2649
+  _globals['_STAGEERROR']._serialized_start=2651
+  _globals['_STAGEERROR']._serialized_end=2712
+  _globals['_FORWARDRESPONSE']._serialized_start=2715
+  _globals['_FORWARDRESPONSE']._serialized_end=2964
+  _globals['_STAGESERVICE']._serialized_start=3091
+  _globals['_STAGESERVICE']._serialized_end=3406
 # @@protoc_insertion_point(module_scope)

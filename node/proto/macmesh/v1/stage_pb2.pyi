@@ -65,7 +65,7 @@ class SamplingOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context_size: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "instance")
+    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "instance", "max_batch", "context_tokens")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -74,6 +74,8 @@ class LoadShardRequest(_message.Message):
     NUM_STAGES_FIELD_NUMBER: _ClassVar[int]
     NEXT_HOP_FIELD_NUMBER: _ClassVar[int]
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     start_layer: int
@@ -82,7 +84,9 @@ class LoadShardRequest(_message.Message):
     num_stages: int
     next_hop: str
     instance: _inference_pb2.Instance
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., instance: _Optional[_Union[_inference_pb2.Instance, _Mapping]] = ...) -> None: ...
+    max_batch: int
+    context_tokens: int
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., instance: _Optional[_Union[_inference_pb2.Instance, _Mapping]] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
     __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "num_layers", "hidden_size", "activation_dtype", "has_embedding", "has_head", "weight_bytes", "resident_bytes", "load_seconds")
@@ -143,7 +147,7 @@ class StageStatusRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected", "tokens_returned", "responses_relayed")
+    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected", "tokens_returned", "responses_relayed", "batch_size", "max_batch_seen", "batched_forwards", "max_batch", "context_tokens")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -152,6 +156,11 @@ class StageStatus(_message.Message):
     FRAMES_REJECTED_FIELD_NUMBER: _ClassVar[int]
     TOKENS_RETURNED_FIELD_NUMBER: _ClassVar[int]
     RESPONSES_RELAYED_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SEEN_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_FORWARDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     shard: ShardInfo
     cached_requests: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -160,7 +169,12 @@ class StageStatus(_message.Message):
     frames_rejected: int
     tokens_returned: int
     responses_relayed: int
-    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., tokens_returned: _Optional[int] = ..., responses_relayed: _Optional[int] = ...) -> None: ...
+    batch_size: int
+    max_batch_seen: int
+    batched_forwards: int
+    max_batch: int
+    context_tokens: int
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., tokens_returned: _Optional[int] = ..., responses_relayed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., batched_forwards: _Optional[int] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ...) -> None: ...
 
 class StageStatusResponse(_message.Message):
     __slots__ = ("stages",)
@@ -188,6 +202,26 @@ class Activation(_message.Message):
     sample: bool
     def __init__(self, start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
 
+class BatchRow(_message.Message):
+    __slots__ = ("request_id", "start_position", "token_ids", "sample")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    START_POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    start_position: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sample: bool
+    def __init__(self, request_id: _Optional[str] = ..., start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
+
+class ActivationBatch(_message.Message):
+    __slots__ = ("rows", "hidden")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[BatchRow]
+    hidden: TensorChunk
+    def __init__(self, rows: _Optional[_Iterable[_Union[BatchRow, _Mapping]]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
+
 class ReleaseRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
@@ -199,18 +233,20 @@ class Probe(_message.Message):
     def __init__(self, tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "open", "activation", "release", "probe")
+    __slots__ = ("request_id", "open", "activation", "release", "probe", "batch")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     open: OpenRequest
     activation: Activation
     release: ReleaseRequest
     probe: Probe
-    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenRequest, _Mapping]] = ..., activation: _Optional[_Union[Activation, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ...) -> None: ...
+    batch: ActivationBatch
+    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenRequest, _Mapping]] = ..., activation: _Optional[_Union[Activation, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., batch: _Optional[_Union[ActivationBatch, _Mapping]] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("token_id", "position", "logprob")
@@ -228,6 +264,20 @@ class Released(_message.Message):
     stages: int
     def __init__(self, stages: _Optional[int] = ...) -> None: ...
 
+class BatchToken(_message.Message):
+    __slots__ = ("request_id", "token")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token: SampledToken
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ...) -> None: ...
+
+class TokenBatch(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[BatchToken]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[BatchToken, _Mapping]]] = ...) -> None: ...
+
 class StageError(_message.Message):
     __slots__ = ("code", "message", "position")
     CODE_FIELD_NUMBER: _ClassVar[int]
@@ -239,15 +289,17 @@ class StageError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "token", "released", "error", "probe")
+    __slots__ = ("request_id", "token", "released", "error", "probe", "tokens")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token: SampledToken
     released: Released
     error: StageError
     probe: Probe
-    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., released: _Optional[_Union[Released, _Mapping]] = ..., error: _Optional[_Union[StageError, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ...) -> None: ...
+    tokens: TokenBatch
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., released: _Optional[_Union[Released, _Mapping]] = ..., error: _Optional[_Union[StageError, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ...) -> None: ...

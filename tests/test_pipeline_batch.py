@@ -1,0 +1,318 @@
+"""Pipeline stages batch the decode steps of the requests in flight; each sequence stays exact.
+
+The coordinator (this test process) runs stage 0 in-process; the other stages are separate
+processes (``helpers.stage_nodes``). Requests of 1 to 310 prompt tokens, some with penalties
+and logit bias, join while others decode and leave at different lengths (one is cancelled);
+each one's greedy output must equal mlx-lm's own ``generate_step`` on its prompt alone, and
+every stage must have run batched forwards. Memory: ``max_batch`` bounds the requests on the
+stages (the rest wait), and a stage refuses what passes its budget with RESOURCE_EXHAUSTED.
+The pure parts (which waiting jobs batch together, the batch caches) are tested directly.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+from functools import cache
+from pathlib import Path
+from queue import SimpleQueue
+
+import grpc
+import mlx.core as mx
+import pytest
+from helpers.daemons import wait_for
+from helpers.stage_nodes import StageNodes
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_logits_processors
+from mlx_lm.utils import load_model
+
+from node import rpc
+from node.checkpoints import PRESETS, ensure_checkpoint
+from node.inference.events import GenerationDone, TokenDelta
+from node.inference.link import ForwardLink
+from node.inference.pipeline import PipelineEngine, PipelineError, SimplePlacement
+from node.inference.requests import GenerateRequest
+from node.inference.sampling import SamplingParams
+from node.inference.shard import load_shard
+from node.inference.stage_batch import BatchCaches, Job, Row, plan_drain
+from node.proto.macmesh.v1 import stage_pb2 as pb
+from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
+
+# Random weights: every output depends on the whole context (a constructed-agreement model
+# nearly follows its last token, and would hide a row given another row's caches).
+MODELS = {"dense": "dense-hf", "moe": "moe-mlx-q4"}
+PREFILL_STEP = 64
+PENALTIES = dict(
+    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
+)
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory):
+    with StageNodes(tmp_path_factory.mktemp("batch-nodes"), count=2) as started:
+        yield started
+
+
+def _path(arch: str) -> Path:
+    return ensure_checkpoint(PRESETS[MODELS[arch]])
+
+
+@cache
+def _model(arch: str):
+    return load_model(_path(arch))[0]
+
+
+@cache
+def reference(arch: str, prompt: tuple[int, ...], n: int, penalties: bool) -> list[int]:
+    """mlx-lm alone on this prompt: the sequence's expected greedy output."""
+    processors = make_logits_processors(**PENALTIES) if penalties else None
+    steps = generate_step(
+        mx.array(list(prompt)),
+        _model(arch),
+        max_tokens=n,
+        sampler=lambda x: mx.argmax(x, -1),
+        logits_processors=processors,
+        prefill_step_size=PREFILL_STEP,
+    )
+    return [int(t) for t, _ in steps]
+
+
+def ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(0, 480) for _ in range(n)]
+
+
+def engine_for(arch: str, node_ids: list[str], nodes: StageNodes, **kwargs) -> PipelineEngine:
+    placement = SimplePlacement.even(PRESETS[MODELS[arch]].num_hidden_layers, node_ids)
+    engine = PipelineEngine(
+        _path(arch),
+        placement,
+        nodes.addresses,
+        local_node_id="coordinator",
+        prefill_step_size=PREFILL_STEP,
+        **kwargs,
+    )
+    engine.load()
+    return engine
+
+
+class Client(threading.Thread):
+    """One request, read on its own thread; ``tokens`` fills as they stream."""
+
+    def __init__(self, engine: PipelineEngine, prompt: list[int], n: int, penalties: bool):
+        super().__init__(daemon=True)
+        params = SamplingParams(**PENALTIES) if penalties else SamplingParams()
+        self.request = GenerateRequest(
+            prompt_ids=prompt, max_tokens=n, ignore_eos=True, sampling=params
+        )
+        self.engine = engine
+        self.tokens: list[int] = []
+        self.done: GenerationDone | None = None
+        self.error: BaseException | None = None
+        self.stop_after: int | None = None  # walk away after this many tokens (a cancel)
+        self.got = threading.Condition()
+
+    def run(self) -> None:
+        stream = self.engine.generate(self.request)
+        try:
+            for event in stream:
+                with self.got:
+                    if isinstance(event, TokenDelta):
+                        self.tokens += event.token_ids
+                    elif isinstance(event, GenerationDone):
+                        self.done = event
+                    self.got.notify_all()
+                if self.stop_after is not None and len(self.tokens) >= self.stop_after:
+                    stream.close()
+                    return
+        except BaseException as exc:
+            self.error = exc
+
+    def wait_tokens(self, n: int, timeout: float = 120) -> None:
+        with self.got:
+            assert self.got.wait_for(lambda: len(self.tokens) >= n or self.error, timeout)
+
+
+TOPOLOGIES = {2: ["coordinator", "n1"], 3: ["coordinator", "n1", "n2"]}
+
+
+@pytest.mark.parametrize(("arch", "stages"), [("dense", 2), ("dense", 3), ("moe", 2), ("moe", 3)])
+def test_each_sequence_in_a_batch_equals_its_output_alone(
+    arch: str, stages: int, nodes: StageNodes
+) -> None:
+    node_ids = ["coordinator", *[nodes[i].name for i in range(stages - 1)]]
+    # (prompt length, new tokens, penalties): different lengths, so they leave at different times
+    specs = [(1, 14, False), (40, 22, True), (7, 10, False), (310, 12, False), (120, 16, True)]
+    prompts = [ids(n, seed) for seed, (n, _, _) in enumerate(specs)]
+    engine = engine_for(arch, node_ids, nodes)
+    try:
+        clients = [Client(engine, p, n, pen) for p, (_, n, pen) in zip(prompts, specs, strict=True)]
+        quitter = Client(engine, ids(25, 99), 3000, False)
+        quitter.stop_after = 6  # leaves (cancelled) while the others decode
+        for c in [*clients[:3], quitter]:
+            c.start()
+        clients[0].wait_tokens(3)  # the long prompts join a running batch
+        clients[3].start()
+        clients[3].wait_tokens(1)
+        clients[4].start()
+        for c in [*clients, quitter]:
+            c.join(180)
+            assert not c.is_alive() and c.error is None, c.error
+        for c, prompt, (_, n, pen) in zip(clients, prompts, specs, strict=True):
+            assert c.done is not None and c.done.token_ids == c.tokens
+            assert c.tokens == reference(arch, tuple(prompt), n, pen), (len(prompt), pen)
+        assert len(quitter.tokens) >= 6
+        statuses = engine.status()
+        for s in statuses:  # the decode steps went through every stage batched
+            assert s.batched_forwards > 0 and s.max_batch_seen >= 2, s
+        wait_for(lambda: engine.cached_requests() == [0] * stages, 10, what="caches freed")
+    finally:
+        engine.close()
+
+
+def test_max_batch_bounds_the_requests_on_the_stages(nodes: StageNodes) -> None:
+    """Four requests, max_batch 2: two at a time reach the stages, the others wait; all exact.
+    (Two requests on two stages may never meet at stage 0 — each stage works on one while the
+    other works on the other — so the bound is what is asserted, not that they batched.)"""
+    engine = engine_for("dense", ["coordinator", nodes[0].name], nodes, max_batch=2)
+    prompts = [ids(9 + 4 * i, 50 + i) for i in range(4)]
+    try:
+        clients = [Client(engine, p, 24, False) for p in prompts]
+        for c in clients:
+            c.start()
+        wait_for(lambda: engine.queued == 2, 60, what="two requests waiting for a place")
+        for c in clients:
+            c.join(180)
+            assert c.error is None, c.error
+        for c, p in zip(clients, prompts, strict=True):
+            assert c.tokens == reference("dense", tuple(p), 24, False)
+        for s in engine.status():
+            assert s.max_batch == 2 and 1 <= s.max_batch_seen <= 2, s
+        wait_for(lambda: engine.cached_requests() == [0, 0], 10, what="caches freed")
+    finally:
+        engine.close()
+
+
+def test_a_prompt_beyond_the_budgeted_context_is_resource_exhausted(nodes: StageNodes) -> None:
+    engine = engine_for("dense", ["coordinator", nodes[0].name], nodes, context_tokens=32)
+    try:
+        with pytest.raises(PipelineError) as refused:
+            list(engine.generate(GenerateRequest(prompt_ids=ids(40, 1), max_tokens=4)))
+        assert refused.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "32 tokens per sequence" in str(refused.value)
+        # generation stops at the budget: 30 prompt tokens leave room for 2
+        request = GenerateRequest(prompt_ids=ids(30, 2), max_tokens=50, ignore_eos=True)
+        done = list(engine.generate(request))[-1]
+        assert isinstance(done, GenerationDone) and len(done.token_ids) == 2
+    finally:
+        engine.close()
+
+
+def test_a_stage_refuses_sequences_beyond_its_budget(nodes: StageNodes) -> None:
+    """A last stage loaded for max_batch 1 x 16 tokens, driven by hand on a real stream."""
+    path = ensure_checkpoint(PRESETS["dense-high"])
+    address = nodes[1].address
+    with rpc.channel(address) as channel:
+        stub = pb_grpc.StageServiceStub(channel)
+        stub.LoadShard(
+            pb.LoadShardRequest(
+                instance_id="budget",
+                model=str(path),
+                start_layer=0,
+                end_layer=6,
+                position=0,
+                num_stages=1,
+                max_batch=1,
+                context_tokens=16,
+            ),
+            timeout=120,
+        )
+        replies: SimpleQueue = SimpleQueue()
+        link = ForwardLink(channel, "budget", replies.put, lambda e: None)
+        try:
+            for rid in ("a", "b"):
+                link.send(pb.ForwardRequest(request_id=rid, open=pb.OpenRequest()))
+            reply = replies.get(timeout=30)
+            assert (reply.request_id, reply.WhichOneof("kind")) == ("b", "error")
+            assert reply.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "max_batch 1" in reply.error.message
+            act = pb.Activation(start_position=0, token_ids=list(range(17)), sample=True)
+            link.send(pb.ForwardRequest(request_id="a", activation=act))
+            reply = replies.get(timeout=30)
+            assert reply.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "16 tokens per sequence" in reply.error.message
+        finally:
+            link.cancel()
+            stub.UnloadShard(pb.UnloadShardRequest(instance_id="budget"), timeout=30)
+
+
+# ---- the pure parts ----
+
+
+def _rows_job(session: int, rid: str, count: int, sample: bool) -> Job:
+    return Job("rows", session, rows=[Row(rid, 0, list(range(count)), sample)])
+
+
+def test_waiting_decode_rows_batch_and_prefill_chunks_go_one_per_drain() -> None:
+    jobs = [
+        Job("open", 1, "new"),
+        _rows_job(1, "a", 1, True),
+        _rows_job(1, "new", 64, False),  # a newcomer's prefill chunk
+        _rows_job(1, "b", 1, True),
+        _rows_job(1, "new", 64, False),
+        _rows_job(1, "new", 1, True),  # its last prompt token: after its chunks
+        _rows_job(1, "c", 3, True),  # a row of 3 positions: a forward of its own T
+        _rows_job(2, "d", 1, True),  # another stream: never batched with the first
+        Job("release", 1, "b"),  # gone: its pending row does not run
+    ]
+    plan = plan_drain(jobs)
+    assert [j.kind for j in plan.now] == ["open", "release"]
+    assert [[e.row.rid for e in batch] for batch in plan.batches] == [["a"], ["c"], ["d"]]
+    assert plan.chunk is jobs[2]
+    assert plan.requeue == [jobs[4], jobs[5]]
+    # the held-back rows of one request keep their order against its release
+    later = plan_drain([_rows_job(1, "x", 8, False), Job("release", 1, "x"), Job("end", 1)])
+    assert later.now == [] and [j.kind for j in later.requeue] == ["release", "end"]
+
+
+def test_batch_caches_step_rows_exactly_like_their_own_caches() -> None:
+    """Requests of different lengths stepping as one batch (joining, a leaving one filtered
+    out) compute what each computes alone, and the last one left continues on its own."""
+    spec = PRESETS[MODELS["dense"]]
+    shard = load_shard(ensure_checkpoint(spec), 0, spec.num_hidden_layers)
+    prompts = {"a": ids(5, 1), "b": ids(17, 2), "c": ids(1, 3)}
+    caches = BatchCaches(shard.make_cache)
+    alone = {}
+    for rid, prompt in prompts.items():
+        key = (1, rid)
+        caches.open(key)
+        own = shard.make_cache()
+        if len(prompt) > 1:
+            shard.forward(mx.array([prompt[:-1]]), caches.solo(key))
+            shard.forward(mx.array([prompt[:-1]]), own)
+        alone[rid] = own
+
+    def step_alone(rid: str, token: int) -> int:
+        h = shard.forward(mx.array([[token]]), alone[rid])
+        return int(mx.argmax(shard.logits(h[:, -1:, :])[0], -1).item())
+
+    def step_batch(tokens: dict[str, int]) -> dict[str, int]:
+        order, cache = caches.batch([(1, r) for r in tokens])
+        h = shard.forward(mx.array([[tokens[k[1]]] for k in order]), cache)
+        picks = mx.argmax(shard.logits(h[:, -1:, :]), -1)
+        return {k[1]: int(picks[i, 0].item()) for i, k in enumerate(order)}
+
+    current = {rid: p[-1] for rid, p in prompts.items()}
+    for step in range(6):
+        if step == 3:
+            caches.release((1, "b"))
+            del current["b"]
+        batched = step_batch(current)
+        expected = {rid: step_alone(rid, t) for rid, t in current.items()}
+        assert batched == expected, step
+        current = batched
+    assert caches.groups() == [2]
+    caches.release((1, "a"))
+    assert caches.groups() == []  # "c" alone again, on its own caches
+    h = shard.forward(mx.array([[current["c"]]]), caches.solo((1, "c")))
+    assert int(mx.argmax(shard.logits(h[:, -1:, :])[0], -1).item()) == step_alone("c", current["c"])
