@@ -21,6 +21,12 @@ Modes and stream counts are interleaved across ``--repeats`` rounds and medians 
 the machine is shared, other processes only ever slow a round down, and interleaving spreads
 that over every mode. Peak memory (MLX's allocator) is recorded per round.
 
+- ``pipeline`` (with ``--pipeline``, the default): the same model as a 2-node pipeline, stage 0
+  in this process (the coordinator, as a daemon runs it) and the other half of the layers in a
+  stage server process (``python -m node.inference.stage``, one BLAS thread), requests read on
+  one thread each through ``PipelineEngine.generate`` (``max_batch`` = the largest S); its
+  scaling is against its own one stream.
+
 Time to first token of a newcomer: a request with a ``--newcomer-tokens`` prompt submitted to
 an idle instance, and the same request submitted while 8 other streams are decoding (it joins
 their batch: ``max_batch`` 16), interleaved, medians of the TTFT its final stats report.
@@ -100,6 +106,72 @@ def run_mlx_lm(model: Any, prompts: list[list[int]], tokens: int) -> dict[str, A
     return _result(outs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory())
 
 
+def start_stage_server(workdir: Path) -> tuple[subprocess.Popen, str]:
+    """A stage server process on 127.0.0.1 (the pipeline's second node)."""
+    port_file = workdir / "stage.port"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "node.inference.stage",
+            "--port",
+            "0",
+            "--port-file",
+            str(port_file),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=open(workdir / "stage.log", "wb"),  # noqa: SIM115 - lives with the process
+        env={**os.environ, "MACMESH_LOG_LEVEL": "warning"},
+    )
+    deadline = time.monotonic() + 120
+    while not port_file.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"stage server failed to start; see {workdir / 'stage.log'}")
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{port_file.read_text().strip()}"
+
+
+def run_pipeline(
+    engine: Any, prompts: list[list[int]], tokens: int, stage_pid: int
+) -> dict[str, Any]:
+    """S streams through the 2-node pipeline, one reading thread each. CPU time counts both
+    processes (this one, with stage 0 and the coordinator, and the stage server)."""
+    import threading
+
+    import mlx.core as mx
+    import psutil
+
+    stage = psutil.Process(stage_pid)
+
+    def cpu_now() -> float:
+        times = stage.cpu_times()
+        return time.process_time() + times.user + times.system
+
+    from node.inference.events import TokenDelta
+    from node.inference.requests import GenerateRequest
+
+    mx.reset_peak_memory()
+    outs: list[list[int]] = [[] for _ in prompts]
+    walls = [0.0] * len(prompts)
+    began, cpu = time.perf_counter(), cpu_now()
+
+    def stream(i: int) -> None:
+        request = GenerateRequest(prompt_ids=prompts[i], max_tokens=tokens, ignore_eos=True)
+        for event in engine.generate(request):
+            if isinstance(event, TokenDelta):
+                outs[i] += event.token_ids
+        walls[i] = time.perf_counter() - began
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - began
+    per_stream = [len(o) / w for o, w in zip(outs, walls, strict=True)]
+    return _result(outs, wall, cpu_now() - cpu, per_stream, mx.get_peak_memory())
+
+
 def _result(
     outputs: list[list[int]], wall: float, cpu: float, per_stream: list[float], peak: int
 ) -> dict[str, Any]:
@@ -141,6 +213,27 @@ def newcomer_ttft(runner: Any, prompt: list[int], background: int) -> float:
             time.sleep(0.01)
 
 
+def _pipeline_row(
+    results: dict[tuple[str, int], list[dict[str, Any]]],
+    s: int,
+    first: int,
+    reference: list[list[int]],
+) -> dict[str, Any]:
+    """The pipeline column of one row: medians, scaling against its own one stream."""
+
+    def median(n: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[("pipeline", n)])
+
+    ours = {k: median(s, k) for k in ("aggregate_tps", "aggregate_cpu_tps", "per_stream_tps")}
+    ours["scaling"] = ours["aggregate_tps"] / median(first, "aggregate_tps")
+    ours["cpu_scaling"] = ours["aggregate_cpu_tps"] / median(first, "aggregate_cpu_tps")
+    ours["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("pipeline", s)])
+    ours["exact_streams"] = sum(
+        a == b for a, b in zip(results[("pipeline", s)][0]["tokens"], reference, strict=True)
+    )
+    return ours
+
+
 def _cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -174,6 +267,25 @@ def print_table(rows: list[dict[str, Any]], ttft: dict[str, Any]) -> None:
         f"{ttft['alone_s'] * 1e3:.0f} ms, into a running batch of {ttft['background']} "
         f"{ttft['into_batch_s'] * 1e3:.0f} ms ({ttft['ratio']:.2f}x)"
     )
+    if "pipeline" in rows[0]:
+        print_pipeline_table(rows)
+
+
+def print_pipeline_table(rows: list[dict[str, Any]]) -> None:
+    print()
+    print(
+        f"{'streams':>7} | {'2-node pipeline tok/s':>21} | {'per stream':>10} | "
+        f"{'x 1 stream':>10} | {'cpu: x 1':>8} | {'x local':>7} | {'stage-0 peak MB':>15} | exact"
+    )
+    print("-" * 104)
+    for r in rows:
+        p = r["pipeline"]
+        print(
+            f"{r['streams']:>7} | {p['aggregate_tps']:>21.1f} | {p['per_stream_tps']:>10.1f} | "
+            f"{p['scaling']:>9.2f}x | {p['cpu_scaling']:>7.2f}x | "
+            f"{p['aggregate_tps'] / r['macmesh']['aggregate_tps']:>6.2f}x | "
+            f"{p['peak_memory_bytes'] / 2**20:>15.0f} | {p['exact_streams']}/{r['streams']}"
+        )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -219,6 +331,12 @@ def main() -> None:
     parser.add_argument("--json", type=Path, default=Path("bench_batch.json"))
     parser.add_argument("--plot", type=Path, default=None, help="write a PNG plot here")
     parser.add_argument("--no-preload", action="store_true", help="do not re-exec with OpenBLAS")
+    parser.add_argument(
+        "--pipeline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run the 2-node pipeline column (a stage server process on 127.0.0.1)",
+    )
     args = parser.parse_args()
 
     if (
@@ -252,18 +370,39 @@ def main() -> None:
     runner = LocalRunner(loaded, native_mtp_enabled=False, max_batch=max(max(counts), 16))
     weights = mx.get_active_memory()
 
+    pipeline: Any = None
+    stage_proc: Any = None
+    if args.pipeline:
+        import tempfile
+
+        from node.inference.pipeline import PipelineEngine, SimplePlacement
+
+        stage_proc, address = start_stage_server(Path(tempfile.mkdtemp(prefix="bench-batch-")))
+        pipeline = PipelineEngine(
+            ensure_checkpoint(spec),
+            SimplePlacement.even(spec.num_hidden_layers, ["here", "stage"]),
+            {"stage": address},
+            local_node_id="here",
+            max_batch=max(max(counts), 16),
+        )
+        pipeline.load()
+    modes = ("macmesh", "mlx-lm", *(("pipeline",) if pipeline is not None else ()))
     for s in (1, max(counts)):  # warm-up: kernels, allocator
         run_macmesh(runner, prompts_for(s, args.prompt_tokens), 4)
         run_mlx_lm(loaded.model, prompts_for(s, args.prompt_tokens), 4)
+        if pipeline is not None:
+            run_pipeline(pipeline, prompts_for(s, args.prompt_tokens), 4, stage_proc.pid)
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     newcomer = prompts_for(1, args.newcomer_tokens, seed=5)[0]
     ttfts: dict[str, list[float]] = {"alone": [], "into_batch": []}
     for round_ in range(args.repeats):
         for s in counts:
             prompts = prompts_for(s, args.prompt_tokens, seed=s)
-            for mode in ("macmesh", "mlx-lm"):
+            for mode in modes:
                 if mode == "macmesh":
                     result = run_macmesh(runner, prompts, args.tokens)
+                elif mode == "pipeline":
+                    result = run_pipeline(pipeline, prompts, args.tokens, stage_proc.pid)
                 else:
                     result = run_mlx_lm(loaded.model, prompts, args.tokens)
                 results.setdefault((mode, s), []).append(result)
@@ -280,6 +419,11 @@ def main() -> None:
             flush=True,
         )
     runner.close()
+    if pipeline is not None:
+        pipeline.close()
+    if stage_proc is not None:
+        stage_proc.terminate()
+        stage_proc.wait(timeout=30)
 
     def median(mode: str, s: int, key: str) -> float:
         return statistics.median(r[key] for r in results[(mode, s)])
@@ -313,6 +457,8 @@ def main() -> None:
                 "exact_streams": exact,
             }
         )
+        if pipeline is not None:
+            rows[-1]["pipeline"] = _pipeline_row(results, s, counts[0], reference)
     alone, into = statistics.median(ttfts["alone"]), statistics.median(ttfts["into_batch"])
     ttft = {
         "prompt_tokens": args.newcomer_tokens,

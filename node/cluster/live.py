@@ -326,6 +326,16 @@ class PipelineInstance(Instance):
             raise InstanceUnavailable(self.unavailable_reason())
         return engine.prompt_ids(request)
 
+    @property
+    def batch_size(self) -> int:
+        engine = self.engine
+        return engine.batch_size if engine is not None else 0
+
+    @property
+    def queued(self) -> int:
+        engine = self.engine
+        return engine.queued if engine is not None else 0
+
     def generate(self, request: Any, choice: EngineChoice, cancel: CancelToken) -> Iterator[Any]:
         engine = self.engine
         if engine is None or cancel.is_set():

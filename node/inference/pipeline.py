@@ -439,6 +439,12 @@ class PipelineEngine:
         return False
 
     @property
+    def batch_size(self) -> int:
+        """Requests on the stages (holding one of the ``max_batch`` places)."""
+        with self._lock:
+            return sum(1 for r in self._active.values() if r.admitted)
+
+    @property
     def queued(self) -> int:
         """Requests waiting for a place."""
         with self._lock:

@@ -175,7 +175,7 @@ class StageRuntime:
             frames_rejected=self.frames_rejected,
             tokens_returned=self.tokens_returned,
             responses_relayed=self.responses_relayed,
-            batch_size=self.batch_size,
+            batch_size=self.batch_size if self.states else 0,
             max_batch_seen=self.max_batch_seen,
             batched_forwards=self.batched_forwards,
             max_batch=self.max_batch,
