@@ -246,6 +246,29 @@ def test_a_stage_refuses_sequences_beyond_its_budget(nodes: StageNodes) -> None:
             stub.UnloadShard(pb.UnloadShardRequest(instance_id="budget"), timeout=30)
 
 
+def test_a_dead_stage_fails_the_whole_batch_and_frees_every_place(nodes: StageNodes) -> None:
+    """Runs last of the cluster tests: it kills a node. Two requests decode, a third waits for
+    a place; the stage dies: all three end with UNAVAILABLE (the waiting one once it gets its
+    place), none hangs, and the coordinator holds no place and no request afterwards."""
+    victim = nodes[1]
+    engine = engine_for("dense", ["coordinator", victim.name], nodes, max_batch=2)
+    try:
+        clients = [Client(engine, ids(10, 70 + i), 3000, False) for i in range(3)]
+        for c in clients:
+            c.start()
+        wait_for(lambda: engine.queued == 1 and engine.batch_size == 2, 60, what="a full batch")
+        clients[0].wait_tokens(2)
+        victim.kill()
+        for c in clients:
+            c.join(120)
+            assert not c.is_alive()
+            assert isinstance(c.error, PipelineError), c.error
+            assert c.error.code == grpc.StatusCode.UNAVAILABLE
+        assert (engine.batch_size, engine.queued, engine.in_flight) == (0, 0, [])
+    finally:
+        engine.close()
+
+
 # ---- the pure parts ----
 
 
