@@ -410,17 +410,27 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
 
         def incoming() -> Iterator[Any]:
             for request in requests:
-                if request.WhichOneof("kind") == "activation":
+                kind = request.WhichOneof("kind")
+                if kind == "activation":
                     arrivals.arrived(request.request_id, instance)
+                elif kind == "batch":  # a batched forward: each row's request is timed
+                    for row in request.batch.rows:
+                        arrivals.arrived(row.request_id, instance)
                 yield request
+
+        def observe(request_id: str) -> None:
+            timed = arrivals.answered(request_id)
+            if timed is not None:
+                label, seconds = timed
+                self.metrics.stage_forward.labels(instance=label).observe(seconds)
 
         for response in inner(incoming(), context):
             kind = response.WhichOneof("kind")
             if kind == "token":
-                timed = arrivals.answered(response.request_id)
-                if timed is not None:
-                    label, seconds = timed
-                    self.metrics.stage_forward.labels(instance=label).observe(seconds)
+                observe(response.request_id)
+            elif kind == "tokens":  # a batched forward's tokens
+                for batched in response.tokens.tokens:
+                    observe(batched.request_id)
             elif kind in ("released", "error"):
                 arrivals.answered(response.request_id)
             yield response
