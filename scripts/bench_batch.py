@@ -153,6 +153,7 @@ def run_pipeline(
     mx.reset_peak_memory()
     outs: list[list[int]] = [[] for _ in prompts]
     walls = [0.0] * len(prompts)
+    before = [(st.frames_processed, st.batched_forwards) for st in engine.status()]
     began, cpu = time.perf_counter(), cpu_now()
 
     def stream(i: int) -> None:
@@ -169,7 +170,13 @@ def run_pipeline(
         t.join()
     wall = time.perf_counter() - began
     per_stream = [len(o) / w for o, w in zip(outs, walls, strict=True)]
-    return _result(outs, wall, cpu_now() - cpu, per_stream, mx.get_peak_memory())
+    result = _result(outs, wall, cpu_now() - cpu, per_stream, mx.get_peak_memory())
+    # What each stage computed: forwards (prefill chunks included) and how many were batched.
+    result["stage_forwards"] = [
+        {"forwards": st.frames_processed - f, "batched": st.batched_forwards - b}
+        for st, (f, b) in zip(engine.status(), before, strict=True)
+    ]
+    return result
 
 
 def _result(
@@ -228,6 +235,7 @@ def _pipeline_row(
     ours["scaling"] = ours["aggregate_tps"] / median(first, "aggregate_tps")
     ours["cpu_scaling"] = ours["aggregate_cpu_tps"] / median(first, "aggregate_cpu_tps")
     ours["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("pipeline", s)])
+    ours["stage_forwards"] = results[("pipeline", s)][0]["stage_forwards"]  # the first round's
     ours["exact_streams"] = sum(
         a == b for a, b in zip(results[("pipeline", s)][0]["tokens"], reference, strict=True)
     )
