@@ -9,15 +9,16 @@ cost is 0.  Each shape runs once to warm up, then ``repeats`` times; the fastest
 processes only ever add time).  ``clock`` is ``time.perf_counter``; a benchmark on a shared
 machine may pass ``time.process_time`` (the work this process did, on MLX's CPU backend).
 
-Only batch size 1 is measured here; batched engines add rows for their batch sizes (the
-``CostTable`` is keyed by batch size).  The engine refreshes the table from the cycles it
+``batch_sizes`` says which batch sizes to measure (the single-sequence engine: 1; the batched
+one: 1, 2, 4, ... up to its ``max_batch``; the ``CostTable`` interpolates between them). A
+[B, T] shape runs B identical rows: a forward's cost does not depend on the token values.  The engine refreshes the table from the cycles it
 times (``CostTable.observe``), so this only has to be right to within the load of the moment.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import mlx.core as mx
 
@@ -47,23 +48,42 @@ def measure_costs(
     max_k: int,
     repeats: int = REPEATS,
     clock: Callable[[], float] = time.perf_counter,
+    batch_sizes: Sequence[int] = (1,),
 ) -> CostTable:
-    """Seconds of verify(T) and draft(k) at batch size 1 on this machine, now."""
+    """Seconds of verify(B, T) and draft(B, k) for each batch size B on this machine, now."""
+    verify: dict[int, list[float]] = {}
+    draft: dict[int, list[float]] = {}
+    for batch in batch_sizes:
+        # Larger batches take longer per sample; fewer samples keep loading quick.
+        n = repeats if batch == 1 else max(2, repeats // 2)
+        verify[batch], draft[batch] = _measure_batch(loaded, head, max_k, batch, n, clock)
+    return CostTable(verify=verify, draft=draft)
+
+
+def _measure_batch(
+    loaded: LoadedModel,
+    head: MtpHead,
+    max_k: int,
+    batch: int,
+    repeats: int,
+    clock: Callable[[], float],
+) -> tuple[list[float], list[float]]:
     model = loaded.model
     tm = forward.text_model(model)
     vocab = loaded.vocab_size
+    # Every row the same tokens: the cost of a [B, T] forward does not depend on the values.
     ids = [(7 * i + 3) % vocab for i in range(CONTEXT_TOKENS + max_k + 2)]
     cache = model.make_cache()
-    hidden = tm(mx.array(ids[:CONTEXT_TOKENS])[None], cache)
+    hidden = tm(mx.array([ids[:CONTEXT_TOKENS]] * batch), cache)
     mtp_cache = head.make_cache()
-    tokens = mx.array(ids[1:CONTEXT_TOKENS])[None]
+    tokens = mx.array([ids[1:CONTEXT_TOKENS]] * batch)
     head(forward.embed(model, tokens), hidden[:, :-1], mtp_cache)
     mx.eval(hidden, [c.state for c in cache], mtp_cache.state)
     pending_hidden = mx.concatenate([hidden[:, -1:], hidden[:, -1:]], axis=1)
-    pending_tokens = mx.array([ids[CONTEXT_TOKENS : CONTEXT_TOKENS + 2]])
+    pending_tokens = mx.array([ids[CONTEXT_TOKENS : CONTEXT_TOKENS + 2]] * batch)
 
     def verify(t: int) -> Callable[[], None]:
-        inputs = mx.array([ids[CONTEXT_TOKENS : CONTEXT_TOKENS + t]])
+        inputs = mx.array([ids[CONTEXT_TOKENS : CONTEXT_TOKENS + t]] * batch)
 
         def run() -> None:
             if t == 1:
@@ -71,7 +91,7 @@ def measure_costs(
             else:
                 h, pending = verify_forward(tm, inputs, cache)
                 commit_verified(cache, pending, 1, t)
-            out = mx.argmax(forward.logits(model, h[0]), axis=-1)
+            out = mx.argmax(forward.logits(model, h), axis=-1)
             mx.eval(out, [c.state for c in cache])
             # Keep the cache length fixed; the recurrent state drifts by one token per call,
             # which does not change the cost.
@@ -86,7 +106,7 @@ def measure_costs(
             x = head(forward.embed(model, pending_tokens), pending_hidden, mtp_cache)[:, -1:]
             token = mx.argmax(forward.logits(model, x[:, -1]), axis=-1)
             for _ in range(k - 1):
-                x = head(forward.embed(model, token[None]), x, mtp_cache)
+                x = head(forward.embed(model, token[:, None]), x, mtp_cache)
                 token = mx.argmax(forward.logits(model, x[:, -1]), axis=-1)
             mx.eval(token)
             mtp_cache.trim(k + 1)
@@ -95,9 +115,7 @@ def measure_costs(
 
     verify_s = [_seconds(verify(t), repeats, clock) for t in range(1, max_k + 2)]
     draft_s = [0.0] + [_seconds(draft(k), repeats, clock) for k in range(1, max_k + 1)]
-    return CostTable(
-        verify={1: no_dearer_than_longer(verify_s)}, draft={1: no_dearer_than_longer(draft_s)}
-    )
+    return no_dearer_than_longer(verify_s), no_dearer_than_longer(draft_s)
 
 
 def no_dearer_than_longer(seconds: list[float]) -> list[float]:

@@ -170,7 +170,7 @@ class MtpEngine:
                 loaded=loaded,
                 prepared=prepared,
                 clock=clock,
-                num_draft_tokens=_mean_k(k_counts),
+                num_draft_tokens=mean_k(k_counts),
                 draft_k_histogram=k_counts,
                 proposed=run.proposed,
                 accepted=run.accepted,
@@ -330,7 +330,7 @@ class _MtpRun:
         return self.keys.at(position) if self.seeded else self.keys.next()
 
 
-def _mean_k(counts: list[int]) -> float:
+def mean_k(counts: list[int]) -> float:
     cycles = sum(counts)
     return sum(k * c for k, c in enumerate(counts)) / cycles if cycles else 0.0
 

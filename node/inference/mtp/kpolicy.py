@@ -188,6 +188,42 @@ class AcceptanceEstimate:
 
 
 @dataclass
+class Prober:
+    """When to probe with K = 1 during a stretch of K = 0 cycles (the module docstring)."""
+
+    interval: int = MIN_PROBE_INTERVAL
+    cap: int = MAX_PROBE_INTERVAL
+    zero_run: int = 0
+    probing: bool = False
+
+    def after_choice(self, k: int, bound: int) -> int:
+        """The policy chose ``k``: the K to run (1 when a probe is due)."""
+        self.probing = False
+        if k == 0 and bound >= 1:
+            self.zero_run += 1
+            if self.zero_run >= self.interval:
+                k, self.probing = 1, True
+        else:
+            self.zero_run = 0
+        return k
+
+    def after_cycle(self, accepted: bool) -> None:
+        if not self.probing:
+            return
+        self.zero_run = 0
+        if accepted:
+            # Probe again next cycle: good drafts are back until shown otherwise.
+            self.zero_run = self.interval
+            self.interval = MIN_PROBE_INTERVAL
+        else:
+            self.interval = min(2 * self.interval, self.cap)
+
+    def probe_due_next(self) -> bool:
+        """After a K = 0 cycle: would the next K = 0 choice turn into a probe?"""
+        return self.zero_run + 1 >= self.interval
+
+
+@dataclass
 class KPolicy:
     """One request's K, cycle after cycle: estimate, choose, probe at K = 0.
 
@@ -200,48 +236,73 @@ class KPolicy:
     pin: int | None = None
     estimate: AcceptanceEstimate = field(init=False)
     current_k: int = field(init=False)
-    probe_interval: int = MIN_PROBE_INTERVAL
-    _zero_run: int = 0
-    _probe_cap: int = MAX_PROBE_INTERVAL
+    probe: Prober = field(default_factory=Prober)
     _started: bool = False
-    _probing: bool = False
 
     def __post_init__(self) -> None:
         self.estimate = AcceptanceEstimate(self.max_k)
         self.current_k = self.pin if self.pin is not None else min(self.start_k, self.max_k)
 
+    @property
+    def probe_interval(self) -> int:
+        return self.probe.interval
+
     def next_k(self, costs: CostTable | None, limit: int | None = None, batch: int = 1) -> int:
         """K for the next cycle; ``limit`` caps it (tokens the request may still emit)."""
         if costs is not None:
-            self._probe_cap = probe_interval_cap(costs, batch)
+            self.probe.cap = probe_interval_cap(costs, batch)
         bound = self.max_k if limit is None else max(0, min(self.max_k, limit))
         if self.pin is not None:
             k = min(self.pin, bound)
         elif not self._started or costs is None:
             k = min(self.start_k, bound)
         else:
-            k = choose_k([self.estimate.rates()], costs, bound, batch=batch)
-            self._probing = False
-            if k == 0 and bound >= 1:
-                self._zero_run += 1
-                if self._zero_run >= self.probe_interval:
-                    k, self._probing = 1, True
-            else:
-                self._zero_run = 0
+            k = self.probe.after_choice(
+                choose_k([self.estimate.rates()], costs, bound, batch=batch), bound
+            )
         self.current_k = k
         return k
 
     def observe(self, k: int, accepted: int) -> None:
         self._started = True
         self.estimate.observe(k, accepted)
-        if self._probing:
-            self._zero_run = 0
-            if accepted > 0:
-                # Probe again next cycle: good drafts are back until shown otherwise.
-                self._zero_run = self.probe_interval
-                self.probe_interval = MIN_PROBE_INTERVAL
-            else:
-                self.probe_interval = min(2 * self.probe_interval, self._probe_cap)
+        self.probe.after_cycle(accepted > 0)
+
+
+@dataclass
+class BatchKPolicy:
+    """One K per cycle for a batch that drafts and verifies together.
+
+    The batch's K maximises the expected tokens of all its rows per second of a [B, K+1]
+    cycle (``choose_k`` over every row's acceptance estimate, each row's own); the probe
+    schedule is the batch's (one K = 1 probe tests every row at once). Before any row has
+    evidence the first cycle runs at ``start_k``. The caller owns the rows' estimates and
+    feeds them what each cycle did (``AcceptanceEstimate.observe``).
+    """
+
+    max_k: int
+    start_k: int
+    probe: Prober = field(default_factory=Prober)
+
+    def next_k(
+        self, estimates: Sequence[AcceptanceEstimate], costs: CostTable, bound: int, batch: int
+    ) -> int:
+        """K for the batch's next cycle; ``bound`` caps it (the most any row may still use)."""
+        self.probe.cap = probe_interval_cap(costs, batch)
+        bound = max(0, min(self.max_k, bound))
+        if not any(sum(e.tries) > 0 for e in estimates):
+            return min(self.start_k, bound)
+        rates = [e.rates() for e in estimates]
+        return self.probe.after_choice(choose_k(rates, costs, bound, batch=batch), bound)
+
+    def observe(self, k: int, rows: Sequence[tuple[int, int]]) -> None:
+        """A cycle ran at ``k``; ``rows``: each unpinned row's (drafts it tried, accepted)."""
+        if k > 0:
+            self.probe.after_cycle(any(n > 0 for _, n in rows))
+
+    def stays_at_zero(self) -> bool:
+        """After a K = 0 cycle: will the next one be K = 0 too, unless something changes?"""
+        return not self.probe.probe_due_next()
 
 
 def probe_interval_cap(costs: CostTable, batch: int = 1) -> int:
