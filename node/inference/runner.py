@@ -3,8 +3,8 @@
 ``generate`` runs one request on the caller's thread (the CLI's ``--local`` mode);
 ``submit`` hands it to the instance's batch scheduler (a single-node daemon instance), which
 runs every request of the instance on one worker thread: ``local`` requests decode together
-in one batch of up to ``max_batch``, ``native_mtp`` requests run their cycles in turn with
-it (``node.inference.batching``). The MTP head
+in one batch of up to ``max_batch``, ``native_mtp`` requests draft and verify together in
+another (``MtpBatchStep``), both within the instance's ``max_batch``. The MTP head
 is recovered the first time a request selects ``native_mtp``; if recovery fails although the
 probe looked fine, ``auto`` requests fall back to ``local`` with the reason and explicit
 ``native_mtp`` requests get the ``MtpUnavailable`` error.
@@ -15,8 +15,9 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 
+from node.inference.batching.mtp_step import MtpBatchStep
 from node.inference.batching.scheduler import DEFAULT_MAX_BATCH, BatchScheduler, Cancel
-from node.inference.batching.steps import GeneratorStep, LocalBatchStep
+from node.inference.batching.steps import LocalBatchStep
 from node.inference.engine import LocalEngine
 from node.inference.events import GenerationEvent
 from node.inference.loading import LoadedModel
@@ -84,7 +85,10 @@ class LocalRunner:
 
     @property
     def mtp_current_k(self) -> int | None:
-        """The K the MTP engine's policy chose for its latest cycle (status shows it)."""
+        """The K of the latest native-MTP cycle (status shows it): the batch's, once it ran."""
+        step = self._scheduler.steps.get("native_mtp") if self._scheduler is not None else None
+        if isinstance(step, MtpBatchStep) and step.current_k is not None:
+            return step.current_k
         return self._mtp.current_k if self._mtp is not None else None
 
     def generate(self, request: GenerateRequest) -> Iterator[GenerationEvent]:
@@ -106,16 +110,16 @@ class LocalRunner:
                             context_tokens=self.context_tokens,
                             prompt_cache=self.prompt_cache,
                         ),
-                        "native_mtp": GeneratorStep(self._start_mtp),
+                        # The head loads when the first native-MTP request joins (select
+                        # recovered it by then); instances that never select MTP never do.
+                        "native_mtp": MtpBatchStep(
+                            self.loaded, None, self.max_batch, context_tokens=self.context_tokens
+                        ),
                     },
                     max_batch=self.max_batch,
                     name=f"batch-{self.loaded.card.id}" if self.loaded.card else "batch",
                 )
             return self._scheduler
-
-    def _start_mtp(self, request: GenerateRequest, reason: str) -> Iterator[GenerationEvent]:
-        assert self._mtp is not None
-        return self._mtp.generate(request, reason=reason)
 
     def submit(
         self, request: GenerateRequest, cancel: Cancel | None = None

@@ -166,7 +166,7 @@ class MtpBatchStep:
     def __init__(
         self,
         loaded: LoadedModel,
-        head: MtpHead,
+        head: MtpHead | None,
         max_batch: int,
         prefill_chunk: int = BATCH_PREFILL_CHUNK,
         context_tokens: int | None = None,
@@ -176,7 +176,7 @@ class MtpBatchStep:
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
-        self.head = head
+        self._head = head  # None: the checkpoint's, loaded when the first request joins
         self.max_batch = max_batch
         self.prefill_chunk = prefill_chunk
         self.context_tokens = context_tokens  # per-sequence memory budget: generation stops there
@@ -197,6 +197,12 @@ class MtpBatchStep:
 
     def __len__(self) -> int:
         return len(self._prefilling) + len(self._rows)
+
+    @property
+    def head(self) -> MtpHead:
+        if self._head is None:
+            self._head = self.loaded.mtp_head()
+        return self._head
 
     def cost_table(self) -> CostTable:
         """[B, K+1] costs for B up to ``max_batch``, measured on first use."""
@@ -344,6 +350,7 @@ class MtpBatchStep:
         self._flush_queued()
         self._cache = _extend(self._cache, [_to_batch(c) for c in row.cache])
         mtp = BatchKVCache.merge([row.mtp_cache])
+        mtp.is_head = True  # type: ignore[attr-defined]  # tells the tests' controls apart
         if self._mtp_cache is None:
             self._mtp_cache = mtp
         else:

@@ -1,0 +1,332 @@
+"""Batched native MTP: every sequence of a batch drafts and verifies with the others, and its
+greedy output is its output alone.
+
+The reference is mlx-lm's own target-only ``generate_step`` on each prompt alone (penalties
+and logit bias through mlx-lm's ``make_logits_processors``) — independent of our caches,
+sampling and rollback. Requests are all submitted up front and read afterwards, with
+``max_batch`` below their number: sequences join as earlier ones finish (different budgets),
+one leaves early (its reader cancels), so every sequence shares cycles with rows that accept
+different prefix lengths, join and leave. The "partial" checkpoints accept ~40-70% of drafts
+(accept, partial-accept and reject paths in the same cycle); prompts of 1 to 310 tokens cross
+prefill chunks (64 here). The negative controls break one piece of the per-row rollback and
+show the same comparison fails.
+"""
+
+from __future__ import annotations
+
+import random
+from functools import cache
+
+import mlx.core as mx
+import pytest
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_logits_processors
+
+from node.checkpoints import PRESETS, ensure_checkpoint
+from node.cluster.live import CancelToken
+from node.inference import forward
+from node.inference.batching import mtp_step
+from node.inference.batching.mtp_step import MtpBatchStep
+from node.inference.batching.scheduler import BatchScheduler, Sequence
+from node.inference.events import GenerationDone, TokenDelta
+from node.inference.loading import LoadedModel, load_checkpoint
+from node.inference.mtp.kpolicy import CostTable
+from node.inference.requests import GenerateRequest
+from node.inference.runner import LocalRunner
+from node.inference.sampling import SamplingParams
+
+PENALTIES = dict(
+    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
+)
+LENGTHS = [1, 310, 5, 64, 2, 120, 30, 17]
+BUDGETS = [12, 20, 6, 16, 9, 14, 5, 11]
+
+
+@cache
+def loaded(name: str) -> LoadedModel:
+    return load_checkpoint(ensure_checkpoint(PRESETS[name]))
+
+
+def ids(n: int, seed: int) -> list[int]:
+    rng = random.Random(seed)
+    return [rng.randrange(0, 500) for _ in range(n)]
+
+
+@cache
+def reference(name: str, prompt: tuple[int, ...], max_tokens: int, penalties: bool) -> list[int]:
+    """mlx-lm alone on this prompt: the sequence's expected greedy output."""
+    processors = (
+        make_logits_processors(
+            logit_bias=PENALTIES["logit_bias"],
+            repetition_penalty=PENALTIES["repetition_penalty"],
+            presence_penalty=PENALTIES["presence_penalty"],
+            frequency_penalty=PENALTIES["frequency_penalty"],
+        )
+        if penalties
+        else None
+    )
+    steps = generate_step(
+        mx.array(list(prompt)),
+        loaded(name).model,
+        max_tokens=max_tokens,
+        sampler=lambda x: mx.argmax(x, -1),
+        logits_processors=processors,
+    )
+    return [int(t) for t, _ in steps]
+
+
+def frozen_costs(max_k: int) -> CostTable:
+    """A cost table where drafting pays only while acceptance is high (~0.5 is break-even
+    for K = 1): with the partial heads the policy moves between K = 0 and deeper K. Frozen
+    (``ewma_weight=0``), so the K sequence does not depend on this machine's timings."""
+    verify = [1.0 + 0.3 * t for t in range(max_k + 1)]
+    draft = [0.0] + [0.15 * k for k in range(1, max_k + 1)]
+    return CostTable(
+        verify={1: verify, 4: [2 * v for v in verify]},
+        draft={1: draft, 4: [2 * d for d in draft]},
+        ewma_weight=0.0,
+    )
+
+
+class RecordingStep(MtpBatchStep):
+    """The real batched MTP step, noting each cycle's batch size and K."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cycles: list[tuple[int, int]] = []
+
+    def _cycle(self, out) -> None:
+        batch = len(self._rows)
+        super()._cycle(out)
+        self.cycles.append((batch, self.current_k or 0))
+
+
+def request(prompt: list[int], max_tokens: int, penalties: bool, k: int | None) -> GenerateRequest:
+    sampling = SamplingParams(**PENALTIES) if penalties else SamplingParams()
+    return GenerateRequest(
+        prompt_ids=prompt, max_tokens=max_tokens, ignore_eos=True, sampling=sampling, mtp_k=k
+    )
+
+
+def run_batch(name: str, mode: str) -> tuple[list[tuple[list[int], GenerationDone]], RecordingStep]:
+    """Every case through one batch of 3; returns (expected, final event) per case."""
+    lm = loaded(name)
+    max_k = lm.mtp_k_limits[1]
+    fixed = int(mode[1:]) if mode.startswith("K") else None
+    step = RecordingStep(
+        lm, lm.mtp_head(), 3, prefill_chunk=64, costs=frozen_costs(max_k), fixed_k=fixed
+    )
+    scheduler = BatchScheduler({"native_mtp": step}, max_batch=3)
+    cases = []
+    for seed, n in enumerate(LENGTHS):
+        # "pinned": requests pin different K (1..4 and unpinned) in the same batch.
+        k = [1, 4, None, 2, 3, None, 4, 1][seed] if mode == "pinned" else None
+        cases.append((ids(n, seed), BUDGETS[seed], seed % 2 == 1, k))
+    results = []
+    try:
+        cancel = CancelToken()
+        leaving = scheduler.submit(
+            request(ids(40, 99), 200, False, None), "native_mtp", "native_mtp", cancel
+        )
+        streams = [scheduler.submit(request(*case), "native_mtp", "native_mtp") for case in cases]
+        next(leaving)
+        cancel.set()
+        assert not any(isinstance(e, GenerationDone) for e in leaving)
+        for (prompt, budget, penalties, _), stream in zip(cases, streams, strict=True):
+            events = list(stream)
+            done = events[-1]
+            assert isinstance(done, GenerationDone)
+            deltas = [t for e in events if isinstance(e, TokenDelta) for t in e.token_ids]
+            assert deltas == done.token_ids
+            results.append((reference(name, tuple(prompt), budget, penalties), done))
+    finally:
+        scheduler.close()
+    assert len(step) == 0  # every sequence left, the cancelled one included
+    return results, step
+
+
+MATRIX = [
+    ("dense-partial", "K1"),
+    ("dense-partial", "K2"),
+    ("dense-partial", "K3"),
+    ("dense-partial", "K4"),
+    ("dense-partial", "adaptive"),
+    ("dense-partial", "pinned"),
+    ("dense-none", "adaptive"),  # long K = 0 stretches: the pipelined decode path
+    ("moe-partial", "K3"),
+    ("moe-partial", "adaptive"),
+]
+
+
+@pytest.mark.parametrize(("name", "mode"), MATRIX, ids=[f"{n}-{m}" for n, m in MATRIX])
+def test_each_sequence_in_an_mtp_batch_equals_mlx_lm_alone(name: str, mode: str) -> None:
+    results, step = run_batch(name, mode)
+    for i, (expected, done) in enumerate(results):
+        assert done.token_ids == expected, f"case {i} (prompt of {LENGTHS[i]} tokens)"
+        stats = done.stats
+        assert (stats.engine, done.finish_reason) == ("native_mtp", "length")
+        assert stats.generation_tokens == BUDGETS[i]
+        hist = stats.draft_k_histogram
+        assert stats.num_draft_tokens == pytest.approx(
+            sum(k * c for k, c in enumerate(hist)) / sum(hist)
+        )
+        assert 0 <= stats.accepted_draft_tokens <= stats.proposed_draft_tokens
+        if mode.startswith("K"):
+            assert hist[int(mode[1:])] == sum(hist)  # every cycle at the forced K
+    assert max(b for b, _ in step.cycles) == 3  # really batched, never above max_batch
+    ks = {k for _, k in step.cycles}
+    if mode == "adaptive" and name != "dense-none":
+        assert 0 in ks and len(ks) > 1  # the policy moved K, to 0 and back up
+    if name == "dense-none":
+        assert sum(k == 0 for _, k in step.cycles) > len(step.cycles) / 2
+    if name.endswith("partial"):
+        accepted = sum(d.stats.accepted_draft_tokens for _, d in results)
+        proposed = sum(d.stats.proposed_draft_tokens for _, d in results)
+        assert 0.2 < accepted / proposed < 0.95  # accept and reject paths both ran
+
+
+def test_pinned_rows_accept_at_most_their_own_k() -> None:
+    results, step = run_batch("dense-high", "pinned")
+    pins = [1, 4, None, 2, 3, None, 4, 1]
+    for (expected, done), pin in zip(results, pins, strict=True):
+        assert done.token_ids == expected
+        hist = done.stats.draft_k_histogram
+        if pin is not None:
+            assert hist[pin] == sum(hist)
+            # A high-agreement head: a pinned row takes its K drafts and a bonus per cycle,
+            # never the batch's deeper drafts.
+            cycles = sum(hist)
+            assert done.stats.accepted_draft_tokens <= cycles * pin
+            assert done.stats.generation_tokens <= 1 + cycles * (pin + 1)
+    assert {k for _, k in step.cycles} >= {4}
+
+
+_original_drop_tail = mtp_step._drop_tail
+
+
+def _target_uniform_trim(cache, drop: list[int]) -> None:
+    if getattr(cache, "is_head", False):
+        _original_drop_tail(cache, drop)
+    else:
+        cache.trim(min(drop))  # wrong: rows that accepted less keep their rejected entries
+
+
+def _head_uniform_trim(cache, drop: list[int]) -> None:
+    if getattr(cache, "is_head", False):
+        cache.trim(min(drop))  # wrong: short rows keep the padding pairs in the head's cache
+    else:
+        _original_drop_tail(cache, drop)
+
+
+def _commit_longest(cache, pending, n_accepted) -> None:
+    # wrong: every row commits the state after the longest accepted prefix
+    longest = mx.full(n_accepted.shape, mx.max(n_accepted).item(), dtype=mx.int32)
+    _original_commit(cache, pending, longest)
+
+
+_original_commit = mtp_step.commit_rows
+
+
+@pytest.mark.parametrize("broken", ["kv", "gdn"])
+def test_a_wrong_per_row_rollback_is_caught(monkeypatch, broken: str) -> None:
+    """Negative controls: the same comparison fails when one cache's rollback ignores rows."""
+    if broken == "kv":
+        monkeypatch.setattr(mtp_step, "_drop_tail", _target_uniform_trim)
+    else:
+        monkeypatch.setattr(mtp_step, "commit_rows", _commit_longest)
+    results, _ = run_batch("dense-partial", "K3")
+    assert any(done.token_ids != expected for expected, done in results)
+
+
+def head_cache_error(broken: bool) -> float:
+    """Largest difference between each row's head cache (its valid entries) and the head run
+    afresh over that row's true pairs ``(h_j, x_{j+1})`` (target hiddens of its own tokens)."""
+    lm = loaded("dense-partial")
+    model, head = lm.model, lm.mtp_head()
+    step = MtpBatchStep(lm, head, 3, prefill_chunk=64, fixed_k=3)
+    for uid, n in enumerate([3, 70, 12]):
+        req = GenerateRequest(prompt_ids=ids(n, uid), max_tokens=40, ignore_eos=True)
+        step.join(Sequence(uid, req, "native_mtp", "native_mtp", CancelToken()))
+    for _ in range(8):
+        step.step()
+    cache = step._mtp_cache
+    assert cache is not None and len(step._rows) == 3
+    padding = cache.left_padding.tolist()
+    worst = 0.0
+    for r, row in enumerate(step._rows):
+        fed = cache._idx - padding[r]
+        if fed + len(row.pending_tokens) != len(row.history) - 1:  # every pair, once
+            return float("inf")
+        tokens = mx.array(row.history)[None]
+        hidden = forward.hidden_states(model, tokens[:, :fed], model.make_cache())
+        fresh = head.make_cache()
+        head(forward.embed(model, tokens[:, 1 : fed + 1]), hidden, fresh)
+        got = cache.keys[r : r + 1, :, padding[r] : cache._idx]
+        worst = max(worst, mx.abs(got - fresh.keys[..., :fed, :]).max().item())
+    return worst
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["rolled", "negative-control"])
+def test_each_rows_head_cache_holds_its_true_pairs(monkeypatch, broken: bool) -> None:
+    """The head's cache only shapes the drafts (a wrong one keeps the output exact and costs
+    acceptance), so it is checked directly: rows whose pending pairs were padded to the
+    longest must drop the padding."""
+    if broken:
+        monkeypatch.setattr(mtp_step, "_drop_tail", _head_uniform_trim)
+    error = head_cache_error(broken)
+    if broken:
+        assert error > 1e-2
+    else:
+        assert error < 1e-4  # cross-shape rounding only
+
+
+def test_seeded_sampling_does_not_depend_on_the_batch() -> None:
+    """A sampled row draws from its own key stream, at its own K: the batch's other rows (and
+    the deeper K they pin) do not change what it emits."""
+    lm = loaded("dense-partial")
+    params = [
+        (SamplingParams(temperature=0.9, seed=5), 2),
+        (SamplingParams(temperature=0.7, top_p=0.9, seed=6, **PENALTIES), 1),
+        (SamplingParams(temperature=1.2, top_k=40, min_p=0.05, seed=7), 3),
+    ]
+    reqs = [
+        GenerateRequest(
+            prompt_ids=ids(20 + 9 * i, i), max_tokens=16, ignore_eos=True, sampling=p, mtp_k=k
+        )
+        for i, (p, k) in enumerate(params)
+    ]
+
+    def generate(batch: list[GenerateRequest]) -> list[list[int]]:
+        step = MtpBatchStep(lm, lm.mtp_head(), 4, costs=frozen_costs(lm.mtp_k_limits[1]))
+        scheduler = BatchScheduler({"native_mtp": step}, max_batch=4)
+        try:
+            streams = [scheduler.submit(r, "native_mtp", "native_mtp") for r in batch]
+            return [list(s)[-1].token_ids for s in streams]
+        finally:
+            scheduler.close()
+
+    alone = [generate([r])[0] for r in reqs]
+    assert generate(reqs) == alone
+    assert len({tuple(t) for t in alone}) == 3
+
+
+def test_runner_batches_native_mtp_within_the_memory_budget() -> None:
+    """Through the runner (what a daemon instance runs): native-MTP requests share one batch,
+    status' current K follows it, and generation stops at the instance's per-sequence budget
+    (``context_tokens``) as local requests do."""
+    lm = loaded("dense-high")
+    runner = LocalRunner(lm, max_batch=4, context_tokens=40)
+    try:
+        streams = [
+            runner.submit(GenerateRequest(prompt_ids=ids(30, s), max_tokens=30, ignore_eos=True))
+            for s in range(3)
+        ]
+        dones = [list(s)[-1] for s in streams]
+    finally:
+        runner.close()
+    for s, done in enumerate(dones):
+        assert done.stats.engine == "native_mtp"
+        assert (done.finish_reason, done.stats.generation_tokens) == ("length", 10)
+        assert done.token_ids == reference("dense-high", tuple(ids(30, s)), 10, False)
+        assert done.stats.acceptance_rate is not None and done.stats.acceptance_rate > 0.8
+    assert runner.mtp_current_k is not None
