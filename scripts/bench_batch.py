@@ -12,6 +12,9 @@ greedy requests with different prompts, all submitted at once, through
 
 - ``macmesh``: the instance's batch scheduler (``LocalRunner.submit``, ``max_batch`` = the
   largest S), i.e. what a daemon instance runs, detokenization and stats included;
+- ``native-mtp``: the same scheduler on a second runner with native MTP on (auto K:
+  ``MtpBatchStep``, the batch drafts and verifies together, K from the policy and the cost
+  table measured at load), same prompts;
 - ``mlx-lm``: ``mlx_lm.generate.BatchGenerator`` on the same model (the anchor), inserting the
   same prompts and stepping until every sequence is done.
 
@@ -55,7 +58,9 @@ def prompts_for(streams: int, length: int, seed: int = 0) -> list[list[int]]:
     return [[rng.randrange(0, 500) for _ in range(length)] for _ in range(streams)]
 
 
-def run_macmesh(runner: Any, prompts: list[list[int]], tokens: int) -> dict[str, Any]:
+def run_macmesh(
+    runner: Any, prompts: list[list[int]], tokens: int, engine: str = "local"
+) -> dict[str, Any]:
     import mlx.core as mx
 
     from node.inference.requests import GenerateRequest
@@ -63,19 +68,25 @@ def run_macmesh(runner: Any, prompts: list[list[int]], tokens: int) -> dict[str,
     mx.reset_peak_memory()
     began, cpu = time.perf_counter(), time.process_time()
     streams = [
-        runner.submit(GenerateRequest(prompt_ids=p, max_tokens=tokens, ignore_eos=True))
+        runner.submit(
+            GenerateRequest(prompt_ids=p, max_tokens=tokens, ignore_eos=True, engine=engine)
+        )
         for p in prompts
     ]
     finished: list[float] = []
     outputs: list[list[int]] = []
+    mean_k: list[float] = []
     for stream in streams:  # the worker never waits for a reader: reading in turn is fair
         done = list(stream)[-1]
         finished.append(time.perf_counter())
         outputs.append(done.token_ids)
+        mean_k.append(done.stats.num_draft_tokens)
     wall = max(finished) - began
     # A stream's own rate: its tokens over the time from submission to its last token.
     per_stream = [len(o) / (t - began) for o, t in zip(outputs, finished, strict=True)]
-    return _result(outputs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory())
+    result = _result(outputs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory())
+    result["mean_k"] = statistics.mean(mean_k)
+    return result
 
 
 def run_mlx_lm(model: Any, prompts: list[list[int]], tokens: int) -> dict[str, Any]:
@@ -271,6 +282,20 @@ def print_table(rows: list[dict[str, Any]], ttft: dict[str, Any]) -> None:
         )
     print()
     print(
+        f"{'streams':>7} | {'native MTP tok/s':>16} | {'per stream':>10} | {'x local':>8} | "
+        f"{'x local (rounds)':>16} | {'cpu: x local':>12} | {'mean K':>6} | {'peak MB':>8} | exact"
+    )
+    print("-" * 110)
+    for r in rows:
+        m = r["native_mtp"]
+        print(
+            f"{r['streams']:>7} | {m['aggregate_tps']:>16.1f} | {m['per_stream_tps']:>10.1f} | "
+            f"{m['vs_local']:>7.2f}x | {m['vs_local_rounds']:>15.2f}x | "
+            f"{m['cpu_vs_local']:>11.2f}x | {m['mean_k']:>6.2f} | "
+            f"{m['peak_memory_bytes'] / 2**20:>8.0f} | {m['exact_streams']}/{r['streams']}"
+        )
+    print()
+    print(
         f"newcomer TTFT ({ttft['prompt_tokens']}-token prompt): alone "
         f"{ttft['alone_s'] * 1e3:.0f} ms, into a running batch of {ttft['background']} "
         f"{ttft['into_batch_s'] * 1e3:.0f} ms ({ttft['ratio']:.2f}x)"
@@ -309,6 +334,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.4, 4.0))
     ax.plot(streams, [r["macmesh"]["aggregate_tps"] for r in rows], "o-", label="macmesh")
     ax.plot(streams, [r["mlx_lm"]["aggregate_tps"] for r in rows], "s--", label="mlx-lm")
+    ax.plot(streams, [r["native_mtp"]["aggregate_tps"] for r in rows], "^-", label="native MTP")
     ax.plot(
         streams,
         [r["macmesh"]["per_stream_tps"] for r in rows],
@@ -376,6 +402,8 @@ def main() -> None:
     loaded = load_checkpoint(ensure_checkpoint(spec))
     counts = [int(s) for s in args.streams.split(",")]
     runner = LocalRunner(loaded, native_mtp_enabled=False, max_batch=max(max(counts), 16))
+    # Native MTP (auto K) on the same weights: its own instance runner, as a daemon has.
+    mtp_runner = LocalRunner(loaded, max_batch=max(max(counts), 16))
     weights = mx.get_active_memory()
 
     pipeline: Any = None
@@ -394,9 +422,10 @@ def main() -> None:
             max_batch=max(max(counts), 16),
         )
         pipeline.load()
-    modes = ("macmesh", "mlx-lm", *(("pipeline",) if pipeline is not None else ()))
-    for s in (1, max(counts)):  # warm-up: kernels, allocator
+    modes = ("macmesh", "native-mtp", "mlx-lm", *(("pipeline",) if pipeline is not None else ()))
+    for s in (1, max(counts)):  # warm-up: kernels, allocator (and MTP's cost table)
         run_macmesh(runner, prompts_for(s, args.prompt_tokens), 4)
+        run_macmesh(mtp_runner, prompts_for(s, args.prompt_tokens), 4, "native_mtp")
         run_mlx_lm(loaded.model, prompts_for(s, args.prompt_tokens), 4)
         if pipeline is not None:
             run_pipeline(pipeline, prompts_for(s, args.prompt_tokens), 4, stage_proc.pid)
@@ -409,6 +438,8 @@ def main() -> None:
             for mode in modes:
                 if mode == "macmesh":
                     result = run_macmesh(runner, prompts, args.tokens)
+                elif mode == "native-mtp":
+                    result = run_macmesh(mtp_runner, prompts, args.tokens, "native_mtp")
                 elif mode == "pipeline":
                     result = run_pipeline(pipeline, prompts, args.tokens, stage_proc.pid)
                 else:
@@ -427,6 +458,7 @@ def main() -> None:
             flush=True,
         )
     runner.close()
+    mtp_runner.close()
     if pipeline is not None:
         pipeline.close()
     if stage_proc is not None:
@@ -449,7 +481,22 @@ def main() -> None:
         )
         ours["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("macmesh", s)])
         anchor["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("mlx-lm", s)])
+        mtp = {
+            k: median("native-mtp", s, k)
+            for k in ("aggregate_tps", "aggregate_cpu_tps", "per_stream_tps", "wall_s", "mean_k")
+        }
+        mtp["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("native-mtp", s)])
         reference = results[("mlx-lm", s)][0]["tokens"]
+        mtp["exact_streams"] = sum(
+            a == b for a, b in zip(results[("native-mtp", s)][0]["tokens"], reference, strict=True)
+        )
+        mtp["vs_local"] = mtp["aggregate_tps"] / ours["aggregate_tps"]
+        mtp["cpu_vs_local"] = mtp["aggregate_cpu_tps"] / ours["aggregate_cpu_tps"]
+        # Per round (interleaved, so both saw the same load): the median of the ratios.
+        mtp["vs_local_rounds"] = statistics.median(
+            m["aggregate_tps"] / loc["aggregate_tps"]
+            for m, loc in zip(results[("native-mtp", s)], results[("macmesh", s)], strict=True)
+        )
         exact = sum(
             a == b for a, b in zip(results[("macmesh", s)][0]["tokens"], reference, strict=True)
         )
@@ -457,6 +504,7 @@ def main() -> None:
             {
                 "streams": s,
                 "macmesh": ours,
+                "native_mtp": mtp,
                 "mlx_lm": anchor,
                 "scaling": ours["aggregate_tps"] / base,
                 "cpu_scaling": ours["aggregate_cpu_tps"] / cpu_base,

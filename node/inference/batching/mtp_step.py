@@ -275,6 +275,15 @@ class MtpBatchStep:
 
     def step(self) -> StepOutput:
         out: StepOutput = []
+        # Newcomers whose whole prompt fits one chunk prefill together in one forward; longer
+        # prompts go one chunk per step each.
+        short = [
+            r
+            for r in self._prefilling
+            if r.prefilled == 0 and len(r.prepared.prompt_ids) <= self.prefill_chunk
+        ]
+        if len(short) > 1:
+            self._prefill_together(short, out)
         for row in list(self._prefilling):
             self._prefill_chunk(row, out)
         if self._rows:
@@ -343,20 +352,75 @@ class MtpBatchStep:
         mx.eval(token, last, [c.state for c in row.cache], row.mtp_cache.state)
         first = int(token.item())
         row.clock.mark_first_token()
+        caches, mtp = [_to_batch(c) for c in row.cache], BatchKVCache.merge([row.mtp_cache])
+        row.cache, row.mtp_cache = None, None
         if self._emit(row, [first], out):
             return
         row.pending_hidden = last[0]
         row.pending_tokens = [first]
+        self._merge([row], caches, mtp)
+
+    def _prefill_together(self, rows: list[_Row], out: StepOutput) -> None:
+        """Whole short prompts of several newcomers in one right-padded forward (mlx-lm's
+        ``BatchGenerator`` prompt protocol: ``prepare(lengths, right_padding)`` keeps each
+        GatedDeltaNet row's state at its own length, ``finalize`` rolls each attention row's
+        padding into left padding), the head fed in the same pass the same way."""
+        lengths = [len(r.prepared.prompt_ids) for r in rows]
+        width = max(lengths)
+        padding = [width - n for n in lengths]
+        tokens = mx.array(
+            [r.prepared.prompt_ids + [0] * p for r, p in zip(rows, padding, strict=True)]
+        )
+        caches = [
+            BatchKVCache([0] * len(rows)) if isinstance(c, KVCache) else ArraysCache(len(c.cache))
+            for c in self.model.make_cache()
+        ]
+        for c in caches:
+            c.prepare(lengths=lengths, right_padding=padding)
+        hidden = forward.hidden_states(self.model, tokens, caches)
+        for c in caches:
+            c.finalize()
+        mtp = BatchKVCache([0] * len(rows))
+        if width > 1:  # pairs (h_i, x_{i+1}): n - 1 per row, padded like the prompt
+            self.head(forward.embed(self.model, tokens[:, 1:]), hidden[:, :-1], mtp)
+            _drop_tail(mtp, padding)
+        last = mx.take_along_axis(hidden, mx.array(lengths)[:, None, None] - 1, axis=1)
+        logits = forward.logits(self.model, last[:, 0, :])  # [N, V]
+        firsts = mx.concatenate(
+            [
+                next_token(logits[i : i + 1], r.params, r.tail(), r.keys).astype(mx.uint32)
+                for i, r in enumerate(rows)
+            ]
+        )
+        mx.eval(firsts, last, [c.state for c in caches], mtp.state)
+        keep = []
+        for i, (row, first) in enumerate(zip(rows, firsts.tolist(), strict=True)):
+            self._prefilling.remove(row)
+            row.cache, row.mtp_cache = None, None
+            row.clock.mark_first_token()
+            if self._emit(row, [first], out):
+                continue
+            row.pending_hidden = last[i]
+            row.pending_tokens = [first]
+            keep.append(i)
+        if not keep:
+            return
+        if len(keep) < len(rows):
+            where = mx.array(keep)
+            for c in [*caches, mtp]:
+                c.filter(where)
+        self._merge([rows[i] for i in keep], caches, mtp)
+
+    def _merge(self, rows: list[_Row], caches: list[Any], mtp: BatchKVCache) -> None:
+        """Prefilled rows join the batch: their caches extend the batch's."""
         self._flush_queued()
-        self._cache = _extend(self._cache, [_to_batch(c) for c in row.cache])
-        mtp = BatchKVCache.merge([row.mtp_cache])
+        self._cache = _extend(self._cache, caches)
         mtp.is_head = True  # type: ignore[attr-defined]  # tells the tests' controls apart
         if self._mtp_cache is None:
             self._mtp_cache = mtp
         else:
             self._mtp_cache.extend(mtp)
-        row.cache, row.mtp_cache = None, None
-        self._rows.append(row)
+        self._rows.extend(rows)
 
     def _choose_k(self) -> tuple[int, list[int]]:
         """(the batch's K, each row's own cap: the drafts it may accept)."""

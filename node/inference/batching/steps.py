@@ -18,13 +18,12 @@ the last token, taken between two steps while the row is still in the prompt bat
 the end of its generation (prompt + every generated token: the next turn of a chat starts
 with them).
 
-``GeneratorStep`` runs per-request generator engines (the single-sequence native-MTP engine)
-one cycle each per step: they share the device with the batch fairly, without batching.
+Batched native MTP is ``mtp_step.MtpBatchStep``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,10 +37,9 @@ from node.inference.engine import (
     build_stats,
     prepare_request,
 )
-from node.inference.events import GenerationDone, GenerationEvent
+from node.inference.events import GenerationDone
 from node.inference.loading import LoadedModel
 from node.inference.prompt_cache import PromptCache, freeze, thaw
-from node.inference.requests import GenerateRequest
 from node.inference.sampling import (
     KeyStream,
     SamplingParams,
@@ -254,38 +252,3 @@ class LocalBatchStep:
         if generator is not None:
             generator.close()
 
-
-class GeneratorStep:
-    """Per-request generator engines, one event each per step (no batching across them)."""
-
-    def __init__(self, start: Callable[[GenerateRequest, str], Iterator[GenerationEvent]]) -> None:
-        self._start = start
-        self._running: dict[int, tuple[Sequence, Iterator[GenerationEvent]]] = {}
-
-    def __len__(self) -> int:
-        return len(self._running)
-
-    def join(self, seq: Sequence) -> None:
-        self._running[seq.uid] = (seq, self._start(seq.request, seq.reason))
-
-    def leave(self, seq: Sequence) -> None:
-        entry = self._running.pop(seq.uid, None)
-        if entry is not None:
-            close = getattr(entry[1], "close", None)
-            if close is not None:
-                close()  # frees the request's caches now
-
-    def step(self) -> StepOutput:
-        out: StepOutput = []
-        for seq, events in list(self._running.values()):
-            try:
-                out.append((seq, next(events)))
-            except StopIteration:
-                out.append((seq, RuntimeError("the engine ended without a final event")))
-            except Exception as exc:  # this request fails alone
-                out.append((seq, exc))
-        return out
-
-    def reset(self) -> None:
-        for seq, _ in list(self._running.values()):
-            self.leave(seq)
