@@ -14,65 +14,23 @@ show the same comparison fails.
 
 from __future__ import annotations
 
-import random
-from functools import cache
-
 import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_logits_processors
+from test_batching import PENALTIES, ids, loaded, reference  # the same references
 
-from node.checkpoints import PRESETS, ensure_checkpoint
 from node.cluster.live import CancelToken
 from node.inference import forward
 from node.inference.batching import mtp_step
 from node.inference.batching.mtp_step import MtpBatchStep
 from node.inference.batching.scheduler import BatchScheduler, Sequence
 from node.inference.events import GenerationDone, TokenDelta
-from node.inference.loading import LoadedModel, load_checkpoint
-from node.inference.mtp.kpolicy import CostTable
+from node.inference.mtp.kpolicy import AcceptanceEstimate, BatchKPolicy, CostTable
 from node.inference.requests import GenerateRequest
 from node.inference.runner import LocalRunner
 from node.inference.sampling import SamplingParams
 
-PENALTIES = dict(
-    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
-)
 LENGTHS = [1, 310, 5, 64, 2, 120, 30, 17]
 BUDGETS = [12, 20, 6, 16, 9, 14, 5, 11]
-
-
-@cache
-def loaded(name: str) -> LoadedModel:
-    return load_checkpoint(ensure_checkpoint(PRESETS[name]))
-
-
-def ids(n: int, seed: int) -> list[int]:
-    rng = random.Random(seed)
-    return [rng.randrange(0, 500) for _ in range(n)]
-
-
-@cache
-def reference(name: str, prompt: tuple[int, ...], max_tokens: int, penalties: bool) -> list[int]:
-    """mlx-lm alone on this prompt: the sequence's expected greedy output."""
-    processors = (
-        make_logits_processors(
-            logit_bias=PENALTIES["logit_bias"],
-            repetition_penalty=PENALTIES["repetition_penalty"],
-            presence_penalty=PENALTIES["presence_penalty"],
-            frequency_penalty=PENALTIES["frequency_penalty"],
-        )
-        if penalties
-        else None
-    )
-    steps = generate_step(
-        mx.array(list(prompt)),
-        loaded(name).model,
-        max_tokens=max_tokens,
-        sampler=lambda x: mx.argmax(x, -1),
-        logits_processors=processors,
-    )
-    return [int(t) for t, _ in steps]
 
 
 def frozen_costs(max_k: int) -> CostTable:
@@ -330,3 +288,42 @@ def test_runner_batches_native_mtp_within_the_memory_budget() -> None:
         assert done.token_ids == reference("dense-high", tuple(ids(30, s)), 10, False)
         assert done.stats.acceptance_rate is not None and done.stats.acceptance_rate > 0.8
     assert runner.mtp_current_k is not None
+
+
+def design_costs() -> CostTable:
+    """DESIGN.md's measured [B, T] forward costs (relative to [1, 1]) on the ~200M model:
+    batched drafting pays at small B and not at large B."""
+    verify = {
+        1: [1.0, 1.2, 1.4, 1.6],
+        4: [1.35, 1.8, 2.4, 3.0],
+        16: [1.9, 6.0, 9.0, 12.0],
+    }
+    draft = {b: [0.0, 0.1 * f, 0.2 * f, 0.3 * f] for b, f in ((1, 1.0), (4, 1.3), (16, 1.8))}
+    return CostTable(verify=verify, draft=draft, ewma_weight=0.0)
+
+
+def estimates(rate: float, rows: int) -> list[AcceptanceEstimate]:
+    out = []
+    for _ in range(rows):
+        e = AcceptanceEstimate(3)
+        for _ in range(20):
+            e.observe(3, 3 if rate == 1.0 else 0)
+        out.append(e)
+    return out
+
+
+def test_the_batch_policy_follows_the_batch_size_and_acceptance() -> None:
+    costs = design_costs()
+    policy = BatchKPolicy(max_k=3, start_k=2)
+    prior = [AcceptanceEstimate(3)]  # no evidence: the prior (0.5)
+    assert BatchKPolicy(max_k=3, start_k=1).next_k(prior * 1, costs, 3, 1) == 1  # the default
+    assert BatchKPolicy(max_k=3, start_k=3).next_k(prior * 4, costs, 3, 4) == 1  # at most
+    assert BatchKPolicy(max_k=3, start_k=2).next_k(prior * 16, costs, 3, 16) == 0  # not worth it
+    assert policy.next_k(estimates(1.0, 4), costs, 3, 4) == 3  # always accepted: deep K
+    assert policy.next_k(estimates(1.0, 16), costs, 3, 16) == 0  # [16, K+1] too dear
+    assert policy.next_k(estimates(1.0, 4), costs, 1, 4) == 1  # bounded by what rows may use
+    never = BatchKPolicy(max_k=3, start_k=2)
+    ks = [never.next_k(estimates(0.0, 4), costs, 3, 4) for _ in range(6)]
+    for k in ks:
+        never.observe(k, [(k, 0)] * 4)
+    assert ks[:1] == [0] and 1 in ks  # K = 0, with a K = 1 probe after a K = 0 stretch

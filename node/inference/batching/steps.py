@@ -251,4 +251,3 @@ class LocalBatchStep:
         self._uids.clear()
         if generator is not None:
             generator.close()
-

@@ -276,7 +276,7 @@ class BatchKPolicy:
     The batch's K maximises the expected tokens of all its rows per second of a [B, K+1]
     cycle (``choose_k`` over every row's acceptance estimate, each row's own); the probe
     schedule is the batch's (one K = 1 probe tests every row at once). Before any row has
-    evidence the first cycle runs at ``start_k``. The caller owns the rows' estimates and
+    evidence K is at most ``start_k`` (the rows' estimates are the prior then). The caller owns the rows' estimates and
     feeds them what each cycle did (``AcceptanceEstimate.observe``).
     """
 
@@ -291,7 +291,9 @@ class BatchKPolicy:
         self.probe.cap = probe_interval_cap(costs, batch)
         bound = max(0, min(self.max_k, bound))
         if not any(sum(e.tries) > 0 for e in estimates):
-            return min(self.start_k, bound)
+            # No evidence yet: the card's default, unless the costs at this batch size say
+            # drafting does not pay even at the prior acceptance (a large batch).
+            bound = min(self.start_k, bound)
         rates = [e.rates() for e in estimates]
         return self.probe.after_choice(choose_k(rates, costs, bound, batch=batch), bound)
 
