@@ -176,10 +176,9 @@ def _head_uniform_trim(cache, drop: list[int]) -> None:
         _original_drop_tail(cache, drop)
 
 
-def _commit_longest(cache, pending, n_accepted) -> None:
+def _commit_longest(cache, pending, n_accepted: list[int]) -> None:
     # wrong: every row commits the state after the longest accepted prefix
-    longest = mx.full(n_accepted.shape, mx.max(n_accepted).item(), dtype=mx.int32)
-    _original_commit(cache, pending, longest)
+    _original_commit(cache, pending, [max(n_accepted)] * len(n_accepted))
 
 
 _original_commit = mtp_step.commit_rows

@@ -207,13 +207,20 @@ class MtpBatchStep:
     def cost_table(self) -> CostTable:
         """[B, K+1] costs for B up to ``max_batch``, measured on first use."""
         if self._costs is None:
-            self._costs = measure_costs(
+            costs = measure_costs(
                 self.loaded,
                 self.head,
                 self.max_k,
                 batch_sizes=batch_sizes_to_measure(self.max_batch),
                 clock=self.clock,
             )
+            # Live timings correct the table as fast when cycles run slower than modelled as
+            # when they run faster: a batched cycle's overhead over the isolated forwards
+            # (the host sync, per-row rollback and sampling) is systematic and grows with B,
+            # so it must reach the policy within a few cycles, while other processes' load
+            # slows K = 0 and K > 0 cycles alike.
+            costs.ewma_weight = costs.ewma_down
+            self._costs = costs
         return self._costs
 
     # -- joining and leaving ---------------------------------------------------------------
@@ -593,7 +600,7 @@ class MtpBatchStep:
             if p is None:
                 _drop_tail(c, [k - n for n in accepted])
             else:
-                commit_rows(c, p, n_acc)
+                commit_rows(c, p, accepted)
         if k > 1:
             self._mtp_cache.trim(k - 1)
 
@@ -684,16 +691,22 @@ class MtpBatchStep:
         return mx.stack(ns), mx.stack(nxts)
 
 
-def commit_rows(cache: ArraysCache, pending: Any, n_accepted: mx.array) -> None:
+def commit_rows(cache: ArraysCache, pending: Any, n_accepted: list[int]) -> None:
     """Set each row r of a GatedDeltaNet cache to its state after ``n_accepted[r] + 1``
     verified tokens: the conv state is a slice of the conv input, the recurrent state the
-    one the verify pass kept at that position (a gather over rows, lazy)."""
-    n = n_accepted.astype(mx.int32)
-    window = (n + 1)[:, None] + mx.arange(pending.keep)[None, :]  # [B, keep]
-    cache[0] = mx.take_along_axis(pending.conv_input, window[:, :, None], axis=1)
-    states = mx.stack(pending.states, axis=1)  # [B, T, ...]
-    at = n.reshape(-1, *([1] * (states.ndim - 1)))
-    cache[1] = mx.take_along_axis(states, at, axis=1)[:, 0]
+    one the verify pass kept at that position. The counts are on the host already (the
+    cycle's one sync), so each row takes its own state without gathering every position's:
+    when all rows accepted the same count (the common case) it is one slice, no copy."""
+    keep = pending.keep
+    if len(set(n_accepted)) == 1:
+        n = n_accepted[0]
+        cache[0] = pending.conv_input[:, n + 1 : n + 1 + keep, :]
+        cache[1] = pending.states[n]
+        return
+    cache[0] = mx.concatenate(
+        [pending.conv_input[r : r + 1, n + 1 : n + 1 + keep, :] for r, n in enumerate(n_accepted)]
+    )
+    cache[1] = mx.concatenate([pending.states[n][r : r + 1] for r, n in enumerate(n_accepted)])
 
 
 def batch_sizes_to_measure(max_batch: int) -> list[int]:
