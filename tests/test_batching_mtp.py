@@ -80,6 +80,9 @@ def run_batch(name: str, mode: str) -> tuple[list[tuple[list[int], GenerationDon
         # "pinned": requests pin different K (1..4 and unpinned) in the same batch.
         k = [1, 4, None, 2, 3, None, 4, 1][seed] if mode == "pinned" else None
         cases.append((ids(n, seed), BUDGETS[seed], seed % 2 == 1, k))
+    # The references first: mlx-lm on the same model in this thread while the worker verifies
+    # would run through the verify pass's swapped-in mixers (gdn.verify_forward).
+    expected = [reference(name, tuple(p), budget, pen) for p, budget, pen, _ in cases]
     results = []
     try:
         cancel = CancelToken()
@@ -90,13 +93,13 @@ def run_batch(name: str, mode: str) -> tuple[list[tuple[list[int], GenerationDon
         next(leaving)
         cancel.set()
         assert not any(isinstance(e, GenerationDone) for e in leaving)
-        for (prompt, budget, penalties, _), stream in zip(cases, streams, strict=True):
+        for want, stream in zip(expected, streams, strict=True):
             events = list(stream)
             done = events[-1]
             assert isinstance(done, GenerationDone)
             deltas = [t for e in events if isinstance(e, TokenDelta) for t in e.token_ids]
             assert deltas == done.token_ids
-            results.append((reference(name, tuple(prompt), budget, penalties), done))
+            results.append((want, done))
     finally:
         scheduler.close()
     assert len(step) == 0  # every sequence left, the cancelled one included
