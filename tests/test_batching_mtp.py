@@ -23,6 +23,7 @@ from node.inference import forward
 from node.inference.batching import mtp_step
 from node.inference.batching.mtp_step import MtpBatchStep
 from node.inference.batching.scheduler import BatchScheduler, Sequence
+from node.inference.engine import LocalEngine
 from node.inference.events import GenerationDone, TokenDelta
 from node.inference.mtp.kpolicy import AcceptanceEstimate, BatchKPolicy, CostTable
 from node.inference.requests import GenerateRequest
@@ -241,13 +242,16 @@ def test_each_rows_head_cache_holds_its_true_pairs(monkeypatch, broken: bool) ->
 
 
 def test_seeded_sampling_does_not_depend_on_the_batch() -> None:
-    """A sampled row draws from its own key stream, at its own K: the batch's other rows (and
-    the deeper K they pin) do not change what it emits."""
+    """A seeded row's token at each position is the target's own draw with that position's
+    key (the coupled rule): the batch's other rows, the K they pin, the K the policy picks and
+    queued K = 0 steps undone do not change what it emits — it is what the local engine draws
+    with that seed."""
     lm = loaded("dense-partial")
     params = [
         (SamplingParams(temperature=0.9, seed=5), 2),
         (SamplingParams(temperature=0.7, top_p=0.9, seed=6, **PENALTIES), 1),
         (SamplingParams(temperature=1.2, top_k=40, min_p=0.05, seed=7), 3),
+        (SamplingParams(temperature=0.8, seed=8, **PENALTIES), None),
     ]
     reqs = [
         GenerateRequest(
@@ -267,7 +271,9 @@ def test_seeded_sampling_does_not_depend_on_the_batch() -> None:
 
     alone = [generate([r])[0] for r in reqs]
     assert generate(reqs) == alone
-    assert len({tuple(t) for t in alone}) == 3
+    assert len({tuple(t) for t in alone}) == 4
+    local = [list(LocalEngine(lm).generate(r))[-1].token_ids for r in reqs]
+    assert alone == local
 
 
 def test_runner_batches_native_mtp_within_the_memory_budget() -> None:

@@ -61,8 +61,12 @@ from typing import Any
 import mlx.core as mx
 from mlx_lm.models.cache import ArraysCache, BatchKVCache, KVCache
 
-from node.inference import forward
-from node.inference.acceptance import greedy_accept_batch, sampled_accept_batch
+from node.inference import acceptance, forward
+from node.inference.acceptance import (
+    coupled_accept_batch,
+    greedy_accept_batch,
+    sampled_accept_batch,
+)
 from node.inference.batching.scheduler import Sequence, StepOutput
 from node.inference.batching.steps import BATCH_PREFILL_CHUNK
 from node.inference.engine import (
@@ -84,6 +88,7 @@ from node.inference.sampling import (
     KeyStream,
     SamplingParams,
     draft_token,
+    position_noise,
     processed_logprobs,
     sample_tokens,
 )
@@ -114,6 +119,22 @@ class _Row:
     @property
     def params(self) -> SamplingParams:
         return self.prepared.params
+
+    @property
+    def coupled(self) -> bool:
+        """Seeded sampling: each position's token is the target's own draw with that
+        position's key (acceptance.coupled_accept_batch), whatever K or the batch does."""
+        return acceptance.rule_for(self.params) == "coupled"
+
+    @property
+    def position(self) -> int:
+        """Index of the next token this row generates (its key in the key stream)."""
+        return len(self.history) - len(self.prepared.prompt_ids)
+
+    def key(self, position: int) -> mx.array:
+        """The key of the draw at ``position`` (sampled rows only): by position for a seeded
+        row, so a step undone or redone draws the same; in order otherwise."""
+        return self.keys.at(position) if self.coupled else self.keys.next()
 
     @property
     def plain_greedy(self) -> bool:
@@ -491,7 +512,10 @@ class MtpBatchStep:
             lp = processed_logprobs(
                 logits[i : i + 1], r.params, r.tail([last[i]] if unread else None)
             )
-            t = mx.argmax(lp, axis=-1) if r.params.is_greedy else sample_tokens(lp, r.keys.next())
+            if r.params.is_greedy:
+                t = mx.argmax(lp, axis=-1)
+            else:
+                t = sample_tokens(lp, r.key(r.position + (1 if unread else 0)))
             tokens.append(t[0].astype(mx.uint32))
         return hidden, mx.stack(tokens)
 
@@ -520,6 +544,8 @@ class MtpBatchStep:
             if self._emit(row, [token], out):
                 finished.append(i)
                 continue
+            if row.coupled:
+                row.keys.forget_before(row.position)
             assert row.pending_hidden is not None
             row.pending_hidden = mx.concatenate([row.pending_hidden, hidden[i]], axis=0)
             row.pending_tokens.append(token)
@@ -614,6 +640,8 @@ class MtpBatchStep:
                 row.estimate.observe(caps[i], n)
                 observed.append((caps[i], n))
             emitted = [*proposed[:n], correction]
+            if row.coupled:
+                row.keys.forget_before(row.position + len(emitted))
             row.pending_hidden = hidden[i, : n + 1, :]
             row.pending_tokens = emitted
             if self._emit(row, emitted, out):
@@ -641,7 +669,7 @@ class MtpBatchStep:
                 tokens.append(plain[i])
                 lps.append(None)
                 continue
-            key = None if r.params.is_greedy else r.keys.next()
+            key = None if r.params.is_greedy else r.key(r.position + depth)
             earlier = [d[i] for d in drafts]
             token, lp = draft_token(logits[i], r.params, r.tail(earlier), key)
             tokens.append(token.astype(plain.dtype))
@@ -681,6 +709,11 @@ class MtpBatchStep:
             lp = processed_logprobs(target[i, : cap + 1], r.params, r.tail(), d)
             if r.params.is_greedy:
                 n, t = greedy_accept_batch(lp[None], d[None])
+            elif r.coupled:
+                noise = mx.concatenate(
+                    [position_noise(r.key(r.position + j), (1, vocab)) for j in range(cap + 1)]
+                )
+                n, t = coupled_accept_batch(lp[None], d[None], noise[None])
             else:
                 q = mx.stack([draft_lps[s][i] for s in range(cap)]) if cap else None
                 n, t = sampled_accept_batch(
