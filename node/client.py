@@ -349,14 +349,17 @@ class AsyncMacmeshClient:
         min_nodes: int = 0,
         context_length: int = 0,
         pull: bool = False,
+        mtp_across_pipeline: bool = False,
         timeout: float | None = None,
     ) -> AsyncStream[LaunchMessage | Launched]:
-        """Stream progress lines, then the instance; ``pull`` downloads what is missing."""
+        """Stream progress lines, then the instance; ``pull`` downloads what is missing;
+        ``mtp_across_pipeline`` gives a multi-node instance native MTP (``pipeline_mtp``)."""
         request = pb.LaunchRequest(
             model=model,
             min_nodes=_uint32("min_nodes", min_nodes),
             context_length=_uint32("context_length", context_length),
             pull=pull,
+            mtp_across_pipeline=mtp_across_pipeline,
         )
         call = self._stub.Launch(request, timeout=self._deadline(timeout))
         return AsyncStream(call, launch_event_from_proto)
@@ -513,7 +516,8 @@ class MacmeshClient:
         return self._loop.run(self._client.place(model, **kwargs))
 
     def launch(self, model: str, **kwargs: Any) -> Stream[LaunchMessage | Launched]:
-        """See ``AsyncMacmeshClient.launch`` (min_nodes, context_length, pull, timeout)."""
+        """See ``AsyncMacmeshClient.launch`` (min_nodes, context_length, pull,
+        mtp_across_pipeline, timeout)."""
         return self._stream(self._client.launch, model, **kwargs)
 
     def unload(self, model: str = "", **kwargs: Any) -> int:

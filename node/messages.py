@@ -72,7 +72,7 @@ class GenerateOptions(_Model):
     prompt_ids: list[int] | None = None
     max_tokens: int = Field(0, ge=0, le=UINT32)  # 0 = the node's default
     sampling: Sampling = Field(default_factory=Sampling)
-    engine: Literal["auto", "native_mtp", "local", "pipeline"] = "auto"
+    engine: Literal["auto", "native_mtp", "local", "pipeline", "pipeline_mtp"] = "auto"
     mtp_k: int = Field(0, ge=0, le=UINT32)  # 0 = the card's default_k
     ignore_eos: bool = False
     raw: bool = False

@@ -106,6 +106,7 @@ def choose_placement(
     context_length: int | None = None,
     pin_local: bool = False,
     sequences: int = 1,
+    mtp_across_pipeline: bool = False,
 ) -> Placement:
     """Where an instance launched on ``local_id`` goes. Pure.
 
@@ -118,6 +119,7 @@ def choose_placement(
         "min_nodes": max(1, min_nodes),
         "context_length": context_length,
         "max_concurrent_sequences": max(1, sequences),
+        "mtp_across_pipeline": mtp_across_pipeline,
     }
     if any(n.id == local_id for n in nodes) and (min_nodes <= 1 or pin_local):
         try:
@@ -142,6 +144,10 @@ class LaunchPlan:
     # must not come back on one node as native_mtp without notice).
     min_nodes: int = 1
     context_length: int | None = None
+    # Native MTP across the pipeline: asked for (the launch's flag or the coordinator's
+    # MACMESH_PIPELINE_MTP), and by what, for the engine's reason.
+    mtp_across_pipeline: bool = False
+    opted_in_by: str = ""
 
 
 def _slug(text: str) -> str:
@@ -189,8 +195,14 @@ class Coordinator:
         context_length: int | None = None,
         *,
         pin_local: bool = False,
+        mtp_across_pipeline: bool = False,
     ) -> LaunchPlan:
-        """Card and placement for MODEL over the live nodes (raises ``PlacementError``s)."""
+        """Card and placement for MODEL over the live nodes (raises ``PlacementError``s).
+        ``mtp_across_pipeline`` is the launch's opt-in; ``MACMESH_PIPELINE_MTP=1`` in this
+        node's environment opts every launch in."""
+        from node.inference.selector import pipeline_mtp_opt_in
+
+        opted, opted_by = pipeline_mtp_opt_in(mtp_across_pipeline, dict(os.environ))
         card = resolve_card(model, self.models_dir)
         nodes = node_capacities(self.daemon.live_nodes())
         local_id = self.daemon.node_id
@@ -202,11 +214,14 @@ class Coordinator:
             context_length=context_length,
             pin_local=pin_local,
             sequences=int(getattr(self.daemon.settings, "max_batch", 1)),
+            mtp_across_pipeline=opted,
         )
         delegate = None
         if placement.single_node and placement.stages[0].node_id != local_id and not pin_local:
             delegate = placement.stages[0].node_id
-        return LaunchPlan(card, placement, delegate, max(1, min_nodes), context_length)
+        return LaunchPlan(
+            card, placement, delegate, max(1, min_nodes), context_length, opted, opted_by
+        )
 
     # -- launching --
 
@@ -266,6 +281,8 @@ class Coordinator:
             card=located.card,
             native_mtp_enabled=self.native_mtp_enabled,
             disabled_by=self.disabled_by,
+            mtp_across_pipeline=launch_plan.mtp_across_pipeline,
+            opted_in_by=launch_plan.opted_in_by,
         )
         if taking_over:
             choice = EngineChoice(choice.engine, f"{choice.reason}; taken over: {taking_over}")
@@ -283,6 +300,7 @@ class Coordinator:
             max_queued=self.max_queued,
             min_nodes=launch_plan.min_nodes,
             context_length=launch_plan.context_length,
+            mtp_across_pipeline=launch_plan.mtp_across_pipeline,
         )
         instance: Instance = (
             LocalInstance(**common) if len(stages) == 1 else PipelineInstance(**common)
@@ -391,13 +409,11 @@ class Coordinator:
     ) -> None:
         from node.inference.batching.scheduler import DEFAULT_MAX_BATCH
         from node.inference.pipeline import PipelineEngine
+        from node.inference.pipeline_mtp import PipelineMtpEngine
 
         began = time.perf_counter()
         addresses = {s.node_id: s.address for s in instance.stages}
-        engine = PipelineEngine(
-            located.checkpoint,
-            _Stages(instance.stages),
-            addresses,
+        common: dict[str, Any] = dict(
             # Adopting: this node's stage is in its StageService already; stage 0 in-process
             # would load it a second time.
             local_node_id=None if adopt else self.daemon.node_id,
@@ -410,6 +426,20 @@ class Coordinator:
             max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
             context_tokens=context_tokens,
         )
+        if instance.choice.engine == "pipeline_mtp":
+            spec = located.card.native_mtp
+            limits = (spec.default_k, spec.max_k) if spec is not None else None
+            engine: Any = PipelineMtpEngine(
+                located.checkpoint,
+                _Stages(instance.stages),
+                addresses,
+                mtp_k_limits=limits,
+                **common,
+            )
+        else:
+            engine = PipelineEngine(
+                located.checkpoint, _Stages(instance.stages), addresses, **common
+            )
         instance.engine = engine  # set before loading, so a failure unloads what did load
         for i, s in enumerate(instance.stages):
             progress(
@@ -497,7 +527,11 @@ class Coordinator:
             return
         try:
             launch_plan = self.plan(
-                failed.model, failed.min_nodes, failed.context_length, pin_local=True
+                failed.model,
+                failed.min_nodes,
+                failed.context_length,
+                pin_local=True,
+                mtp_across_pipeline=failed.mtp_across_pipeline,
             )
         except Exception as exc:  # no room on the survivors: it stays failed, saying why
             failed.failure += f"; not placed again: {exc}"

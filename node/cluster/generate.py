@@ -185,7 +185,7 @@ def _stopped_stats(
     return FinalStats(
         engine=choice.engine,
         engine_reason=choice.reason,
-        drafter_kind="native_mtp" if choice.engine == "native_mtp" else None,
+        drafter_kind="native_mtp" if choice.engine in ("native_mtp", "pipeline_mtp") else None,
         prompt_tokens=prompt_tokens,
         generation_tokens=tokens,
         prompt_tps=rate(prompt_tokens, first - began),

@@ -96,6 +96,7 @@ class Instance:
     failure: str = ""
     min_nodes: int = 1  # as launched: a re-placement honours them
     context_length: int | None = None
+    mtp_across_pipeline: bool = False  # launched with native MTP across the pipeline asked for
     created: float = field(default_factory=time.time)
     rate: RecentRate = field(default_factory=RecentRate)
     served: int = 0
@@ -341,8 +342,12 @@ class PipelineInstance(Instance):
         if engine is None or cancel.is_set():
             return
         request_id = uuid.uuid4().hex
+        # A pipeline_mtp instance runs plain pipelined decode for engine=pipeline requests.
+        engine_name = "pipeline" if choice.engine == "pipeline" else "auto"
         events = engine.generate(
-            request.model_copy(update={"engine": "auto"}), request_id=request_id
+            request.model_copy(update={"engine": engine_name}),
+            reason=choice.reason,
+            request_id=request_id,
         )
         cancel.on_cancel(lambda: engine.cancel(request_id))
         try:

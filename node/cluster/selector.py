@@ -2,7 +2,9 @@
 
 An instance gets one engine when it is launched (``choose_instance_engine``):
 
-- ``pipeline`` when its placement spans several nodes;
+- ``pipeline`` when its placement spans several nodes, unless the launch opted in to native
+  MTP across the pipeline (``--mtp-across-pipeline``, ``MACMESH_PIPELINE_MTP=1``) and the
+  checkpoint's MTP head can be recovered: then ``pipeline_mtp``;
 - ``native_mtp`` when it sits on one node, its card (or checkpoint config) declares an MTP
   head, the checkpoint holds recoverable MTP weights, and native MTP is enabled on the node;
 - ``local`` for every other single-node instance, with the reason native MTP was not chosen.
@@ -13,7 +15,8 @@ same one ``macmesh generate --local`` uses, so a model behaves the same in and o
 
 A request may override the engine (``request_engine``): ``auto`` runs the instance's engine;
 ``local`` runs plain decode on a single-node instance; ``native_mtp`` and ``pipeline`` only run
-on instances that chose them. Anything else raises ``EngineRefused`` with the reason.
+on instances that chose them (``pipeline`` also runs on a ``pipeline_mtp`` instance: plain
+pipelined decode, no drafts). Anything else raises ``EngineRefused`` with the reason.
 """
 
 from __future__ import annotations
@@ -21,8 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-EngineKind = Literal["native_mtp", "local", "pipeline"]
-REQUESTABLE = ("auto", "native_mtp", "local", "pipeline")
+EngineKind = Literal["native_mtp", "local", "pipeline", "pipeline_mtp"]
+REQUESTABLE = ("auto", "native_mtp", "local", "pipeline", "pipeline_mtp")
 DISABLED_BY_ENV = "MACMESH_NATIVE_MTP=0"
 DISABLED_BY_SETTING = "--no-native-mtp (or native_mtp = false in the node's config)"
 
@@ -56,15 +59,20 @@ def choose_instance_engine(
     card: Any | None,
     native_mtp_enabled: bool,
     disabled_by: str = DISABLED_BY_SETTING,
+    mtp_across_pipeline: bool = False,
+    opted_in_by: str = "--mtp-across-pipeline",
 ) -> EngineChoice:
-    """The engine of a new instance and why. ``probe`` is the checkpoint's ``MtpProbe``."""
+    """The engine of a new instance and why. ``probe`` is the checkpoint's ``MtpProbe``;
+    ``mtp_across_pipeline`` is the launch's opt-in (``opted_in_by`` names it)."""
     if num_stages < 1:
         raise ValueError(f"an instance needs at least one stage, got {num_stages}")
+    from node.inference.selector import select_engine, select_pipeline_engine
+
     if num_stages > 1:
-        return EngineChoice(
-            "pipeline", f"pipeline: the placement spans {num_stages} nodes (native MTP needs one)"
+        engine, reason = select_pipeline_engine(
+            probe, num_stages, opted_in=mtp_across_pipeline, opted_in_by=opted_in_by, card=card
         )
-    from node.inference.selector import select_engine
+        return EngineChoice(engine, reason)
 
     engine, reason = select_engine(
         probe,
@@ -95,12 +103,20 @@ def request_engine(
         )
     if requested == "auto" or requested == instance_engine:
         return EngineChoice(instance_engine, instance_reason)
+    if requested == "pipeline" and instance_engine == "pipeline_mtp":
+        return EngineChoice("pipeline", "pipeline: requested (engine=pipeline), no drafts")
+    if requested == "pipeline_mtp":
+        raise EngineRefused(
+            "engine=pipeline_mtp needs an instance launched across several nodes with "
+            "--mtp-across-pipeline (or MACMESH_PIPELINE_MTP=1 on its coordinator); this one "
+            f"runs {instance_engine}"
+        )
     if requested == "pipeline":
         raise EngineRefused(
             "engine=pipeline needs an instance placed on several nodes; this one runs on one "
             "node (launch another with --min-nodes 2)"
         )
-    if instance_engine == "pipeline":
+    if instance_engine in ("pipeline", "pipeline_mtp"):
         raise EngineRefused(
             f"engine={requested} needs the whole model on one node; this instance spans "
             f"{num_stages} nodes (launch a single-node instance for {requested})"
@@ -119,8 +135,10 @@ def compatible(requested: str, instance_engine: EngineKind) -> bool:
         return True
     if requested == "local":
         return instance_engine in ("local", "native_mtp")
+    if requested == "pipeline":
+        return instance_engine in ("pipeline", "pipeline_mtp")
     return requested == instance_engine
 
 
 # Among instances of one model, a request without an engine preference goes to the fastest.
-ENGINE_PREFERENCE: dict[str, int] = {"native_mtp": 0, "local": 1, "pipeline": 2}
+ENGINE_PREFERENCE: dict[str, int] = {"native_mtp": 0, "local": 1, "pipeline_mtp": 2, "pipeline": 3}

@@ -128,11 +128,22 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
         nodes = [] if local_only else [_node_proto(n) for n in self.daemon.cluster_view().nodes]
         return pb.ClusterStatusResponse(nodes=nodes, instances=[i.to_proto() for i in instances])
 
-    def _plan(self, model: str, min_nodes: int, context_length: int, pin: bool) -> LaunchPlan:
+    def _plan(
+        self,
+        model: str,
+        min_nodes: int,
+        context_length: int,
+        pin: bool,
+        mtp_across_pipeline: bool = False,
+    ) -> LaunchPlan:
         if not model:
             raise ValueError("model is empty: give a card id or a checkpoint directory")
         return self.coordinator.plan(
-            model, max(1, min_nodes), context_length or None, pin_local=pin
+            model,
+            max(1, min_nodes),
+            context_length or None,
+            pin_local=pin,
+            mtp_across_pipeline=mtp_across_pipeline,
         )
 
     def Place(self, request: pb.PlaceRequest, context: grpc.ServicerContext) -> pb.Placement:
@@ -170,7 +181,11 @@ class InferenceServicer(pb_grpc.InferenceServiceServicer):
             if request.pull:  # plan from the hub's headers; the nodes download below
                 model = self.coordinator.prepare_pull(request.model)
             launch_plan = self._plan(
-                model, request.min_nodes, request.context_length, pin=forwarded
+                model,
+                request.min_nodes,
+                request.context_length,
+                pin=forwarded,
+                mtp_across_pipeline=request.mtp_across_pipeline,
             )
         except Exception as exc:
             abort(context, exc)

@@ -157,7 +157,12 @@ def generate(
             help="daemon HOST:PORT (without --local; default: the one running on this machine)",
         ),
     ] = None,
-    engine: Annotated[str, typer.Option("--engine", help="auto, native_mtp or local")] = "auto",
+    engine: Annotated[
+        str,
+        typer.Option(
+            "--engine", help="auto, native_mtp or local (pipeline, pipeline_mtp with --node)"
+        ),
+    ] = "auto",
     mtp_k: Annotated[
         int | None, typer.Option("--mtp-k", help="draft tokens per step (1..card max_k)")
     ] = None,
@@ -236,8 +241,10 @@ def _generate_local(options: Any) -> Iterator[Any]:
     from node.inference.requests import RequestError
     from node.inference.runner import LocalRunner
 
-    if options.engine == "pipeline":
-        raise _fail("--engine=pipeline needs a cluster (--node); --local runs native_mtp or local")
+    if options.engine in ("pipeline", "pipeline_mtp"):
+        raise _fail(
+            f"--engine={options.engine} needs a cluster (--node); --local runs native_mtp or local"
+        )
     path = _checkpoint_dir(options.model)
     try:
         loaded = load_checkpoint(path)

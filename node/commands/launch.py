@@ -97,6 +97,15 @@ def launch(
             "shards holding its layers",
         ),
     ] = False,
+    mtp_across_pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--mtp-across-pipeline",
+            help="when MODEL spans several nodes, decode with native MTP across the pipeline "
+            "(engine pipeline_mtp: the last stage drafts with the MTP head); "
+            "MACMESH_PIPELINE_MTP=1 on the coordinator does the same for every launch",
+        ),
+    ] = False,
 ) -> None:
     """Load MODEL on the cluster: plan, load every stage, pick the engine."""
     from node.client import Launched, MacmeshClient, MacmeshError
@@ -110,7 +119,11 @@ def launch(
     bars = _DownloadBars(err=json_output)
     with MacmeshClient(address, timeout=timeout) as client, bars:
         stream = client.launch(
-            model_argument(model), min_nodes=min_nodes, context_length=context or 0, pull=pull
+            model_argument(model),
+            min_nodes=min_nodes,
+            context_length=context or 0,
+            pull=pull,
+            mtp_across_pipeline=mtp_across_pipeline,
         )
         try:
             for event in stream:

@@ -45,7 +45,7 @@ LogitBias = Annotated[
         }
     ),
 ]
-Engine = Literal["auto", "native_mtp", "local", "pipeline"]
+Engine = Literal["auto", "native_mtp", "local", "pipeline", "pipeline_mtp"]
 
 
 def _off_only(feature: str, off: str) -> WrapValidator:

@@ -9,12 +9,18 @@ queued with ``send`` go out in order; every response is handed to ``on_response`
 link's receiver thread; ``on_closed`` runs once when the stream ends (None on a clean end, the
 ``grpc.RpcError`` otherwise). With ``return_route`` it is a coordinator's return stream to a
 last stage: it sends nothing and receives the tokens of the requests opened with that route.
+
+``MACMESH_TEST_HOP_DELAY_MS`` (benchmarks only: a simulated slower link) holds every frame a
+link sends, and every response it receives, that many milliseconds after it was queued or
+arrived — a delay line, so frames in flight overlap and one hop costs the delay once.
 """
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -30,7 +36,19 @@ log = get_logger(__name__)
 INSTANCE_METADATA_KEY = "x-macmesh-instance"
 # On a stream to a last stage: this is the coordinator's return stream for the given route.
 RETURN_METADATA_KEY = "x-macmesh-return"
+HOP_DELAY_ENV = "MACMESH_TEST_HOP_DELAY_MS"
 _CLOSE = object()
+
+
+def _hop_delay_s() -> float:
+    value = os.environ.get(HOP_DELAY_ENV, "")
+    return float(value) / 1000.0 if value else 0.0
+
+
+def _hold_until(moment: float) -> None:
+    wait = moment - time.monotonic()
+    if wait > 0:
+        time.sleep(wait)
 
 
 def stage_channel(address: str) -> grpc.Channel:
@@ -86,6 +104,7 @@ class ForwardLink:
         return_route: str = "",
     ) -> None:
         self._outbox: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._delay = _hop_delay_s()
         self._on_response = on_response
         self._on_closed = on_closed
         metadata = [(INSTANCE_METADATA_KEY, instance_id)]
@@ -110,11 +129,11 @@ class ForwardLink:
             raise self._call  # a grpc.RpcError with the stage's status
 
     def send(self, frame: pb.ForwardRequest) -> None:
-        self._outbox.put(frame)
+        self._outbox.put((time.monotonic() + self._delay, frame) if self._delay else frame)
 
     def send_all(self, frames: Iterable[pb.ForwardRequest]) -> None:
         for frame in frames:
-            self._outbox.put(frame)
+            self.send(frame)
 
     def close(self) -> None:
         """Half-close: no more frames; responses keep arriving until the peer ends the stream."""
@@ -126,12 +145,17 @@ class ForwardLink:
 
     def _requests(self) -> Iterator[pb.ForwardRequest]:
         while (frame := self._outbox.get()) is not _CLOSE:
+            if isinstance(frame, tuple):  # held by the simulated hop delay
+                _hold_until(frame[0])
+                frame = frame[1]
             yield frame
 
     def _receive(self) -> None:
         error: grpc.RpcError | None = None
         try:
             for response in self._call:
+                if self._delay:
+                    _hold_until(time.monotonic() + self._delay)
                 self._on_response(response)
         except grpc.RpcError as exc:
             error = exc

@@ -144,6 +144,10 @@ class _Active:
     admitted: bool = False  # holds one of the engine's max_batch places
     released: bool = False
 
+    def stats(self) -> dict[str, Any]:
+        """The engine-specific fields of the request's final stats."""
+        return {"engine": "pipeline"}
+
 
 def _check_stages(stages: Sequence[StageLike], num_layers: int) -> None:
     if not stages:
@@ -239,6 +243,7 @@ class PipelineEngine:
         self._active: dict[str, _Active] = {}
         self._lock = threading.Lock()
         self._loaded = False
+        self.mtp_head_on_last = False  # pipeline_mtp: the last stage also loads the MTP head
 
     # ---- lifecycle ----
 
@@ -278,6 +283,7 @@ class PipelineEngine:
                 instance=self.instance_record,
                 max_batch=self.max_batch,
                 context_tokens=self.context_tokens,
+                mtp_head=self.mtp_head_on_last and position == len(self.stages) - 1,
             )
             try:
                 return self._stub(stage.node_id).LoadShard(request, timeout=self.load_timeout).shard
@@ -468,6 +474,9 @@ class PipelineEngine:
             request = self._active.get(response.request_id)
         if request is None or request.released:
             return  # the ack of a released request
+        if kind == "verdict":
+            self._on_verdict(request, response.verdict)
+            return
         if kind == "error":
             error = response.error
             status = status_for_code(error.code)
@@ -504,7 +513,12 @@ class PipelineEngine:
         elif rows:
             self._send([pb.ForwardRequest(batch=pb.ActivationBatch(rows=rows))])
         for request, token_id in delivered:
-            request.events.put(("token", token_id))
+            request.events.put(("tokens", [token_id]))
+
+    def _on_verdict(self, request: _Active, verdict: pb.Verdict) -> None:
+        """A pipeline_mtp verdict (node.inference.pipeline_mtp); plain pipelines get none."""
+        error = PipelineError(grpc.StatusCode.INTERNAL, "a verdict for a plain pipeline request")
+        self._finish(request, ("error", error))
 
     def _on_return_closed(self, error: grpc.RpcError | None) -> None:
         with self._send_lock:
@@ -564,6 +578,23 @@ class PipelineEngine:
             )
         return ids
 
+    def _new_active(
+        self, request: GenerateRequest, request_id: str, stop_ids: set[int], max_new: int
+    ) -> _Active:
+        return _Active(request_id=request_id, stop_ids=stop_ids, max_new=max_new)
+
+    def _first_frames(
+        self, active: _Active, request: GenerateRequest, ids: list[int]
+    ) -> list[pb.ForwardRequest]:
+        """The request's open frame and its prompt."""
+        open_frame = pb.ForwardRequest(
+            request_id=active.request_id,
+            open=pb.OpenRequest(
+                sampling=sampling_to_proto(request.sampling), return_route=self._route
+            ),
+        )
+        return [open_frame, *self._prefill_frames(active.request_id, ids)]
+
     def _prefill_frames(self, request_id: str, ids: list[int]) -> list[pb.ForwardRequest]:
         frames = []
         for start in range(0, len(ids) - 1, self.prefill_step_size):
@@ -592,10 +623,11 @@ class PipelineEngine:
         ids = self.prompt_ids(request)
         request_id = request_id or uuid.uuid4().hex
         room = self.context_tokens - len(ids)
-        active = _Active(
-            request_id=request_id,
-            stop_ids=set() if request.ignore_eos else self.eos_ids,
-            max_new=min(request.max_tokens, room),
+        active = self._new_active(
+            request,
+            request_id,
+            set() if request.ignore_eos else self.eos_ids,
+            min(request.max_tokens, room),
         )
         with self._lock:
             if request_id in self._active:
@@ -616,13 +648,7 @@ class PipelineEngine:
                     if kind == "error":
                         raise payload
                 return
-            open_frame = pb.ForwardRequest(
-                request_id=request_id,
-                open=pb.OpenRequest(
-                    sampling=sampling_to_proto(request.sampling), return_route=self._route
-                ),
-            )
-            self._send([open_frame, *self._prefill_frames(request_id, ids)])
+            self._send(self._first_frames(active, request, ids))
             while not output.done:
                 try:
                     kind, payload = active.events.get(timeout=self.token_timeout)
@@ -637,7 +663,7 @@ class PipelineEngine:
                     return
                 if first_token_at is None:
                     first_token_at = time.perf_counter()
-                delta = output.add([payload])
+                delta = output.add(payload)
                 if delta is not None:
                     yield delta
             ended = time.perf_counter()
@@ -647,7 +673,7 @@ class PipelineEngine:
                 token_ids=output.tokens,
                 finish_reason=output.finish_reason or "length",
                 stats=GenerationStats(
-                    engine="pipeline",
+                    **active.stats(),
                     engine_reason=reason or self.reason,
                     prompt_tokens=len(ids),
                     generation_tokens=output.generated,

@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from node.inference.sampling import SamplingParams
 
-RequestedEngine = Literal["auto", "native_mtp", "local"]
+# "pipeline": plain pipelined decode on a pipeline_mtp instance (no drafts).
+RequestedEngine = Literal["auto", "native_mtp", "local", "pipeline"]
 
 
 class RequestError(ValueError):

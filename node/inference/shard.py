@@ -100,6 +100,9 @@ class Shard:
     load_seconds: float
 
     head_embedding: nn.Module | None = field(default=None, repr=False)  # tied LM head
+    # The embedding a later stage keeps when asked (pipeline_mtp: the MTP head on the last
+    # stage embeds its drafts); the first stage's is in the model itself.
+    embedding: nn.Module | None = field(default=None, repr=False)
 
     @property
     def has_embedding(self) -> bool:
@@ -146,9 +149,12 @@ def _tied(model: nn.Module) -> bool:
     return "lm_head" not in forward.language_model(model)
 
 
-def _keep_stage(model: nn.Module, start: int, end: int, num_layers: int) -> nn.Module | None:
+def _keep_stage(
+    model: nn.Module, start: int, end: int, num_layers: int, keep_embedding: bool = False
+) -> tuple[nn.Module | None, nn.Module | None]:
     """Prune ``model`` to layers [start, end) with mlx-lm's ``pipeline``; return the embedding
-    when the last stage needs it as its (tied) LM head."""
+    when the last stage needs it as its (tied) LM head, and the embedding a later stage keeps
+    on request (``keep_embedding``)."""
     text = forward.text_model(model)
     if not hasattr(text, "pipeline"):
         raise ShardError(
@@ -162,13 +168,14 @@ def _keep_stage(model: nn.Module, start: int, end: int, num_layers: int) -> nn.M
     text.pipeline_rank, text.pipeline_size = 0, 1
     first, last = start == 0, end == num_layers
     head_embedding = text.embed_tokens if last and _tied(model) else None
+    embedding = text.embed_tokens if keep_embedding and not first else None
     if not first:
         text.embed_tokens = _PassThrough()
     if not last:
         text.norm = _PassThrough()
         if "lm_head" in forward.language_model(model):
             del forward.language_model(model).lm_head
-    return head_embedding
+    return head_embedding, embedding
 
 
 def _rss() -> int:
@@ -183,8 +190,11 @@ def check_range(start: int, end: int, num_layers: int) -> None:
         )
 
 
-def load_shard(path: str | Path, start_layer: int, end_layer: int) -> Shard:
-    """Load layers [start_layer, end_layer) of the checkpoint at ``path``."""
+def load_shard(
+    path: str | Path, start_layer: int, end_layer: int, *, keep_embedding: bool = False
+) -> Shard:
+    """Load layers [start_layer, end_layer) of the checkpoint at ``path``; ``keep_embedding``
+    keeps the token embedding on a later stage too (``Shard.embedding``)."""
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ShardError(f"{path} is not a checkpoint directory (no config.json)")
@@ -202,14 +212,16 @@ def load_shard(path: str | Path, start_layer: int, end_layer: int) -> Shard:
     args = forward.language_model(model).args
     num_layers = len(forward.text_model(model).layers)
     check_range(start_layer, end_layer, num_layers)
-    head_embedding = _keep_stage(model, start_layer, end_layer, num_layers)
+    head_embedding, embedding = _keep_stage(
+        model, start_layer, end_layer, num_layers, keep_embedding
+    )
     model.eval()
     mx.eval(model.parameters())  # reads exactly the stage's tensors
-    if head_embedding is not None:
-        mx.eval(head_embedding.parameters())
     params = [v for _, v in tree_flatten(model.parameters())]
-    if head_embedding is not None:  # kept outside the module tree, still this stage's memory
-        params += [v for _, v in tree_flatten(head_embedding.parameters())]
+    # Kept outside the module tree, still this stage's memory (once when both are the same).
+    for extra in {id(m): m for m in (head_embedding, embedding) if m is not None}.values():
+        mx.eval(extra.parameters())
+        params += [v for _, v in tree_flatten(extra.parameters())]
     first_layer = model.layers[0]
     norm = getattr(first_layer, "input_layernorm", None)
     shard = Shard(
@@ -227,6 +239,7 @@ def load_shard(path: str | Path, start_layer: int, end_layer: int) -> Shard:
         resident_bytes=max(0, _rss() - rss_before),
         load_seconds=time.perf_counter() - began,
         head_embedding=head_embedding,
+        embedding=embedding,
     )
     log.info(
         "shard loaded",

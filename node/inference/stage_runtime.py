@@ -36,7 +36,14 @@ import grpc
 import mlx.core as mx
 import mlx.nn as nn
 
-from node.inference.codec import DEFAULT_CHUNK_BYTES, RawTensor, encode_tensor, wire_dtype
+from node.inference import stage_mtp
+from node.inference.codec import (
+    DEFAULT_CHUNK_BYTES,
+    FrameError,
+    RawTensor,
+    encode_tensor,
+    wire_dtype,
+)
 from node.inference.link import stage_channel
 from node.inference.sampling import (
     KeyStream,
@@ -47,7 +54,12 @@ from node.inference.sampling import (
 )
 from node.inference.shard import Shard, ShardError
 from node.inference.stage_batch import BatchCaches, BatchEntry, Job, Key, Row, plan_drain
-from node.inference.stage_wire import INTERNAL, RESOURCE_EXHAUSTED, error_response
+from node.inference.stage_wire import (
+    INTERNAL,
+    INVALID_ARGUMENT,
+    RESOURCE_EXHAUSTED,
+    error_response,
+)
 from node.logging import get_logger
 from node.proto.macmesh.v1 import stage_pb2 as pb
 
@@ -67,6 +79,8 @@ class RequestState:
     history: list[int] = field(default_factory=list)
     keys: KeyStream | None = None
     failed: bool = False
+    mtp: Any = None  # pipeline_mtp: node.inference.stage_mtp's per-request state
+    cache: Any = None  # pipeline_mtp: the request's own caches while stage_mtp runs it
 
 
 class StageRuntime:
@@ -135,6 +149,9 @@ class StageRuntime:
                 target=self._work, name=f"stage-{instance_id}-{position}", daemon=True
             )
             self._worker.start()
+        # pipeline_mtp: the MTP head on the last stage (node.inference.stage_mtp.load_head).
+        self.mtp_head: Any = None
+        self.mtp_head_bytes = 0
 
     # -- facts --
 
@@ -162,6 +179,8 @@ class StageRuntime:
             weight_bytes=s.weight_bytes,
             resident_bytes=s.resident_bytes,
             load_seconds=s.load_seconds,
+            has_mtp_head=self.mtp_head is not None,
+            mtp_head_bytes=self.mtp_head_bytes,
         )
 
     def status(self) -> pb.StageStatus:
@@ -315,15 +334,39 @@ class StageRuntime:
             )
             return
         key = (session.session_id, rid)
-        self.states[key] = RequestState(
+        state = self.states[key] = RequestState(
             sampling=sampling,
             reply=reply,
             direct=direct is not None,
             keys=None if sampling.is_greedy else KeyStream(sampling.seed),
         )
         self.caches.open(key)
+        if frame.open.mtp:  # --- pipeline_mtp hook (node.inference.stage_mtp) ---
+            try:
+                state.mtp = stage_mtp.open_state(self, sampling)
+            except FrameError as exc:
+                state.failed = True
+                state.reply(error_response(rid, INVALID_ARGUMENT, str(exc), self.position))
         if not self.shard.has_head:
             session.send_downstream([frame])
+
+    def run_mtp(
+        self, session: StageSession, rid: str, header: pb.Activation, hidden: RawTensor | None
+    ) -> None:
+        """--- pipeline_mtp hook: one frame of a native-MTP request, alone (stage_mtp) ---"""
+        key = (session.session_id, rid)
+        state = self.states.get(key)
+        if state is None or state.failed:
+            return
+        try:
+            state.cache = self.caches.solo(key)  # a native-MTP request never joins a batch
+            stage_mtp.forward(self, session, rid, state, header, hidden)
+        except Exception as exc:
+            state.failed = True
+            log.exception("stage forward failed", request_id=rid, stage=self.position)
+            state.reply(
+                error_response(rid, INTERNAL, f"stage {self.position} failed: {exc}", self.position)
+            )
 
     def release_request(self, session: StageSession, rid: str, frame: pb.ForwardRequest) -> None:
         key = (session.session_id, rid)

@@ -18,9 +18,11 @@ from typing import Any
 
 import grpc
 
+from node.inference import stage_mtp
 from node.inference.codec import DEFAULT_CHUNK_BYTES
 from node.inference.integrity import CorruptCheckpoint
 from node.inference.link import INSTANCE_METADATA_KEY, RETURN_METADATA_KEY
+from node.inference.mtp.recovery import MtpUnavailable
 from node.inference.shard import ShardError, load_shard
 from node.inference.stage_runtime import StageRuntime
 from node.logging import get_logger
@@ -87,7 +89,9 @@ class StageService(pb_grpc.StageServiceServicer):
                 )
         try:
             path = self.resolve_model(request.model)
-            shard = load_shard(path, request.start_layer, request.end_layer)
+            shard = load_shard(
+                path, request.start_layer, request.end_layer, keep_embedding=request.mtp_head
+            )
             runtime = StageRuntime(
                 shard,
                 instance_id=request.instance_id,
@@ -103,6 +107,10 @@ class StageService(pb_grpc.StageServiceServicer):
                 max_batch=request.max_batch,
                 context_tokens=request.context_tokens,
             )
+            if request.mtp_head:  # pipeline_mtp: the last stage drafts
+                stage_mtp.load_head(runtime, path)
+        except MtpUnavailable as exc:  # the checkpoint has no head to recover
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except CorruptCheckpoint as exc:  # the request is fine; this node's files are not
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
         except (ShardError, FileNotFoundError, ValueError) as exc:

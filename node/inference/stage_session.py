@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from node.inference import stage_mtp
 from node.inference.codec import (
     DEFAULT_MAX_TENSOR_BYTES,
     FrameError,
@@ -63,6 +64,8 @@ class _Inbound:
     assembler: TensorAssembler | None = None  # a chunked hidden tensor in progress
     header: pb.Activation | None = None  # the first frame of that tensor
     failed: bool = False
+    verify_positions: int = 0  # pipeline_mtp: positions of the verify frame awaiting its verdict
+    mtp: bool = False  # pipeline_mtp: opened with OpenRequest.mtp
 
 
 class StageSession:
@@ -142,6 +145,15 @@ class StageSession:
     def _rows_job(self, rows: list[Row], tensor: RawTensor | None) -> None:
         self._submit("rows", "", rows=rows, tensor=tensor)
 
+    def _activation_job(
+        self, rid: str, inbound: _Inbound, act: pb.Activation, tensor: RawTensor | None
+    ) -> None:
+        if inbound.mtp:  # --- pipeline_mtp hook: its frames run alone (node.inference.stage_mtp)
+            runtime = self.runtime
+            self._submit("mtp", rid, run=lambda: runtime.run_mtp(self, rid, act, tensor))
+            return
+        self._rows_job([_row(rid, act)], tensor)
+
     def _open(self, rid: str, frame: pb.ForwardRequest) -> None:
         if rid in self.inbound:
             raise FrameError(f"request {rid!r} is already open on this stream")
@@ -150,7 +162,7 @@ class StageSession:
             if frame.open.HasField("sampling")
             else SamplingParams()
         )
-        self.inbound[rid] = _Inbound()
+        self.inbound[rid] = _Inbound(mtp=frame.open.mtp)
         runtime = self.runtime
         self._submit("open", rid, run=lambda: runtime.open_request(self, rid, sampling, frame))
 
@@ -219,16 +231,18 @@ class StageSession:
             tensor = inbound.assembler.add(act.hidden)
             if tensor is not None:
                 header, inbound.assembler, inbound.header = inbound.header, None, None
-                self._rows_job([_row(rid, header)], tensor)
+                self._activation_job(rid, inbound, header, tensor)
             return
         shard = self.runtime.shard
         if shard.has_embedding and act.HasField("hidden"):
             raise FrameError("the first stage takes token ids, not a hidden tensor")
+        if act.HasField("verify") or inbound.verify_positions:  # --- pipeline_mtp hook ---
+            stage_mtp.rewind(inbound, act)
         self._check_row(rid, act.start_position, act.token_ids)
         count = len(act.token_ids)
         if shard.has_embedding:
             inbound.position += count
-            self._rows_job([_row(rid, act)], None)
+            self._activation_job(rid, inbound, act, None)
             return
         if not act.HasField("hidden"):
             raise FrameError(f"activation for request {rid!r} has no hidden tensor")
@@ -238,7 +252,7 @@ class StageSession:
         if tensor is None:
             inbound.assembler, inbound.header = assembler, act
         else:
-            self._rows_job([_row(rid, act)], tensor)
+            self._activation_job(rid, inbound, act, tensor)
 
     def _batch(self, batch: pb.ActivationBatch) -> None:
         """An ``ActivationBatch`` frame: the rows' headers (and first chunk), or a next chunk."""

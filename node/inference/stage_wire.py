@@ -7,9 +7,10 @@ of them, unlike the API's subset) to the last stage, which samples with them.
 from __future__ import annotations
 
 import grpc
+import mlx.core as mx
 from pydantic import ValidationError
 
-from node.inference.codec import FrameError
+from node.inference.codec import FrameError, encode_tensor
 from node.inference.sampling import SamplingParams
 from node.proto.macmesh.v1 import stage_pb2 as pb
 
@@ -58,6 +59,23 @@ def sampling_from_proto(options: pb.SamplingOptions) -> SamplingParams:
         raise FrameError(
             f"invalid sampling options: {exc.errors()[0]['loc']} {exc.errors()[0]['msg']}"
         ) from None
+
+
+def activation_frames(
+    rid: str, header: pb.Activation, hidden: mx.array, max_chunk_bytes: int
+) -> list[pb.ForwardRequest]:
+    """``header``'s positions with ``hidden`` as the next hop's input: the first frame carries
+    the header and the first chunk, the others one chunk each."""
+    chunks = encode_tensor(hidden, max_chunk_bytes)
+    first = pb.Activation()
+    first.CopyFrom(header)
+    first.hidden.CopyFrom(chunks[0])
+    frames = [pb.ForwardRequest(request_id=rid, activation=first)]
+    frames += [
+        pb.ForwardRequest(request_id=rid, activation=pb.Activation(hidden=chunk))
+        for chunk in chunks[1:]
+    ]
+    return frames
 
 
 def error_response(rid: str, code: int, message: str, position: int) -> pb.ForwardResponse:

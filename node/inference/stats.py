@@ -13,8 +13,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-EngineKind = Literal["native_mtp", "local", "pipeline"]
-ENGINE_KINDS: tuple[str, ...] = ("native_mtp", "local", "pipeline")
+EngineKind = Literal["native_mtp", "local", "pipeline", "pipeline_mtp"]
+ENGINE_KINDS: tuple[str, ...] = ("native_mtp", "local", "pipeline", "pipeline_mtp")
 DrafterKind = Literal["native_mtp"]
 FinishReason = Literal["stop", "length", "cancelled"]
 

@@ -84,6 +84,11 @@ class PlanOptions(BaseModel):
     include_mtp_head: bool = Field(
         default=True, description="budget the native-MTP head on a single node when it fits"
     )
+    mtp_across_pipeline: bool = Field(
+        default=False,
+        description="pipeline_mtp: budget the MTP head (and the embedding it drafts with) on the "
+        "last stage of a multi-node placement",
+    )
 
     @model_validator(mode="after")
     def _manual_or_pinned(self) -> PlanOptions:
@@ -149,9 +154,10 @@ class _Budget:
     linear_prefix: tuple[int, ...]
     kv_per_full_layer: int  # KV bytes one full-attention layer needs at this budget
     state_per_linear_layer: int  # GatedDeltaNet state one linear layer needs at this budget
+    mtp_on_last: bool = False  # pipeline_mtp: the last stage of a pipeline holds the MTP head
 
     @classmethod
-    def of(cls, card: ModelCard, tokens: int, sequences: int) -> _Budget:
+    def of(cls, card: ModelCard, tokens: int, sequences: int, mtp_on_last: bool = False) -> _Budget:
         return cls(
             card,
             tokens,
@@ -161,7 +167,12 @@ class _Budget:
             (0, *accumulate(int(t == LINEAR) for t in card.layer_types)),
             card.kv_bytes_per_token_per_layer * tokens * sequences,
             card.linear_state_bytes_per_layer * sequences,
+            mtp_on_last and card.native_mtp is not None and card.mtp_bytes > 0,
         )
+
+    def mtp_on(self, first: bool, last: bool) -> bool:
+        """Whether a pipeline stage (not a single node) holds the MTP head."""
+        return self.mtp_on_last and last and not first
 
     def cost(
         self, start: int, end: int, first: bool, last: bool, mtp: bool = False
@@ -175,6 +186,12 @@ class _Budget:
             weights += card.head_bytes
             if card.tie_word_embeddings and not first:
                 weights += card.embedding_bytes  # the tied LM head is the embedding matrix
+        if self.mtp_on(first, last):
+            # pipeline_mtp: the head drafts on the last stage and embeds each draft there, so
+            # that stage also keeps the embedding (already there when tied).
+            mtp = True
+            if not card.tie_word_embeddings:
+                weights += card.embedding_bytes
         full = self.full_prefix[end] - self.full_prefix[start]
         linear = self.linear_prefix[end] - self.linear_prefix[start]
         cache = full * self.kv_per_full_layer + linear * self.state_per_linear_layer
@@ -412,7 +429,9 @@ def plan(
     options = options or PlanOptions()
     _validate(card, nodes, options)
     tokens = options.context_length or min(card.context_length, DEFAULT_CONTEXT_TOKENS)
-    budget = _Budget.of(card, tokens, options.max_concurrent_sequences)
+    budget = _Budget.of(
+        card, tokens, options.max_concurrent_sequences, mtp_on_last=options.mtp_across_pipeline
+    )
     usable = {node.id: usable_bytes(node, options.headroom_fraction) for node in nodes}
     by_id = {node.id: node for node in nodes}
 
@@ -551,7 +570,7 @@ def _build(
                 cache_bytes=cache,
                 has_embedding=i == 0,
                 has_head=i == n - 1,
-                has_mtp_head=mtp,
+                has_mtp_head=mtp or budget.mtp_on(i == 0, i == n - 1),
                 node_available_bytes=node.available_memory_bytes,
                 node_usable_bytes=usable[node.id],
             )
@@ -563,7 +582,7 @@ def _build(
         context_length=budget.tokens,
         max_concurrent_sequences=budget.sequences,
         headroom_fraction=options.headroom_fraction,
-        mtp_head_included=mtp,
+        mtp_head_included=mtp or (n > 1 and budget.mtp_on_last),
         explanation="",
     )
     text = _explain(card, budget, options, placement, usable, how, reordered)
@@ -669,14 +688,34 @@ def _explain(
             extras.append("embedding")
         if stage.has_head:
             extras.append("final norm + LM head")
+        if stage.has_mtp_head:
+            extras.append("MTP head")
         with_extras = f" + {' and '.join(extras)}" if extras else ""
         lines.append(
             f"  stage {i}: {stage.node_id} layers {stage.start_layer}-{stage.end_layer - 1}"
             f"{with_extras}: {format_bytes(stage.bytes)} of {format_bytes(stage.node_usable_bytes)} usable"
         )
-    if card.native_mtp is not None:
+    if budget.mtp_on_last:
+        embedding = (
+            ""
+            if card.tie_word_embeddings
+            else (
+                f" and a copy of the embedding ({format_bytes(card.embedding_bytes)}) to embed its drafts"
+            )
+        )
         lines.append(
-            "Native MTP needs a single-node placement; this instance decodes as a pipeline."
+            f"Native MTP across the pipeline (pipeline_mtp): the MTP head "
+            f"({format_bytes(card.mtp_bytes)}){embedding} lives on the last stage with the LM "
+            f"head, budgeted there with its KV cache; it drafts up to K={card.native_mtp.max_k}."
+        )
+    elif card.native_mtp is not None:
+        lines.append(
+            "Native MTP needs a single-node placement; this instance decodes as a pipeline"
+            + (
+                " (--mtp-across-pipeline asked for it, but the card has no MTP weights)."
+                if options.mtp_across_pipeline
+                else "."
+            )
         )
     return "\n".join(lines)
 

@@ -135,7 +135,8 @@ def verify_forward(
     afterwards); linear caches are left as they were and a ``PendingGdnState`` per linear
     layer is returned for ``commit``.
     """
-    layers = text_model.layers
+    # A pipeline stage's text model runs (and caches) only its own layers.
+    layers = getattr(text_model, "pipeline_layers", text_model.layers)
     mixers = [_VerifyMixer(layer.linear_attn) if layer.is_linear else None for layer in layers]
     for layer, mixer in zip(layers, mixers, strict=True):
         if mixer is not None:

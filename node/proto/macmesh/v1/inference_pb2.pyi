@@ -230,16 +230,18 @@ class Placement(_message.Message):
     def __init__(self, model: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[PlannedStage, _Mapping]]] = ..., total_bytes: _Optional[int] = ..., explanation: _Optional[str] = ...) -> None: ...
 
 class LaunchRequest(_message.Message):
-    __slots__ = ("model", "min_nodes", "context_length", "pull")
+    __slots__ = ("model", "min_nodes", "context_length", "pull", "mtp_across_pipeline")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MIN_NODES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     PULL_FIELD_NUMBER: _ClassVar[int]
+    MTP_ACROSS_PIPELINE_FIELD_NUMBER: _ClassVar[int]
     model: str
     min_nodes: int
     context_length: int
     pull: bool
-    def __init__(self, model: _Optional[str] = ..., min_nodes: _Optional[int] = ..., context_length: _Optional[int] = ..., pull: _Optional[bool] = ...) -> None: ...
+    mtp_across_pipeline: bool
+    def __init__(self, model: _Optional[str] = ..., min_nodes: _Optional[int] = ..., context_length: _Optional[int] = ..., pull: _Optional[bool] = ..., mtp_across_pipeline: _Optional[bool] = ...) -> None: ...
 
 class LaunchProgress(_message.Message):
     __slots__ = ("message", "instance")

@@ -65,7 +65,7 @@ class SamplingOptions(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., min_p: _Optional[float] = ..., repetition_penalty: _Optional[float] = ..., repetition_context_size: _Optional[int] = ..., presence_penalty: _Optional[float] = ..., frequency_penalty: _Optional[float] = ..., penalty_context_size: _Optional[int] = ..., logit_bias: _Optional[_Mapping[int, float]] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class LoadShardRequest(_message.Message):
-    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "instance", "max_batch", "context_tokens")
+    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "instance", "max_batch", "context_tokens", "mtp_head")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class LoadShardRequest(_message.Message):
     INSTANCE_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MTP_HEAD_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     start_layer: int
@@ -86,10 +87,11 @@ class LoadShardRequest(_message.Message):
     instance: _inference_pb2.Instance
     max_batch: int
     context_tokens: int
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., instance: _Optional[_Union[_inference_pb2.Instance, _Mapping]] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    mtp_head: bool
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., instance: _Optional[_Union[_inference_pb2.Instance, _Mapping]] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ..., mtp_head: _Optional[bool] = ...) -> None: ...
 
 class ShardInfo(_message.Message):
-    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "num_layers", "hidden_size", "activation_dtype", "has_embedding", "has_head", "weight_bytes", "resident_bytes", "load_seconds")
+    __slots__ = ("instance_id", "model", "start_layer", "end_layer", "position", "num_stages", "next_hop", "num_layers", "hidden_size", "activation_dtype", "has_embedding", "has_head", "weight_bytes", "resident_bytes", "load_seconds", "has_mtp_head", "mtp_head_bytes")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     START_LAYER_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +107,8 @@ class ShardInfo(_message.Message):
     WEIGHT_BYTES_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_BYTES_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HAS_MTP_HEAD_FIELD_NUMBER: _ClassVar[int]
+    MTP_HEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     start_layer: int
@@ -120,7 +124,9 @@ class ShardInfo(_message.Message):
     weight_bytes: int
     resident_bytes: int
     load_seconds: float
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., activation_dtype: _Optional[_Union[TensorDType, str]] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    has_mtp_head: bool
+    mtp_head_bytes: int
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., start_layer: _Optional[int] = ..., end_layer: _Optional[int] = ..., position: _Optional[int] = ..., num_stages: _Optional[int] = ..., next_hop: _Optional[str] = ..., num_layers: _Optional[int] = ..., hidden_size: _Optional[int] = ..., activation_dtype: _Optional[_Union[TensorDType, str]] = ..., has_embedding: _Optional[bool] = ..., has_head: _Optional[bool] = ..., weight_bytes: _Optional[int] = ..., resident_bytes: _Optional[int] = ..., load_seconds: _Optional[float] = ..., has_mtp_head: _Optional[bool] = ..., mtp_head_bytes: _Optional[int] = ...) -> None: ...
 
 class LoadShardResponse(_message.Message):
     __slots__ = ("shard",)
@@ -183,24 +189,36 @@ class StageStatusResponse(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("sampling", "return_route")
+    __slots__ = ("sampling", "return_route", "mtp")
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_ROUTE_FIELD_NUMBER: _ClassVar[int]
+    MTP_FIELD_NUMBER: _ClassVar[int]
     sampling: SamplingOptions
     return_route: str
-    def __init__(self, sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., return_route: _Optional[str] = ...) -> None: ...
+    mtp: bool
+    def __init__(self, sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., return_route: _Optional[str] = ..., mtp: _Optional[bool] = ...) -> None: ...
 
 class Activation(_message.Message):
-    __slots__ = ("start_position", "token_ids", "hidden", "sample")
+    __slots__ = ("start_position", "token_ids", "hidden", "sample", "verify")
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     HIDDEN_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     start_position: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     hidden: TensorChunk
     sample: bool
-    def __init__(self, start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    verify: Verify
+    def __init__(self, start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ..., sample: _Optional[bool] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ...) -> None: ...
+
+class Verify(_message.Message):
+    __slots__ = ("keep_previous", "draft_k")
+    KEEP_PREVIOUS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_K_FIELD_NUMBER: _ClassVar[int]
+    keep_previous: int
+    draft_k: int
+    def __init__(self, keep_previous: _Optional[int] = ..., draft_k: _Optional[int] = ...) -> None: ...
 
 class BatchRow(_message.Message):
     __slots__ = ("request_id", "start_position", "token_ids", "sample")
@@ -258,6 +276,18 @@ class SampledToken(_message.Message):
     logprob: float
     def __init__(self, token_id: _Optional[int] = ..., position: _Optional[int] = ..., logprob: _Optional[float] = ...) -> None: ...
 
+class Verdict(_message.Message):
+    __slots__ = ("token_ids", "accepted", "drafts", "position")
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    DRAFTS_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    accepted: int
+    drafts: _containers.RepeatedScalarFieldContainer[int]
+    position: int
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., accepted: _Optional[int] = ..., drafts: _Optional[_Iterable[int]] = ..., position: _Optional[int] = ...) -> None: ...
+
 class Released(_message.Message):
     __slots__ = ("stages",)
     STAGES_FIELD_NUMBER: _ClassVar[int]
@@ -289,17 +319,19 @@ class StageError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
 
 class ForwardResponse(_message.Message):
-    __slots__ = ("request_id", "token", "released", "error", "probe", "tokens")
+    __slots__ = ("request_id", "token", "released", "error", "probe", "tokens", "verdict")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
     RELEASED_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token: SampledToken
     released: Released
     error: StageError
     probe: Probe
     tokens: TokenBatch
-    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., released: _Optional[_Union[Released, _Mapping]] = ..., error: _Optional[_Union[StageError, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ...) -> None: ...
+    verdict: Verdict
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., released: _Optional[_Union[Released, _Mapping]] = ..., error: _Optional[_Union[StageError, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., tokens: _Optional[_Union[TokenBatch, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...

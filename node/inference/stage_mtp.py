@@ -1,0 +1,321 @@
+"""A pipeline stage's side of native MTP across the pipeline (engine ``pipeline_mtp``).
+
+The coordinator opens a request with ``OpenRequest.mtp``; from then on this module runs its
+frames instead of the plain stage forward (``StageRuntime._forward`` hands them over).
+
+Every stage: a frame that carries ``Verify`` holds ``[c, d1..dK]`` — the last emitted token
+and K drafts — and runs with mlx-lm's forward in verify mode (``mtp.gdn.verify_forward``):
+attention caches grow by K+1, GatedDeltaNet caches stay as they were and each position's
+state is kept aside. The frame stays *pending* until the next frame of the same request
+arrives: its ``keep_previous`` is the verdict (accepted drafts + 1), and the stage commits
+that prefix (trim attention, take the state after that many tokens) before it runs the new
+frame. So the verdict never costs a round trip of its own: it rides with the next frame,
+which has to come through the pipeline anyway.
+
+The last stage decides the verdict at once: it holds the MTP head (and the embedding it
+embeds drafts with), runs the acceptance rule of ``node.inference.acceptance`` on the K+1
+target rows, commits its own caches, feeds the verified pairs to the head and drafts the
+next frame's tokens, then answers with one ``Verdict`` (the emitted tokens, the accepted
+count, the next drafts). The MTP-head bookkeeping is the single-node engine's
+(``node.inference.mtp.engine``: pending pairs ``(h_j, x_{j+1})``, chained drafts trimmed
+after the verdict), so the drafts, the PRNG subkeys and the emitted tokens follow the same
+rules on one node and across several.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import mlx.core as mx
+
+from node.inference.acceptance import greedy_accept_batch, sampled_accept_batch
+from node.inference.codec import FrameError, RawTensor
+from node.inference.engine import history_tail, next_token
+from node.inference.mtp.engine import PENDING_LIMIT
+from node.inference.mtp.gdn import PendingGdnState, commit_verified, verify_forward
+from node.inference.mtp.head import MtpHead
+from node.inference.sampling import KeyStream, SamplingParams, draft_token, processed_logprobs
+from node.inference.shard import ShardError
+from node.inference.stage_wire import activation_frames
+from node.proto.macmesh.v1 import stage_pb2 as pb
+
+if TYPE_CHECKING:
+    from node.inference.stage_runtime import RequestState, StageRuntime
+    from node.inference.stage_session import StageSession
+
+
+def load_head(runtime: StageRuntime, path: Path) -> None:
+    """Recover the checkpoint's MTP head onto a last stage (raises ``MtpUnavailable``)."""
+    from mlx.utils import tree_flatten
+
+    from node.inference import forward
+    from node.inference.mtp.recovery import load_mtp_head
+
+    shard = runtime.shard
+    if not shard.has_head:
+        raise ShardError(
+            f"the MTP head goes on the last stage; layers [{shard.start_layer}, "
+            f"{shard.end_layer}) of {shard.num_layers} are not"
+        )
+    if _embedding(runtime) is None:
+        raise ShardError("the last stage was loaded without the embedding the MTP head needs")
+    head = load_mtp_head(path, forward.language_model(shard.model).args)
+    runtime.mtp_head = head
+    runtime.mtp_head_bytes = sum(v.nbytes for _, v in tree_flatten(head.parameters()))
+    if shard.embedding is not None:
+        runtime.mtp_head_bytes += sum(
+            v.nbytes for _, v in tree_flatten(shard.embedding.parameters())
+        )
+
+
+def _embedding(runtime: StageRuntime) -> Any:
+    shard = runtime.shard
+    return shard.embedding if shard.embedding is not None else shard.head_embedding
+
+
+# ---- per-request state ----
+
+
+@dataclass
+class StageVerify:
+    """Any stage: the verify frame waiting for its verdict."""
+
+    pending: list[PendingGdnState | None] | None = None  # None: nothing to roll back
+    positions: int = 0  # positions of the pending frame (0: no frame pending)
+
+
+@dataclass
+class LastStageMtp(StageVerify):
+    """The last stage: the sampler's history and keys, the MTP head's cache and pairs."""
+
+    params: SamplingParams = field(default_factory=SamplingParams)
+    keys: KeyStream = field(default_factory=lambda: KeyStream(None))
+    mtp_cache: Any = None
+    history: list[int] = field(default_factory=list)  # prompt + emitted
+    carry: mx.array | None = None  # prefill: the hidden whose next token is still to come
+    # Pairs (h_j, x_{j+1}) not yet in the head's cache, as in the single-node engine.
+    pending_hidden: mx.array | None = None
+    pending_tokens: mx.array | None = None
+    drafts: list[int] = field(default_factory=list)  # what the last verdict proposed
+    draft_lps: list[mx.array] = field(default_factory=list)
+
+
+def open_state(runtime: StageRuntime, sampling: SamplingParams) -> StageVerify:
+    if not runtime.shard.has_head:
+        return StageVerify()
+    head = runtime.mtp_head
+    if head is None:
+        raise FrameError(
+            f"instance {runtime.instance_id!r} was loaded without the MTP head on its last "
+            "stage; launch it with --mtp-across-pipeline"
+        )
+    return LastStageMtp(params=sampling, keys=KeyStream(sampling.seed), mtp_cache=head.make_cache())
+
+
+# ---- session hook: positions after a verdict ----
+
+
+def rewind(inbound: Any, act: pb.Activation) -> None:
+    """Before a frame's position check: the verdict it carries drops the rejected positions of
+    the request's previous verify frame (``inbound.verify_positions``)."""
+    if not act.HasField("verify"):
+        if inbound.verify_positions:
+            raise FrameError(
+                f"a verify frame of {inbound.verify_positions} positions waits for its verdict; "
+                "the next frame must carry one (verify.keep_previous)"
+            )
+        return
+    keep, pending = act.verify.keep_previous, inbound.verify_positions
+    if pending == 0 and keep != 0:
+        raise FrameError(f"verify.keep_previous={keep} but no verify frame is pending")
+    if pending and not 1 <= keep <= pending:
+        raise FrameError(
+            f"verify.keep_previous={keep} is outside 1..{pending}, the positions of the "
+            "pending verify frame"
+        )
+    inbound.position -= pending - keep
+    inbound.verify_positions = len(act.token_ids)
+
+
+# ---- the forward ----
+
+
+def forward(
+    runtime: StageRuntime,
+    session: StageSession,
+    rid: str,
+    state: RequestState,
+    header: pb.Activation,
+    hidden: RawTensor | None,
+) -> None:
+    shard = runtime.shard
+    mtp = state.mtp
+    token_ids = list(header.token_ids)
+    verifying = header.HasField("verify")
+    if verifying and not shard.has_head:
+        _commit(state.cache, mtp, header.verify.keep_previous)
+    inputs = mx.array([token_ids], dtype=mx.uint32) if hidden is None else hidden.to_mx()
+    runtime.frames_processed += 1
+    if isinstance(mtp, LastStageMtp):
+        if header.sample:
+            _verify_last(runtime, rid, state, mtp, header, inputs)
+        else:
+            _prefill_last(runtime, state, mtp, token_ids, inputs)
+        return
+    if verifying and len(token_ids) > 1:
+        h, mtp.pending = verify_forward(shard.text_model, inputs, state.cache)
+    else:
+        h, mtp.pending = shard.forward(inputs, state.cache), None
+    mtp.positions = len(token_ids) if verifying else 0
+    mx.eval(h, [c.state for c in state.cache])
+    session.send_downstream(activation_frames(rid, header, h, runtime.max_chunk_bytes))
+
+
+def _commit(cache: list[Any], mtp: StageVerify, keep: int) -> None:
+    if mtp.pending is not None:
+        commit_verified(cache, mtp.pending, keep, mtp.positions)
+    mtp.pending, mtp.positions = None, 0
+
+
+def _head(runtime: StageRuntime, mtp: LastStageMtp, tokens: mx.array, hidden: mx.array) -> mx.array:
+    head: MtpHead = runtime.mtp_head
+    return head(_embedding(runtime)(tokens), hidden, mtp.mtp_cache)
+
+
+def _tail(mtp: LastStageMtp, extra: list[mx.array] | None = None) -> Any:
+    tail = history_tail(mtp.history, mtp.params)
+    if not extra or not mtp.params.has_penalties:
+        return tail
+    return mx.concatenate([mx.array(tail, dtype=mx.int32), *[e.reshape(1) for e in extra]])
+
+
+def _prefill_last(
+    runtime: StageRuntime,
+    state: RequestState,
+    mtp: LastStageMtp,
+    tokens: list[int],
+    inputs: mx.array,
+) -> None:
+    """A prompt piece: the target's caches, and the head's pairs (h_i, x_{i+1}) whose next
+    token is known (the piece's last hidden waits for the next piece's first token)."""
+    h = runtime.shard.forward(inputs, state.cache)
+    ids = mx.array([tokens], dtype=mx.uint32)
+    pairs = h[:, :-1] if mtp.carry is None else mx.concatenate([mtp.carry, h[:, :-1]], axis=1)
+    pair_tokens = ids[:, 1:] if mtp.carry is None else ids
+    if pair_tokens.shape[1] > 0:
+        _head(runtime, mtp, pair_tokens, pairs)
+    mtp.carry = h[:, -1:]
+    mtp.history.extend(tokens)
+    mx.eval(mtp.carry, [c.state for c in state.cache], mtp.mtp_cache.state)
+
+
+def _verify_last(
+    runtime: StageRuntime,
+    rid: str,
+    state: RequestState,
+    mtp: LastStageMtp,
+    header: pb.Activation,
+    inputs: mx.array,
+) -> None:
+    shard = runtime.shard
+    params = mtp.params
+    tokens = list(header.token_ids)
+    k = len(tokens) - 1
+    first = mtp.pending_tokens is None  # the prompt's last token: sample the first token
+    if first:
+        if k != 0 or not header.HasField("verify") or header.verify.keep_previous != 0:
+            raise FrameError(
+                "the first sampled frame of an MTP request carries one token, no verdict"
+            )
+        mtp.history.extend(tokens)
+    elif tokens[1:] != mtp.drafts:
+        raise FrameError(
+            f"verify frame carries drafts {tokens[1:]} but this stage proposed {mtp.drafts}"
+        )
+    draft_ids = mx.array(mtp.drafts, dtype=mx.uint32) if k else mx.zeros((0,), mx.uint32)
+    if k == 0:
+        hidden, pending = shard.forward(inputs, state.cache), None
+    else:
+        hidden, pending = verify_forward(shard.text_model, inputs, state.cache)
+    if first:
+        token = next_token(shard.logits(hidden[:, -1, :]), params, _tail(mtp), mtp.keys)
+        n, emitted = 0, [int(token.item())]
+    else:
+        target_lp = processed_logprobs(shard.logits(hidden[0]), params, _tail(mtp), draft_ids)
+        if params.is_greedy:
+            n_acc, nxt = greedy_accept_batch(target_lp[None], draft_ids[None])
+        else:
+            draft_lp = mx.stack(mtp.draft_lps) if k else mx.zeros((0, target_lp.shape[-1]))
+            n_acc, nxt = sampled_accept_batch(
+                target_lp[None], draft_lp[None], draft_ids[None], mtp.keys.next()
+            )
+        n, correction = mx.concatenate([n_acc.astype(mx.int32), nxt.astype(mx.int32)]).tolist()
+        emitted = [*mtp.drafts[:n], correction]
+        if pending is not None:
+            commit_verified(state.cache, pending, n + 1, k + 1)
+        if k > 1:
+            mtp.mtp_cache.trim(k - 1)  # the chained drafts' entries
+    mtp.history.extend(emitted)
+    new_tokens = mx.array([emitted], dtype=mx.uint32)
+    if first:
+        # Pairs (h_{L-2}, x_{L-1}) (from the last prompt piece) and (h_{L-1}, first).
+        mtp.pending_hidden = (
+            hidden if mtp.carry is None else mx.concatenate([mtp.carry, hidden], axis=1)
+        )
+        mtp.pending_tokens = mx.array([[*tokens, *emitted]] if mtp.carry is not None else [emitted])
+        mtp.pending_tokens = mtp.pending_tokens.astype(mx.uint32)
+        mtp.carry = None
+    elif k == 0:  # the head did not run last time: the new pair waits behind the old ones
+        mtp.pending_hidden = mx.concatenate([mtp.pending_hidden, hidden], axis=1)
+        mtp.pending_tokens = mx.concatenate([mtp.pending_tokens, new_tokens], axis=1)
+    else:
+        mtp.pending_hidden = hidden[:, : n + 1, :]
+        mtp.pending_tokens = new_tokens
+    next_k = header.verify.draft_k if header.HasField("verify") else 0
+    _draft(runtime, mtp, next_k)
+    mx.eval([c.state for c in state.cache], mtp.mtp_cache.state, mtp.pending_hidden)
+    if state.direct:
+        runtime.tokens_returned += 1
+    state.reply(
+        pb.ForwardResponse(
+            request_id=rid,
+            verdict=pb.Verdict(
+                token_ids=emitted,
+                accepted=n,
+                drafts=mtp.drafts,
+                position=header.start_position + n + 1,
+            ),
+        )
+    )
+
+
+def _draft(runtime: StageRuntime, mtp: LastStageMtp, k: int) -> None:
+    """Draft ``k`` tokens from the pending pairs (the single-node engine's cycle, first half)."""
+    assert mtp.pending_tokens is not None and mtp.pending_hidden is not None
+    drafts: list[mx.array] = []
+    lps: list[mx.array] = []
+    if k == 0 and mtp.pending_tokens.shape[1] > PENDING_LIMIT:
+        # Feed all but the newest pair now (the invariant keeps one pending).
+        _head(runtime, mtp, mtp.pending_tokens[:, :-1], mtp.pending_hidden[:, :-1])
+        mtp.pending_tokens = mtp.pending_tokens[:, -1:]
+        mtp.pending_hidden = mtp.pending_hidden[:, -1:]
+    if k > 0:
+        x = _head(runtime, mtp, mtp.pending_tokens, mtp.pending_hidden)[:, -1:, :]
+        for s in range(k):
+            if s > 0:
+                x = _head(runtime, mtp, drafts[-1].reshape(1, 1), x)
+            key = None if mtp.params.is_greedy else mtp.keys.next()
+            token, lp = draft_token(
+                runtime.shard.logits(x[:, -1, :]), mtp.params, _tail(mtp, drafts), key
+            )
+            drafts.append(token)
+            lps.append(lp)
+    if drafts:
+        stacked = mx.stack(drafts)
+        mx.eval(stacked, lps)
+        mtp.drafts = [int(t) for t in stacked.tolist()]
+    else:
+        mtp.drafts = []
+    mtp.draft_lps = lps
