@@ -19,6 +19,16 @@ worker, re-encode, hop back, decode; per-hop = half of it), and the transfer rat
 sized activation (8192 tokens x the model width). Anchors in the same run: the round trip of a
 bare gRPC bidi echo (same server type, no codec, no worker) and of MLX's ring backend
 (``mx.distributed`` send/recv between two processes over loopback). Prints a table, writes JSON.
+
+``--mtp``: native MTP across the pipeline (``pipeline_mtp``) against the plain pipeline, on
+the same loaded stages (a pipeline_mtp instance runs ``engine=pipeline`` requests as plain
+pipelined decode), for each node count in ``--mtp-nodes`` and each simulated per-hop
+latency in ``--hop-delays-ms`` (``MACMESH_TEST_HOP_DELAY_MS``, a test-only delay line on
+every stage link; node.inference.link): single-stream decode tok/s of plain decode and of
+pipeline_mtp at K = 1..4 and with the K policy, interleaved, ``--mtp-repeats`` rounds,
+medians. The anchor, in the same run: single-node native MTP at its best K over single-node
+target-only decode. The checkpoint's constructed head is dialled to ``--agreement``
+(per-draft acceptance ~ that level).
 """
 
 from __future__ import annotations
@@ -321,6 +331,142 @@ def bench_nodes(
     return result
 
 
+def _decode_tps(runner: Any, prompt: list[int], tokens: int, **request: Any) -> tuple[float, Any]:
+    from node.inference.requests import GenerateRequest
+
+    done = list(
+        runner.generate(
+            GenerateRequest(prompt_ids=prompt, max_tokens=tokens, ignore_eos=True, **request)
+        )
+    )[-1]
+    return done.stats.generation_tps, done.stats
+
+
+MTP_KS = (1, 2, 3, 4)
+
+
+def bench_single_node_mtp(args: argparse.Namespace, checkpoint: Path) -> dict[str, Any]:
+    """The anchor: native MTP on one node over target-only decode, interleaved, medians."""
+    from node.inference.engine import LocalEngine
+    from node.inference.loading import load_checkpoint
+    from node.inference.mtp.engine import MtpEngine
+
+    loaded = load_checkpoint(checkpoint)
+    local, mtp = LocalEngine(loaded), MtpEngine(loaded, fixed_k=None)
+    prompt = [(7 * i + 3) % 480 for i in range(args.prompt_tokens)]
+    modes: dict[str, Any] = {"target_only": lambda: _decode_tps(local, prompt, args.tokens)}
+    for k in MTP_KS:
+        modes[f"K={k}"] = lambda k=k: _decode_tps(mtp, prompt, args.tokens, mtp_k=k)
+    return _interleave(modes, args.mtp_repeats, "target_only")
+
+
+def _interleave(modes: dict[str, Any], repeats: int, base: str) -> dict[str, Any]:
+    for run in modes.values():  # warm-up
+        run()
+    samples: dict[str, list[float]] = {name: [] for name in modes}
+    accept: dict[str, list[float]] = {name: [] for name in modes}
+    for _ in range(repeats):
+        for name, run in modes.items():
+            tps, stats = run()
+            samples[name].append(tps)
+            if stats.acceptance_rate is not None:
+                accept[name].append(stats.acceptance_rate)
+    medians = {name: statistics.median(v) for name, v in samples.items()}
+    return {
+        name: {
+            "tps_median": medians[name],
+            "tps_samples": samples[name],
+            "speedup": medians[name] / medians[base],
+            "acceptance": statistics.median(accept[name]) if accept[name] else None,
+        }
+        for name in modes
+    }
+
+
+def bench_pipeline_mtp(args: argparse.Namespace, checkpoint: Path, cores: list[int | None]) -> list:
+    from node.inference.pipeline import SimplePlacement
+    from node.inference.pipeline_mtp import PipelineMtpEngine
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    num_layers = config["text_config"]["num_hidden_layers"]
+    prompt = [(7 * i + 3) % 480 for i in range(args.prompt_tokens)]
+    out = []
+    for delay in args.hop_delays_ms:
+        os.environ["MACMESH_TEST_HOP_DELAY_MS"] = str(delay)  # the coordinator's links, and
+        with tempfile.TemporaryDirectory(prefix="bench-pipeline-mtp-") as tmp:  # the servers'
+            servers = start_stage_servers(max(args.mtp_nodes) - 1, cores, Path(tmp))
+            try:
+                addresses = [address for _, address in servers]
+                for n in args.mtp_nodes:
+                    names = ["coordinator", *[f"node{i}" for i in range(1, n)]]
+                    engine = PipelineMtpEngine(
+                        checkpoint,
+                        SimplePlacement.even(num_layers, names),
+                        {name: addresses[i - 1] for i, name in enumerate(names) if i > 0},
+                        local_node_id="coordinator",
+                        mtp_k_limits=(2, max(MTP_KS)),
+                    )
+                    engine.load()
+                    try:
+                        modes: dict[str, Any] = {
+                            "pipeline": lambda e=engine: _decode_tps(
+                                e, prompt, args.tokens, engine="pipeline"
+                            )
+                        }
+                        for k in MTP_KS:
+                            modes[f"K={k}"] = lambda e=engine, k=k: _decode_tps(
+                                e, prompt, args.tokens, mtp_k=k
+                            )
+                        modes["policy"] = lambda e=engine: _decode_tps(e, prompt, args.tokens)
+                        print(f"-- pipeline_mtp: {n} nodes, hop delay {delay} ms", flush=True)
+                        out.append(
+                            {
+                                "nodes": n,
+                                "hop_delay_ms": delay,
+                                "modes": _interleave(modes, args.mtp_repeats, "pipeline"),
+                            }
+                        )
+                    finally:
+                        engine.close()
+            finally:
+                for proc, _ in servers:
+                    proc.terminate()
+                for proc, _ in servers:
+                    proc.wait(timeout=30)
+    os.environ.pop("MACMESH_TEST_HOP_DELAY_MS", None)
+    return out
+
+
+def print_mtp_table(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(
+        f"\n{m['cpu']}, {m['cores']} cores, BLAS {m['blas_preload'] or 'reference'}; load "
+        f"average before/after {m['load_average'][0]:.1f}/{m['load_average_after'][0]:.1f}"
+    )
+    single = results["single_node_mtp"]
+    best = max((v["speedup"], k) for k, v in single.items() if k != "target_only")
+    print(
+        f"anchor: 1 node target-only {single['target_only']['tps_median']:.2f} tok/s; native MTP "
+        + ", ".join(f"{k} {v['speedup']:.2f}x" for k, v in single.items() if k != "target_only")
+        + f" (best {best[1]} {best[0]:.2f}x)"
+    )
+    names = ["pipeline", *[f"K={k}" for k in MTP_KS], "policy"]
+    rows = [("nodes", "hop delay", *[f"{n} tok/s (x)" for n in names], "accept K=2")]
+    for r in results["pipeline_mtp"]:
+        modes = r["modes"]
+        rows.append(
+            (
+                str(r["nodes"]),
+                f"{r['hop_delay_ms']} ms",
+                *[f"{modes[n]['tps_median']:.2f} ({modes[n]['speedup']:.2f})" for n in names],
+                f"{modes['K=2']['acceptance']:.2f}",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+
+
 def summarize(round_trips: list[float]) -> dict[str, float]:
     ordered = sorted(round_trips)
     median = statistics.median(ordered)
@@ -417,6 +563,11 @@ def main() -> int:
     parser.add_argument("--no-pin", action="store_true", help="do not pin each node to a core")
     parser.add_argument("--no-ring", action="store_true")
     parser.add_argument("--json", type=Path, default=Path("bench_pipeline.json"))
+    parser.add_argument("--mtp", action="store_true", help="pipeline_mtp vs plain pipeline only")
+    parser.add_argument("--mtp-nodes", type=int, nargs="+", default=[2, 3])
+    parser.add_argument("--hop-delays-ms", type=float, nargs="+", default=[0, 1, 5])
+    parser.add_argument("--mtp-repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--agreement", type=float, default=0.85, help="--mtp: head agreement")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ring-rank", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -436,12 +587,16 @@ def main() -> int:
 
     configure_logging("warning")
     cores = os.cpu_count() or 1
-    max_nodes = max(args.nodes)
+    max_nodes = max(args.nodes + (args.mtp_nodes if args.mtp else []))
     node_cores: list[int | None] = [
         None if args.no_pin else i % cores for i in range(max(max_nodes, 2))
     ]
     pin(node_cores[0])
-    spec = bench_spec(params=args.params)
+    spec = (
+        bench_spec(params=args.params, agreement_level=args.agreement)
+        if args.mtp
+        else bench_spec(params=args.params)
+    )
     print(
         f"checkpoint: {spec.num_hidden_layers} layers, {count_parameters(spec, include_mtp=False) / 1e6:.0f}M parameters, fp32",
         flush=True,
@@ -460,6 +615,15 @@ def main() -> int:
         "runs": [],
         "anchors": {},
     }
+    if args.mtp:
+        results["single_node_mtp"] = bench_single_node_mtp(args, checkpoint)
+        results["pipeline_mtp"] = bench_pipeline_mtp(args, checkpoint, node_cores)
+        results["machine"]["load_average_after"] = os.getloadavg()
+        print_mtp_table(results)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+        return 0
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         workdir = Path(tmp)
         servers = start_stage_servers(max_nodes - 1, node_cores, workdir) if max_nodes > 1 else []

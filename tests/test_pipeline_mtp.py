@@ -497,3 +497,24 @@ def test_launch_opts_in_per_launch_or_by_the_coordinators_environment(
         assert mtp.proposed_draft_tokens > 0 and mtp.drafter_kind == "native_mtp"
         assert pipe.engine == "pipeline"
         assert mtp_ids == pipe_ids and len(mtp_ids) == 24
+
+
+def test_the_cost_model_counts_every_stage_and_every_hop() -> None:
+    from node.inference.pipeline_mtp import pipeline_cost_table
+
+    # one stage's verify of T = 1..4 positions (the T = 2 sample is another process's time)
+    stage = [0.010, 0.015, 0.012, 0.014]
+    near = pipeline_cost_table(stage, num_stages=2, hop_s=0.0002, layer_s=0.001)
+    far = pipeline_cost_table(stage, num_stages=3, hop_s=0.005, layer_s=0.001)
+    assert near.verify[1] == pytest.approx([2 * (s + 0.0002) for s in [0.010, 0.012, 0.012, 0.014]])
+    assert far.verify[1] == pytest.approx([3 * (s + 0.005) for s in [0.010, 0.012, 0.012, 0.014]])
+    assert near.draft[1] == pytest.approx([0.0, 0.002, 0.004, 0.006])
+    # slow hops make a traversal dear, so deeper drafts pay: at 85% acceptance the policy's
+    # choice goes up with the hop cost
+    from node.inference.mtp.kpolicy import choose_k
+
+    rates = [[0.85, 0.85, 0.85]]
+    cheap = pipeline_cost_table(stage, 2, 0.0, layer_s=0.004)
+    dear = pipeline_cost_table(stage, 2, 0.050, layer_s=0.004)
+    assert choose_k(rates, dear, 3) >= choose_k(rates, cheap, 3)
+    assert choose_k(rates, dear, 3) == 3

@@ -16,29 +16,41 @@ failure handling) whose last stage also holds the checkpoint's MTP head. A reque
    (K+1 positions per frame), as many traversals as cycles.
 
 K per cycle: the request's ``mtp_k`` pins it; otherwise a ``KPolicy`` chooses K (0..max_k)
-from the request's running acceptance and a cost table of this instance: verify and draft
-seconds as the coordinator measures whole cycles, per K — each cycle's seconds include every
-stage's forward *and every hop*, so the hop cost is in the table. The table starts from a
-model (every K costs the same: a traversal is mostly hops and per-frame overhead) and the
-measured cycles correct it (``CostTable.observe``). The K a frame asks for is the K of the
-*next* frame's drafts (the last stage drafts them before it answers), so a choice takes
-effect one cycle later.
+from the request's running acceptance and this instance's cost table, which counts the hops.
+At load (``measure_costs``) the coordinator times its own stage 0 over T = 1..max_k+1
+positions (verify mode) and one hop (a probe round trip to stage 1, halved); a cycle is then
+modelled as N stages' verify(T) plus N hops (the ring), and drafting k tokens as k times one
+layer plus the LM head (about two of stage 0's layers). Every cycle the coordinator then times
+whole — frame out to verdict in, every stage and every hop — corrects the table
+(``CostTable.observe``), so a slow link or a busy stage shows up within a few cycles. The K a
+frame asks for is the K of the *next* frame's drafts (the last stage drafts them before it
+answers), so a choice takes effect one cycle later. Without a stage here to time, K stays
+at the card's ``default_k`` unless the request pins it.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import mlx.core as mx
+
+from node.inference.mtp.costs import CONTEXT_TOKENS, no_dearer_than_longer
+from node.inference.mtp.gdn import commit_verified, verify_forward
 from node.inference.mtp.kpolicy import CostTable, KPolicy
 from node.inference.pipeline import PipelineEngine, _Active
 from node.inference.requests import GenerateRequest, check_against_model, prompt_token_ids
 from node.inference.stats import acceptance_rate
+from node.logging import get_logger
 from node.proto.macmesh.v1 import stage_pb2 as pb
+
+log = get_logger(__name__)
 
 # The card's native-MTP table when the checkpoint has no card (node.inference.loading's).
 FALLBACK_K_LIMITS = (2, 3)
+REPEATS = 3
 
 
 @dataclass
@@ -68,10 +80,24 @@ class _MtpActive(_Active):
         }
 
 
-def flat_cost_table(max_k: int, seconds: float = 1.0) -> CostTable:
-    """The starting cost model: a traversal costs the same at every K (hops dominate); the
-    live cycles (``observe``) then correct each K by what it really costs here."""
-    return CostTable(verify={1: [seconds] * (max_k + 1)}, draft={1: [0.0] * (max_k + 1)})
+def pipeline_cost_table(
+    stage_verify_s: list[float], num_stages: int, hop_s: float, layer_s: float
+) -> CostTable:
+    """The cycle model of an N-stage ring: verify(T) = N x one stage's verify(T) + N hops;
+    draft(k) = k x (one decoder layer + the LM head, ~2 layers). Pure."""
+    verify = [num_stages * (t + hop_s) for t in no_dearer_than_longer(stage_verify_s)]
+    draft = [k * 2 * layer_s for k in range(len(stage_verify_s))]
+    return CostTable(verify={1: verify}, draft={1: draft})
+
+
+def _min_seconds(fn: Callable[[], None], repeats: int) -> float:
+    fn()  # warm-up
+    samples = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        samples.append(time.perf_counter() - began)
+    return min(samples)
 
 
 class PipelineMtpEngine(PipelineEngine):
@@ -92,8 +118,57 @@ class PipelineMtpEngine(PipelineEngine):
         self.mtp_head_on_last = True
         self.default_k, self.max_k = mtp_k_limits or FALLBACK_K_LIMITS
         self.fixed_k = fixed_k  # every request at this K (benchmarks)
-        self.costs = flat_cost_table(self.max_k)  # shared by the instance's requests
+        self.costs: CostTable | None = None  # shared by the instance's requests; see load()
         self.current_k: int | None = None
+
+    def load(self) -> list[Any]:
+        shards = super().load()
+        try:
+            self.costs = self.measure_costs()
+        except Exception as exc:  # K then stays at the card's default_k
+            log.warning("pipeline_mtp cost table not measured", error=str(exc))
+        return shards
+
+    def measure_costs(self, repeats: int = REPEATS) -> CostTable | None:
+        """Time stage 0 (when it runs here) over T = 1..max_k+1 positions and one hop to
+        stage 1; model the ring from them (``pipeline_cost_table``)."""
+        from node.inference.probe import probe_round_trips
+
+        if self._local is None:
+            return None
+        shard = self._local.shard
+        ids = [(7 * i + 3) % self.vocab_size for i in range(CONTEXT_TOKENS + self.max_k + 1)]
+        cache = shard.make_cache()
+        mx.eval(shard.forward(mx.array([ids[:CONTEXT_TOKENS]]), cache), [c.state for c in cache])
+
+        def verify(t: int) -> Callable[[], None]:
+            inputs = mx.array([ids[CONTEXT_TOKENS : CONTEXT_TOKENS + t]])
+
+            def run() -> None:
+                if t == 1:
+                    h = shard.forward(inputs, cache)
+                else:
+                    h, pending = verify_forward(shard.text_model, inputs, cache)
+                    commit_verified(cache, pending, 1, t)
+                mx.eval(h, [c.state for c in cache])
+                for c in cache:  # keep the context length fixed
+                    if c.is_trimmable():
+                        c.trim(1)
+
+            return run
+
+        stage_s = [_min_seconds(verify(t), repeats) for t in range(1, self.max_k + 2)]
+        address = self.addresses[self.stages[1].node_id]
+        probe = mx.zeros((1, 1, shard.hidden_size), dtype=shard.activation_dtype)
+        hop_s = min(probe_round_trips(address, self.instance_id, probe, 2 * repeats)) / 2
+        layers = shard.end_layer - shard.start_layer
+        table = pipeline_cost_table(stage_s, len(self.stages), hop_s, stage_s[0] / layers)
+        log.info(
+            "pipeline_mtp costs",
+            stage_verify_ms=[round(1000 * s, 2) for s in stage_s],
+            hop_ms=round(1000 * hop_s, 3),
+        )
+        return table
 
     # ---- the request API ----
 
