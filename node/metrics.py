@@ -219,7 +219,7 @@ def batch_and_queue(instance_id: str, engine: str, in_flight: int) -> tuple[int,
     if reported is not None:
         return reported, max(in_flight - reported, 0)
     size = min(in_flight, 1)
-    return size, 0 if engine == "pipeline" else max(in_flight - size, 0)
+    return size, 0 if engine in ("pipeline", "pipeline_mtp") else max(in_flight - size, 0)
 
 
 class NodeCollector(Collector):
@@ -262,7 +262,7 @@ class NodeCollector(Collector):
         for instance in self.instances():
             info = instance.info()
             values = [info.instance_id, info.model, info.engine]
-            if info.engine != "pipeline" and len(info.stages) == 1:
+            if info.engine not in ("pipeline", "pipeline_mtp") and len(info.stages) == 1:
                 # A single-node instance's batch scheduler reports its batch and queue.
                 size, waiting = info.batch_size, info.queued
             else:

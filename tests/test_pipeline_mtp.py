@@ -518,3 +518,27 @@ def test_the_cost_model_counts_every_stage_and_every_hop() -> None:
     dear = pipeline_cost_table(stage, 2, 0.050, layer_s=0.004)
     assert choose_k(rates, dear, 3) >= choose_k(rates, cheap, 3)
     assert choose_k(rates, dear, 3) == 3
+
+
+def test_macmesh_place_plans_the_head_on_the_last_stage_when_asked(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from node.cli import app
+
+    gib = 1 << 30
+    nodes = tmp_path / "nodes.json"
+    nodes.write_text(
+        json.dumps(
+            [
+                {"id": "mbp", "available_memory_bytes": 64 * gib},
+                {"id": "studio", "available_memory_bytes": 60 * gib},
+            ]
+        )
+    )
+    args = ["place", "Qwen3.5-122B-A10B-4bit", "--nodes", str(nodes), "--json"]
+    plain = json.loads(CliRunner().invoke(app, args).stdout)
+    opted = json.loads(CliRunner().invoke(app, [*args, "--mtp-across-pipeline"]).stdout)
+    assert [s["has_mtp_head"] for s in plain["stages"]] == [False, False]
+    assert [s["has_mtp_head"] for s in opted["stages"]] == [False, True]
+    assert opted["stages"][-1]["bytes"] > plain["stages"][-1]["bytes"]
+    assert "lives on the last stage" in opted["explanation"]

@@ -722,7 +722,8 @@ def _aliases(model: str, located: Located) -> list[str]:
 def _describe_placement(placement: Placement, names: dict[str, str]) -> str:
     parts = [
         f"{names.get(s.node_id, s.node_id)} {layers_text(s.start_layer, s.end_layer)}"
-        f" ({format_bytes(s.bytes)})"
+        f" ({format_bytes(s.bytes)}"
+        f"{' with the MTP head' if s.has_mtp_head and not placement.single_node else ''})"
         for s in placement.stages
     ]
     kind = "single node" if placement.single_node else f"{len(parts)} stages"

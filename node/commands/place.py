@@ -134,6 +134,14 @@ def place(
     json_output: Annotated[
         bool, typer.Option("--json", help="print the placement as JSON")
     ] = False,
+    mtp_across_pipeline: Annotated[
+        bool,
+        typer.Option(
+            "--mtp-across-pipeline",
+            help="budget the MTP head on the last stage of a multi-node placement "
+            "(what `macmesh launch --mtp-across-pipeline` plans)",
+        ),
+    ] = False,
 ) -> None:
     """Plan where a model's layers would go, without loading anything."""
     if min_nodes < 1:
@@ -172,6 +180,7 @@ def place(
         context_length=context,
         headroom_fraction=headroom,
         max_concurrent_sequences=sequences,
+        mtp_across_pipeline=mtp_across_pipeline,
     )
     try:
         placement = plan(card, nodes, options)

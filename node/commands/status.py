@@ -195,7 +195,12 @@ def _ago(seconds: float) -> str:
     return f"{seconds / 3600:.1f}h ago"
 
 
-_ENGINE_STYLE = {"native_mtp": "green", "local": "cyan", "pipeline": "magenta"}
+_ENGINE_STYLE = {
+    "native_mtp": "green",
+    "local": "cyan",
+    "pipeline": "magenta",
+    "pipeline_mtp": "bright_magenta",
+}
 _INSTANCE_STATE_STYLE = {"ready": "green", "loading": "yellow", "failed": "red"}
 
 
