@@ -542,3 +542,36 @@ def test_macmesh_place_plans_the_head_on_the_last_stage_when_asked(tmp_path: Pat
     assert [s["has_mtp_head"] for s in opted["stages"]] == [False, True]
     assert opted["stages"][-1]["bytes"] > plain["stages"][-1]["bytes"]
     assert "lives on the last stage" in opted["explanation"]
+
+
+def test_a_verify_frame_with_foreign_drafts_fails_its_request_only(nodes: StageNodes) -> None:
+    """The last stage only verifies the drafts it proposed: a coordinator that sends others
+    gets INVALID_ARGUMENT for that request, and the instance serves the next one."""
+
+    class Tampering(PipelineMtpEngine):
+        tamper = True
+
+        def _on_verdict(self, request, verdict) -> None:
+            if self.tamper and len(verdict.drafts):
+                verdict.drafts[0] = (verdict.drafts[0] + 1) % self.vocab_size
+            super()._on_verdict(request, verdict)
+
+    placement = SimplePlacement.even(PRESETS[MODELS["dense"]].num_hidden_layers, topology(nodes, 2))
+    engine = Tampering(
+        _path("dense"),
+        placement,
+        nodes.addresses,
+        local_node_id="coordinator",
+        mtp_k_limits=K_LIMITS,
+    )
+    engine.load()
+    try:
+        with pytest.raises(PipelineError) as failure:
+            run(engine, PROMPT, mtp_k=2)
+        assert failure.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "this stage proposed" in str(failure.value)
+        engine.tamper = False
+        assert run(engine, PROMPT, mtp_k=2).token_ids == mlx_lm_greedy("dense", PROMPT, NEW_TOKENS)
+        wait_for(lambda: engine.cached_requests() == [0, 0], 10, what="caches freed")
+    finally:
+        engine.close()

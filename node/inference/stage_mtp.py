@@ -38,7 +38,7 @@ from node.inference.mtp.gdn import PendingGdnState, commit_verified, verify_forw
 from node.inference.mtp.head import MtpHead
 from node.inference.sampling import KeyStream, SamplingParams, draft_token, processed_logprobs
 from node.inference.shard import ShardError
-from node.inference.stage_wire import activation_frames
+from node.inference.stage_wire import INVALID_ARGUMENT, activation_frames, error_response
 from node.proto.macmesh.v1 import stage_pb2 as pb
 
 if TYPE_CHECKING:
@@ -143,6 +143,21 @@ def rewind(inbound: Any, act: pb.Activation) -> None:
 
 
 def forward(
+    runtime: StageRuntime,
+    session: StageSession,
+    rid: str,
+    state: RequestState,
+    header: pb.Activation,
+    hidden: RawTensor | None,
+) -> None:
+    try:
+        _forward(runtime, session, rid, state, header, hidden)
+    except FrameError as exc:  # a frame that breaks the protocol: the request's fault
+        state.failed = True
+        state.reply(error_response(rid, INVALID_ARGUMENT, str(exc), runtime.position))
+
+
+def _forward(
     runtime: StageRuntime,
     session: StageSession,
     rid: str,
