@@ -279,8 +279,8 @@ def _verify_last(
         mtp.pending_hidden = (
             hidden if mtp.carry is None else mx.concatenate([mtp.carry, hidden], axis=1)
         )
-        mtp.pending_tokens = mx.array([[*tokens, *emitted]] if mtp.carry is not None else [emitted])
-        mtp.pending_tokens = mtp.pending_tokens.astype(mx.uint32)
+        pair_tokens = [*tokens, *emitted] if mtp.carry is not None else emitted
+        mtp.pending_tokens = mx.array([pair_tokens], dtype=mx.uint32)
         mtp.carry = None
     elif k == 0:  # the head did not run last time: the new pair waits behind the old ones
         mtp.pending_hidden = mx.concatenate([mtp.pending_hidden, hidden], axis=1)
