@@ -196,7 +196,8 @@ def test_penalties_condition_each_verified_position(nodes: StageNodes) -> None:
 def test_seeded_sampling_draws_what_single_node_native_mtp_draws(nodes: StageNodes) -> None:
     """Same rules, same PRNG subkeys in the same order: the pipeline samples the tokens the
     single-node engine samples (and a different seed gives other tokens: not vacuous)."""
-    sampling = SamplingParams(temperature=0.9, top_p=0.95, repetition_penalty=1.2, seed=1234)
+    # temperature 2: this checkpoint is peaked enough that 0.9 samples its argmax every time
+    sampling = SamplingParams(temperature=2.0, top_p=0.95, repetition_penalty=1.2, seed=1234)
     single = MtpEngine(load_checkpoint(_path("moe")))
     expected = list(
         single.generate(
@@ -213,6 +214,9 @@ def test_seeded_sampling_draws_what_single_node_native_mtp_draws(nodes: StageNod
     try:
         done = run(engine, PROMPT, mtp_k=2, sampling=sampling)
         assert done.token_ids == expected
+        # the coupled rule: a seed gives the text plain decode draws, at every K
+        assert run(engine, PROMPT, mtp_k=3, sampling=sampling).token_ids == expected
+        assert run(engine, PROMPT, engine="pipeline", sampling=sampling).token_ids == expected
         other = run(engine, PROMPT, mtp_k=2, sampling=sampling.model_copy(update={"seed": 7}))
         assert other.token_ids != expected
     finally:

@@ -30,13 +30,24 @@ from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
 
-from node.inference.acceptance import greedy_accept_batch, sampled_accept_batch
+from node.inference.acceptance import (
+    coupled_accept_batch,
+    greedy_accept_batch,
+    rule_for,
+    sampled_accept_batch,
+)
 from node.inference.codec import FrameError, RawTensor
 from node.inference.engine import history_tail, next_token
 from node.inference.mtp.engine import PENDING_LIMIT
 from node.inference.mtp.gdn import PendingGdnState, commit_verified, verify_forward
 from node.inference.mtp.head import MtpHead
-from node.inference.sampling import KeyStream, SamplingParams, draft_token, processed_logprobs
+from node.inference.sampling import (
+    KeyStream,
+    SamplingParams,
+    draft_token,
+    position_noise,
+    processed_logprobs,
+)
 from node.inference.shard import ShardError
 from node.inference.stage_wire import INVALID_ARGUMENT, activation_frames, error_response
 from node.proto.macmesh.v1 import stage_pb2 as pb
@@ -100,6 +111,11 @@ class LastStageMtp(StageVerify):
     pending_tokens: mx.array | None = None
     drafts: list[int] = field(default_factory=list)  # what the last verdict proposed
     draft_lps: list[mx.array] = field(default_factory=list)
+    # Seeded sampling: the coupled rule (acceptance.coupled_accept_batch), one key per
+    # generated position, as the single-node engine; `position` is that of drafts[0].
+    seeded: bool = False
+    prompt_len: int = 0
+    position: int = 0
 
 
 def open_state(runtime: StageRuntime, sampling: SamplingParams) -> StageVerify:
@@ -111,7 +127,12 @@ def open_state(runtime: StageRuntime, sampling: SamplingParams) -> StageVerify:
             f"instance {runtime.instance_id!r} was loaded without the MTP head on its last "
             "stage; launch it with --mtp-across-pipeline"
         )
-    return LastStageMtp(params=sampling, keys=KeyStream(sampling.seed), mtp_cache=head.make_cache())
+    return LastStageMtp(
+        params=sampling,
+        keys=KeyStream(sampling.seed),
+        mtp_cache=head.make_cache(),
+        seeded=rule_for(sampling) == "coupled",
+    )
 
 
 # ---- session hook: positions after a verdict ----
@@ -245,6 +266,7 @@ def _verify_last(
                 "the first sampled frame of an MTP request carries one token, no verdict"
             )
         mtp.history.extend(tokens)
+        mtp.prompt_len = len(mtp.history)
     elif tokens[1:] != mtp.drafts:
         raise FrameError(
             f"verify frame carries drafts {tokens[1:]} but this stage proposed {mtp.drafts}"
@@ -261,6 +283,12 @@ def _verify_last(
         target_lp = processed_logprobs(shard.logits(hidden[0]), params, _tail(mtp), draft_ids)
         if params.is_greedy:
             n_acc, nxt = greedy_accept_batch(target_lp[None], draft_ids[None])
+        elif mtp.seeded:
+            shape = (1, target_lp.shape[-1])
+            noise = mx.concatenate(
+                [position_noise(mtp.keys.at(mtp.position + r), shape) for r in range(k + 1)]
+            )
+            n_acc, nxt = coupled_accept_batch(target_lp[None], draft_ids[None], noise[None])
         else:
             draft_lp = mx.stack(mtp.draft_lps) if k else mx.zeros((0, target_lp.shape[-1]))
             n_acc, nxt = sampled_accept_batch(
@@ -268,6 +296,8 @@ def _verify_last(
             )
         n, correction = mx.concatenate([n_acc.astype(mx.int32), nxt.astype(mx.int32)]).tolist()
         emitted = [*mtp.drafts[:n], correction]
+        if mtp.seeded:
+            mtp.keys.forget_before(mtp.position + len(emitted))
         if pending is not None:
             commit_verified(state.cache, pending, n + 1, k + 1)
         if k > 1:
@@ -311,6 +341,7 @@ def _draft(runtime: StageRuntime, mtp: LastStageMtp, k: int) -> None:
     assert mtp.pending_tokens is not None and mtp.pending_hidden is not None
     drafts: list[mx.array] = []
     lps: list[mx.array] = []
+    mtp.position = len(mtp.history) - mtp.prompt_len  # of the first draft
     if k == 0 and mtp.pending_tokens.shape[1] > PENDING_LIMIT:
         # Feed all but the newest pair now (the invariant keeps one pending).
         _head(runtime, mtp, mtp.pending_tokens[:, :-1], mtp.pending_hidden[:, :-1])
@@ -321,7 +352,10 @@ def _draft(runtime: StageRuntime, mtp: LastStageMtp, k: int) -> None:
         for s in range(k):
             if s > 0:
                 x = _head(runtime, mtp, drafts[-1].reshape(1, 1), x)
-            key = None if mtp.params.is_greedy else mtp.keys.next()
+            if mtp.params.is_greedy:
+                key = None
+            else:
+                key = mtp.keys.at(mtp.position + s) if mtp.seeded else mtp.keys.next()
             token, lp = draft_token(
                 runtime.shard.logits(x[:, -1, :]), mtp.params, _tail(mtp, drafts), key
             )
