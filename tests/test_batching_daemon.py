@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import subprocess
+import sys
 import threading
 
 import grpc
@@ -165,6 +168,64 @@ def test_status_shows_batch_and_queue_and_admission_refuses_beyond_it(daemon) ->
         timeout=60,
         what="cancelled requests leaving the batch",
     )
+
+
+def cli_generate(address: str, model: str, *args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "node.cli", "generate", model, "--node", address, *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_final_stats_carry_the_queue_wait_to_the_cli(daemon) -> None:
+    """A request that waited behind a full batch reports the wait and its time to first token
+    in `macmesh generate --json`; the stats line shows both."""
+    node, instance, _ = daemon
+    model = instance.instance_id
+    channel, inference = stub(node.address)
+    long = [
+        inference.Generate(request(model, ids(6, 70 + i), 3000, False), timeout=300)
+        for i in range(MAX_BATCH)
+    ]
+    try:
+        for call in long:
+            call.initial_metadata()
+        wait_for(
+            lambda: instance_status(node.address, model).batch_size == MAX_BATCH,
+            timeout=60,
+            what="a full batch",
+        )
+        queued = cli_generate(
+            node.address,
+            model,
+            "--prompt-ids",
+            "5,6,7",
+            "--max-tokens",
+            "3",
+            "--ignore-eos",
+            "--json",
+        )
+        wait_for(
+            lambda: instance_status(node.address, model).queued == 1,
+            timeout=60,
+            what="the CLI's request in the queue",
+        )
+    finally:
+        for call in long:
+            call.cancel()
+        channel.close()
+    out, err = queued.communicate(timeout=120)
+    assert queued.returncode == 0, err
+    stats = json.loads(out)["stats"]
+    assert stats["queue_seconds"] > 0.0
+    assert stats["time_to_first_token_seconds"] >= stats["queue_seconds"]
+
+    line = cli_generate(node.address, model, "--prompt-ids", "5,6,7", "--max-tokens", "3")
+    _, err = line.communicate(timeout=120)
+    assert line.returncode == 0, err
+    assert re.search(r"first token \d+ ms \(queued \d+ ms\)", err), err
 
 
 def test_generation_stays_within_the_memory_the_launch_budgeted(daemon) -> None:

@@ -53,6 +53,8 @@ def test_chat_completion_reports_native_mtp_stats(gateway: openai.OpenAI) -> Non
     assert stats["drafter_kind"] == "native_mtp"
     assert stats["num_draft_tokens"] == 2
     assert stats["proposed_draft_tokens"] > 0
+    assert stats["time_to_first_token_seconds"] >= stats["queue_seconds"] >= 0.0
+    assert stats["time_to_first_token_seconds"] > 0.0
 
 
 def test_streamed_completion_equals_the_plain_one(gateway: openai.OpenAI) -> None:

@@ -62,8 +62,11 @@ def test_json_output_with_native_mtp(high: str) -> None:
         "prompt_tps",
         "generation_tps",
         "stages",
+        "queue_seconds",
+        "time_to_first_token_seconds",
     ):
         assert field in stats
+    assert stats["time_to_first_token_seconds"] > 0.0 and stats["queue_seconds"] == 0.0
     assert stats["engine"] == "native_mtp" and stats["drafter_kind"] == "native_mtp"
     assert stats["num_draft_tokens"] == 3
     assert stats["acceptance_rate"] > 0.9
@@ -106,6 +109,7 @@ def test_streams_text_and_env_disables_native_mtp(high: str) -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.endswith("\n") and out.stdout.strip()
     assert "engine=local" in out.stderr
+    assert "first token " in out.stderr and "(queued 0 ms)" in out.stderr
     assert "disabled by MACMESH_NATIVE_MTP=0" in out.stderr
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
@@ -127,6 +128,8 @@ def _print_summary(stats: Any) -> None:
         + (f" ({stats.cached_prompt_tokens} cached)" if stats.cached_prompt_tokens else "")
         + f" @ {stats.prompt_tps:.1f} tok/s",
         f"generated={stats.generation_tokens} tok @ {stats.generation_tps:.1f} tok/s",
+        f"first token {stats.time_to_first_token_seconds * 1000:.0f} ms"
+        f" (queued {stats.queue_seconds * 1000:.0f} ms)",
     ]
     if stats.drafter_kind:
         rate = stats.acceptance_rate
@@ -256,8 +259,21 @@ def _generate_local(options: Any) -> Iterator[Any]:
         request = engine_request(options, loaded.tokenizer).model_copy(
             update={"engine": options.engine}
         )
+        start, first = time.perf_counter(), None
         for event in runner.generate(request):
-            yield final_stats(event) if isinstance(event, GenerationDone) else event
+            first = first or time.perf_counter()
+            if isinstance(event, GenerationDone):
+                # In-process there is no queue; the first event came with the first token.
+                event = event.model_copy(
+                    update={
+                        "stats": event.stats.model_copy(
+                            update={"time_to_first_token_seconds": first - start}
+                        )
+                    }
+                )
+                yield final_stats(event)
+            else:
+                yield event
     except (RequestError, EngineUnavailable) as exc:
         raise _fail(str(exc)) from None
     except ValueError as exc:

@@ -221,6 +221,8 @@ class MacmeshStats(_Response):
     generation_tokens: int
     prompt_tps: float
     tps: float = Field(description="generation tokens per second")
+    queue_seconds: float = Field(description="waiting for a place in the instance's batch")
+    time_to_first_token_seconds: float = Field(description="from arrival at the instance")
     finish_reason: str
     stages: list[StageOut]
 

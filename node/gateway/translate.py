@@ -162,10 +162,9 @@ def usage(stats: FinalStats) -> Usage:
 
 
 def macmesh_stats(stats: FinalStats) -> MacmeshStats:
-    """The request's FinalStats in the HTTP API's shape (``tps`` is generation_tps; timings
-    and the stop sequence are not part of it)."""
-    internal = {"kind", "generation_tps", "queue_seconds", "time_to_first_token_seconds"}
-    fields = stats.model_dump(exclude=internal | {"stop_sequence"})
+    """The request's FinalStats in the HTTP API's shape (``tps`` is generation_tps; the stop
+    sequence is not part of it)."""
+    fields = stats.model_dump(exclude={"kind", "generation_tps", "stop_sequence"})
     return MacmeshStats.model_validate({**fields, "tps": stats.generation_tps})
 
 
