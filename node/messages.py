@@ -303,21 +303,78 @@ class ClusterNode(_Model):
     last_seen_seconds_ago: float
 
 
-class Instance(_Model):
+class InstanceInfo(_Model):
+    """An instance as status shows it, as peers see it and as clients receive it."""
+
     instance_id: str
-    model: str
+    model: str  # MODEL as given to launch
+    aliases: list[str] = Field(default_factory=list)  # other names that reach it
     coordinator_node_id: str
-    stages: list[StageInfo]
+    coordinator_address: str = ""
+    stages: list[StageStats]  # each stage's node and layer range
     engine: str
     engine_reason: str
     state: str
-    recent_generation_tps: float
-    current_mtp_k: int | None = None  # native MTP: the K its latest cycle chose
+    recent_generation_tps: float = 0.0
+    in_flight: int = 0
+    requests_served: int = 0
+    batch_size: int = 0  # requests computing together now
+    queued: int = 0  # admitted, waiting for a place in the batch
+    current_mtp_k: int | None = None  # native MTP: the K policy's latest choice
+    min_nodes: int = 1  # as launched: a re-placement or a takeover honours them
+    context_length: int | None = None
+
+    def answers_to(self, name: str) -> bool:
+        """Whether ``GenerateRequest.model == name`` reaches this instance."""
+        return name in (self.instance_id, self.model) or name in self.aliases
+
+    def to_proto(self) -> pb.Instance:
+        return pb.Instance(
+            instance_id=self.instance_id,
+            model=self.model,
+            coordinator_node_id=self.coordinator_node_id,
+            stages=[stage_to_proto(s) for s in self.stages],
+            engine=self.engine,
+            engine_reason=self.engine_reason,
+            state=self.state,
+            recent_generation_tps=self.recent_generation_tps,
+            aliases=self.aliases,
+            in_flight=self.in_flight,
+            requests_served=self.requests_served,
+            coordinator_address=self.coordinator_address,
+            batch_size=self.batch_size,
+            queued=self.queued,
+            current_mtp_k=self.current_mtp_k,
+            min_nodes=self.min_nodes,
+            context_length=self.context_length or 0,
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.Instance) -> InstanceInfo:
+        return cls(
+            instance_id=msg.instance_id,
+            model=msg.model,
+            aliases=list(msg.aliases),
+            coordinator_node_id=msg.coordinator_node_id,
+            coordinator_address=msg.coordinator_address,
+            stages=[stage_from_proto(s) for s in msg.stages],
+            engine=msg.engine,
+            engine_reason=msg.engine_reason,
+            state=msg.state,
+            recent_generation_tps=msg.recent_generation_tps,
+            in_flight=msg.in_flight,
+            requests_served=msg.requests_served,
+            batch_size=msg.batch_size,
+            queued=msg.queued,
+            current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
+            min_nodes=max(1, msg.min_nodes),
+            context_length=msg.context_length or None,
+        )
 
 
 class ClusterStatus(_Model):
     nodes: list[ClusterNode]
-    instances: list[Instance]
+    instances: list[InstanceInfo]
 
 
 class PlannedStage(_Model):
@@ -345,7 +402,7 @@ class Launched(_Model):
     """The final launch event: the instance as it now runs."""
 
     kind: Literal["instance"] = "instance"
-    instance: Instance
+    instance: InstanceInfo
 
 
 def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
@@ -365,20 +422,6 @@ def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
     )
 
 
-def instance_from_proto(msg: pb.Instance) -> Instance:
-    return Instance(
-        instance_id=msg.instance_id,
-        model=msg.model,
-        coordinator_node_id=msg.coordinator_node_id,
-        stages=[stage_from_proto(s) for s in msg.stages],
-        engine=msg.engine,
-        engine_reason=msg.engine_reason,
-        state=msg.state,
-        recent_generation_tps=msg.recent_generation_tps,
-        current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
-    )
-
-
 def cluster_status_from_proto(msg: pb.ClusterStatusResponse) -> ClusterStatus:
     nodes = [
         ClusterNode(
@@ -393,7 +436,7 @@ def cluster_status_from_proto(msg: pb.ClusterStatusResponse) -> ClusterStatus:
         )
         for n in msg.nodes
     ]
-    return ClusterStatus(nodes=nodes, instances=[instance_from_proto(i) for i in msg.instances])
+    return ClusterStatus(nodes=nodes, instances=[InstanceInfo.from_proto(i) for i in msg.instances])
 
 
 def placement_from_proto(msg: pb.Placement) -> Placement:
@@ -410,5 +453,5 @@ def placement_from_proto(msg: pb.Placement) -> Placement:
 
 def launch_event_from_proto(msg: pb.LaunchProgress) -> LaunchMessage | Launched:
     if msg.WhichOneof("event") == "instance":
-        return Launched(instance=instance_from_proto(msg.instance))
+        return Launched(instance=InstanceInfo.from_proto(msg.instance))
     return LaunchMessage(message=msg.message)

@@ -14,7 +14,7 @@ from typer.testing import CliRunner
 
 from node.checkpoints import CheckpointSpec, ensure_checkpoint
 from node.cli import app
-from node.client import Instance
+from node.client import InstanceInfo
 from node.hub.shards import files_for_layers
 
 SPEC = CheckpointSpec(arch="dense", layout="stripped", num_hidden_layers=12, seed=7)
@@ -43,7 +43,7 @@ def test_each_stage_downloads_only_its_shards(tmp_path) -> None:
             app, ["launch", REPO, "--pull", "--min-nodes", "2", "--node", a.address, "--json"]
         )
         assert result.exit_code == 0, result.output
-        instance = Instance.model_validate_json(result.stdout)
+        instance = InstanceInfo.model_validate_json(result.stdout)
         assert instance.engine == "pipeline"
         assert instance.model == f"{REPO}@{commit}"
         bars = [line.split() for line in result.stderr.splitlines() if "%" in line]

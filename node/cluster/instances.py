@@ -27,12 +27,9 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
-from pydantic import BaseModel, Field
-
 from node.cluster.selector import ENGINE_PREFERENCE, EngineRefused, compatible, request_engine
 from node.inference.stats import StageStats
-from node.messages import stage_from_proto, stage_to_proto
-from node.proto.macmesh.v1 import inference_pb2 as pb
+from node.messages import InstanceInfo
 
 LOADING = "loading"
 READY = "ready"
@@ -52,75 +49,6 @@ class InstanceUnavailable(Exception):
 # One stage of an instance: a node and its layer range [start_layer, end_layer); the same
 # record a request's stats list (node.inference.stats.StageStats).
 StageRef = StageStats
-
-
-class InstanceInfo(BaseModel):
-    """An instance as status shows it and as peers see it."""
-
-    instance_id: str
-    model: str  # MODEL as given to launch
-    aliases: list[str] = Field(default_factory=list)  # other names that reach it
-    coordinator_node_id: str
-    coordinator_address: str = ""
-    stages: list[StageRef]
-    engine: str
-    engine_reason: str
-    state: str
-    recent_generation_tps: float = 0.0
-    in_flight: int = 0
-    requests_served: int = 0
-    batch_size: int = 0  # requests computing together now
-    queued: int = 0  # admitted, waiting for a place in the batch
-    current_mtp_k: int | None = None  # native MTP: the K policy's latest choice
-    min_nodes: int = 1  # as launched: a re-placement or a takeover honours them
-    context_length: int | None = None
-
-    def answers_to(self, name: str) -> bool:
-        """Whether ``GenerateRequest.model == name`` reaches this instance."""
-        return name in (self.instance_id, self.model) or name in self.aliases
-
-    def to_proto(self) -> pb.Instance:
-        return pb.Instance(
-            instance_id=self.instance_id,
-            model=self.model,
-            coordinator_node_id=self.coordinator_node_id,
-            stages=[stage_to_proto(s) for s in self.stages],
-            engine=self.engine,
-            engine_reason=self.engine_reason,
-            state=self.state,
-            recent_generation_tps=self.recent_generation_tps,
-            aliases=self.aliases,
-            in_flight=self.in_flight,
-            requests_served=self.requests_served,
-            coordinator_address=self.coordinator_address,
-            batch_size=self.batch_size,
-            queued=self.queued,
-            current_mtp_k=self.current_mtp_k,
-            min_nodes=self.min_nodes,
-            context_length=self.context_length or 0,
-        )
-
-    @classmethod
-    def from_proto(cls, msg: pb.Instance) -> InstanceInfo:
-        return cls(
-            instance_id=msg.instance_id,
-            model=msg.model,
-            aliases=list(msg.aliases),
-            coordinator_node_id=msg.coordinator_node_id,
-            coordinator_address=msg.coordinator_address,
-            stages=[stage_from_proto(s) for s in msg.stages],
-            engine=msg.engine,
-            engine_reason=msg.engine_reason,
-            state=msg.state,
-            recent_generation_tps=msg.recent_generation_tps,
-            in_flight=msg.in_flight,
-            requests_served=msg.requests_served,
-            batch_size=msg.batch_size,
-            queued=msg.queued,
-            current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
-            min_nodes=max(1, msg.min_nodes),
-            context_length=msg.context_length or None,
-        )
 
 
 class RecentRate:
