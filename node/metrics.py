@@ -69,61 +69,48 @@ class GenerationMetrics:
         self.registry = registry
         self.labels = labels
         self.mtp_label = mtp_label
-        self.requests = Counter(
-            f"{prefix}_requests",
+        engine = [*labels, "engine"]
+
+        def counter(name: str, doc: str, names: list[str]) -> Counter:
+            return Counter(f"{prefix}_{name}", doc, names, registry=registry)
+
+        def histogram(name: str, doc: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(
+                f"{prefix}_{name}", doc, list(labels), buckets=buckets, registry=registry
+            )
+
+        self.requests = counter(
+            "requests",
             "Generate requests by engine and outcome (stop, length, or the error's code)",
-            [*labels, "engine", "outcome"],
-            registry=registry,
+            [*engine, "outcome"],
         )
-        self.prompt_tokens = Counter(
-            f"{prefix}_prompt_tokens",
-            "prompt tokens processed",
-            [*labels, "engine"],
-            registry=registry,
-        )
-        self.cached_prompt_tokens = Counter(
-            f"{prefix}_prompt_cache_hit_tokens",
+        self.prompt_tokens = counter("prompt_tokens", "prompt tokens processed", engine)
+        self.cached_prompt_tokens = counter(
+            "prompt_cache_hit_tokens",
             "prompt tokens the instance's prompt cache served instead of computing them",
-            [*labels, "engine"],
-            registry=registry,
+            engine,
         )
-        self.prompt_cache_hits = Counter(
-            f"{prefix}_prompt_cache_hits",
+        self.prompt_cache_hits = counter(
+            "prompt_cache_hits",
             "requests that started from a cached prefix of their prompt",
-            [*labels, "engine"],
-            registry=registry,
+            engine,
         )
-        self.generation_tokens = Counter(
-            f"{prefix}_generation_tokens",
-            "tokens generated",
-            [*labels, "engine"],
-            registry=registry,
-        )
-        self.ttft = Histogram(
-            f"{prefix}_time_to_first_token_seconds",
+        self.generation_tokens = counter("generation_tokens", "tokens generated", engine)
+        self.ttft = histogram(
+            "time_to_first_token_seconds",
             "from the request's arrival to its first generated token",
-            list(labels),
-            buckets=TTFT_BUCKETS,
-            registry=registry,
+            TTFT_BUCKETS,
         )
-        self.itl = Histogram(
-            f"{prefix}_inter_token_latency_seconds",
+        self.itl = histogram(
+            "inter_token_latency_seconds",
             "time between generated tokens (a delta of n tokens counts n gaps of 1/n its wait)",
-            list(labels),
-            buckets=ITL_BUCKETS,
-            registry=registry,
+            ITL_BUCKETS,
         )
-        self.mtp_proposed = Counter(
-            f"{prefix}_mtp_proposed_draft_tokens",
-            "native-MTP draft tokens proposed",
-            [mtp_label],
-            registry=registry,
+        self.mtp_proposed = counter(
+            "mtp_proposed_draft_tokens", "native-MTP draft tokens proposed", [mtp_label]
         )
-        self.mtp_accepted = Counter(
-            f"{prefix}_mtp_accepted_draft_tokens",
-            "native-MTP draft tokens the model accepted",
-            [mtp_label],
-            registry=registry,
+        self.mtp_accepted = counter(
+            "mtp_accepted_draft_tokens", "native-MTP draft tokens the model accepted", [mtp_label]
         )
 
     def track(self, **labels: str) -> RequestTracker:
