@@ -40,13 +40,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _benchinfo import machine_info
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
@@ -251,16 +252,6 @@ def _pipeline_row(
         a == b for a, b in zip(results[("pipeline", s)][0]["tokens"], reference, strict=True)
     )
     return ours
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def print_table(rows: list[dict[str, Any]], ttft: dict[str, Any]) -> None:
@@ -526,16 +517,7 @@ def main() -> None:
     }
     print_table(rows, ttft)
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "mlx": mx.__version__,
-            "device": str(mx.default_device()),
-            "blas_preload": os.environ.get("LD_PRELOAD", ""),
-            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
-            "load_average": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "load_average": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": {
             "name": spec.name(),

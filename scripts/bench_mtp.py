@@ -26,13 +26,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from _benchinfo import machine_info
 
 OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 STEADY = {"0.85": 0.85, "0.5": 0.5, "0.25": 0.25}
@@ -173,16 +174,6 @@ def print_table(name: str, summary: dict[str, Any]) -> None:
     )
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--params", type=float, default=280e6, help="model size (250-300M)")
@@ -212,8 +203,6 @@ def main() -> None:
         sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
 
     import random
-
-    import mlx.core as mx
 
     from node.checkpoints import count_parameters
     from node.inference.engine import LocalEngine
@@ -269,16 +258,7 @@ def main() -> None:
                 )
 
     report: dict[str, Any] = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "mlx": mx.__version__,
-            "device": str(mx.default_device()),
-            "blas_preload": os.environ.get("LD_PRELOAD", ""),
-            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
-            "load_average_end": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "load_average_end": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "prompt_tokens": args.prompt_tokens,
         "repeats": args.repeats,
