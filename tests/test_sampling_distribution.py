@@ -2,7 +2,9 @@
 
 The real instance runner (``LocalRunner.submit``: the batch scheduler, many sequences in one
 batch) generates short continuations of one prompt, one fixed seed per run, with the ``local``
-engine and with native MTP (adaptive K; K = 1, 2, 3 in the slow variant). The reference is
+engine and with native MTP (adaptive K; K = 1, 2, 3 in the slow variant). Seeded native MTP
+takes the coupled acceptance rule (node.inference.acceptance.rule_for); the ratio rule that
+unseeded requests take is tested with seeded runs forced onto it (slow), as is its control. The reference is
 mlx-lm alone: the plain model over prompt + history, ``make_logits_processors`` (penalties,
 logit bias) and the distribution ``make_sampler`` draws from — its own filter functions in its
 own order, then softmax(x / temperature) — computed exactly (test_sampling checks that closed
@@ -31,14 +33,15 @@ statistic at α = ALPHA / (T + 1) = 2e-4):
 The previous version of this test detected ~14% moved between two cells of ~0.3.
 
 Negative controls (slow) run exactly those shifted engines: the real engine with the shifted
-temperature, and native MTP with the biased rule patched into every module that imported the
-acceptance rule (whichever native-MTP path the runner uses). They must fail, the real ones pass.
+temperature, and native MTP on the ratio rule with the biased rule patched into every module
+that imported it (whichever native-MTP path the runner uses). They must fail, the real ones pass.
 
 Determinism: fixed seeds (one per run, disjoint ranges per test) and an exact reference, so the
 outcome is fixed up to the rare token that a ~1e-6 logit difference between CPUs or batch
 compositions flips. Recorded (2-core x86, OpenBLAS, against 2e-4): local min p 0.12 (its
-control 8e-28, depth 1 4e-17); native MTP adaptive min p 0.19 (its control 3e-11 at the first
-drafted token) — orders of magnitude from the threshold on both sides.
+control 8e-28, depth 1 4e-17); native MTP adaptive, ratio rule, min p 0.19 (its control 3e-11
+at the first drafted token); fixed K = 1, 2, 3 min p 0.42, 0.50, 0.008 (K = 3 against 1.7e-4,
+five tokens); filters, local, min p 0.41 and 0.23 — far from the threshold on both sides.
 
 Cost (CPU seconds on the shared 2-core box, load ~13, so an idle machine is faster): the local
 run ~50 s, the native-MTP run ~65-85 s; the default selection (``-m "not slow"``: the power
@@ -343,9 +346,16 @@ def biased_rule(bias: float):
     return rule
 
 
+def force_ratio_rule(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Seeded runs (deterministic) through the ratio rule that unseeded requests take: a
+    seeded request would otherwise take the coupled rule (acceptance.rule_for)."""
+    monkeypatch.setattr(acceptance, "rule_for", lambda p: "greedy" if p.is_greedy else "ratio")
+
+
 def patch_acceptance(monkeypatch: pytest.MonkeyPatch, rule) -> None:
-    """Replace the acceptance rule in every module that imported it (whichever native-MTP
-    path the runner uses)."""
+    """Replace the ratio rule in every module that imported it (whichever native-MTP path the
+    runner uses), and make seeded runs take it."""
+    force_ratio_rule(monkeypatch)
     original = acceptance.sampled_accept_batch
     patched = 0
     for name, module in list(sys.modules.items()):
@@ -422,11 +432,25 @@ def test_negative_control_local_temperature_off_by_2_percent(
 def test_native_mtp_batched_sampling_matches_mlx_lm(
     loaded: LoadedModel, runner: LocalRunner
 ) -> None:
-    """Adaptive K: the policy chooses each cycle's K for the whole batch."""
+    """Adaptive K (the policy chooses each cycle's K); seeded, so the coupled rule."""
     samples, proposed, accepted = engine_samples(
         runner, PENALTIES, MTP_RUNS, seed_base=200_000, engine="native_mtp"
     )
     assert 0 < accepted < proposed  # drafts were both accepted and rejected
+    pvalues = tree_test(samples, Reference(loaded, PENALTIES))
+    assert min(pvalues.values()) > threshold(pvalues), pvalues
+
+
+@pytest.mark.slow
+def test_native_mtp_ratio_rule_matches_mlx_lm(
+    loaded: LoadedModel, runner: LocalRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Adaptive K through the ratio rule (what unseeded requests take)."""
+    force_ratio_rule(monkeypatch)
+    samples, proposed, accepted = engine_samples(
+        runner, PENALTIES, MTP_RUNS, seed_base=250_000, engine="native_mtp"
+    )
+    assert 0 < accepted < proposed
     pvalues = tree_test(samples, Reference(loaded, PENALTIES))
     assert min(pvalues.values()) > threshold(pvalues), pvalues
 
