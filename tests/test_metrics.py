@@ -192,7 +192,9 @@ def test_requests_tokens_latency_mtp_and_hops_are_counted_where_they_happen(clus
 
 
 def test_queue_length_and_batch_size_while_requests_wait(cluster):
-    """Two requests on the single-node instance: one computes (a batch of 1), one waits."""
+    """Two long requests on the single-node instance (max_batch 8): both are admitted and,
+    once the batch has taken them in (the first native-MTP request measures the instance's
+    costs before it joins), both decode together and none waits."""
     client, single = cluster["client"], cluster["single"]
     args = dict(
         model=single.instance_id,
@@ -204,12 +206,16 @@ def test_queue_length_and_batch_size_while_requests_wait(cluster):
     first = client.chat.completions.create(**args)
     next(iter(first))  # it computes
     second = client.chat.completions.create(**args)  # returns once the node admitted it
-    try:
+    labels = {"instance": single.instance_id}
+
+    def both_in_the_batch() -> dict | None:
         coord = scrape(metrics_url(cluster["coord"]))
-        labels = {"instance": single.instance_id}
+        return coord if value(coord, "macmesh_batch_size", **labels) == 2 else None
+
+    try:
+        coord = wait_for(both_in_the_batch, timeout=PATIENCE_S, what="a batch of 2")
         assert value(coord, "macmesh_instance_requests_in_flight", **labels) == 2
-        assert value(coord, "macmesh_batch_size", **labels) == 1
-        assert value(coord, "macmesh_queue_length", **labels) == 1
+        assert value(coord, "macmesh_queue_length", **labels) == 0
     finally:
         first.close()
         second.close()
