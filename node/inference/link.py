@@ -1,8 +1,7 @@
-"""Plumbing shared by stages and the coordinator: a serial worker and a Forward stream client.
+"""The client end of a Forward stream, shared by stages and the coordinator.
 
-``SerialWorker`` runs callables one at a time on its own thread. Each stage (and the
-coordinator's stage 0) does all of its MLX work and all of its downstream sends on one worker,
-which keeps the frames of a request in order without locks.
+(A stage's own ordering of MLX work lives in ``stage_runtime``: its job queue drains what waited
+into batched forwards, ``stage_batch.plan_drain``.)
 
 ``ForwardLink`` is the client end of one long-lived ``StageService.Forward`` stream: frames
 queued with ``send`` go out in order; every response is handed to ``on_response`` on the
@@ -58,36 +57,6 @@ def stage_channel(address: str) -> grpc.Channel:
     keepalive pings are accepted because every macmesh server takes node.rpc.CHANNEL_OPTIONS
     (min_recv_ping_interval_without_data_ms), not gRPC's one-ping-per-5-min default."""
     return rpc.channel(address)  # with the process's TLS and secret
-
-
-class SerialWorker:
-    """One thread running submitted callables in submission order."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self._queue: queue.SimpleQueue[tuple[Callable[..., Any], tuple[Any, ...]] | None] = (
-            queue.SimpleQueue()
-        )
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-        self._thread.start()
-
-    def submit(self, fn: Callable[..., Any], *args: Any) -> None:
-        self._queue.put((fn, args))
-
-    def stop(self, timeout: float | None = 10.0) -> None:
-        self._queue.put(None)
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            fn, args = item
-            try:
-                fn(*args)
-            except Exception:  # a job's failure must not stop the stage
-                log.exception(
-                    "worker job failed", worker=self.name, job=getattr(fn, "__name__", fn)
-                )
 
 
 class ForwardLink:
