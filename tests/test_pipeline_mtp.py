@@ -117,17 +117,19 @@ def test_greedy_equals_mlx_lm_at_every_k(arch: str, count: int, nodes: StageNode
     try:
         assert engine.shards[-1].has_mtp_head and engine.shards[-1].mtp_head_bytes > 0
         assert not any(s.has_mtp_head for s in engine.shards[:-1])
-        for k in (1, 2, 3, 4, None):  # None: the K policy chooses
+        accepted = 0
+        for k in (1, 2, 3, 4, None):  # None: the K policy chooses (from this machine's costs)
             done = run(engine, PROMPT, mtp_k=k)
             assert done.token_ids == expected, f"K={k}"
             stats = done.stats
             assert stats.engine == "pipeline_mtp" and stats.drafter_kind == "native_mtp"
             assert stats.generation_tokens == NEW_TOKENS
-            assert stats.proposed_draft_tokens > 0
             if k is not None:  # every cycle but the last ones (capped by max_tokens) at K
+                assert stats.proposed_draft_tokens > 0
                 assert stats.draft_k_histogram[k] >= max(stats.draft_k_histogram)
+                accepted += stats.accepted_draft_tokens
         # the head drafts what the target says often enough for fewer traversals than tokens
-        assert done.stats.accepted_draft_tokens > 0
+        assert accepted > 0
         wait_for(lambda: engine.cached_requests() == [0] * count, 10, what="caches freed")
     finally:
         engine.close()
