@@ -26,7 +26,7 @@ from functools import cache
 import mlx.core as mx
 import pytest
 from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_logits_processors
+from test_sampling import mlx_lm_processors
 
 from node.checkpoints import PRESETS, CheckpointSpec, ensure_checkpoint
 from node.inference import engine as engine_module
@@ -190,15 +190,7 @@ def test_penalties_condition_each_verified_position() -> None:
         logit_bias={7: 1.5, 301: -2.0},
     )
     ids = prompt(5, 24)
-    processors = make_logits_processors(
-        logit_bias=params.logit_bias,
-        repetition_penalty=params.repetition_penalty,
-        repetition_context_size=params.repetition_context_size,
-        presence_penalty=params.presence_penalty,
-        presence_context_size=params.penalty_context_size,
-        frequency_penalty=params.frequency_penalty,
-        frequency_context_size=params.penalty_context_size,
-    )
+    processors = mlx_lm_processors(params)
     model = loaded("dense-partial").model
     expected = [
         int(t)

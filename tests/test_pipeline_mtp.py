@@ -25,7 +25,7 @@ from helpers.daemons import wait_for
 from helpers.stage_nodes import StageNodes
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step, stream_generate
-from mlx_lm.sample_utils import make_logits_processors
+from test_sampling import mlx_lm_processors
 
 from node.checkpoints import PRESETS, ensure_checkpoint
 from node.cluster.selector import choose_instance_engine, compatible, request_engine
@@ -172,15 +172,7 @@ def test_penalties_condition_each_verified_position(nodes: StageNodes) -> None:
         penalty_context_size=16,
         logit_bias={7: 1.5, 301: -2.0},
     )
-    processors = make_logits_processors(
-        logit_bias=params.logit_bias,
-        repetition_penalty=params.repetition_penalty,
-        repetition_context_size=params.repetition_context_size,
-        presence_penalty=params.presence_penalty,
-        presence_context_size=params.penalty_context_size,
-        frequency_penalty=params.frequency_penalty,
-        frequency_context_size=params.penalty_context_size,
-    )
+    processors = mlx_lm_processors(params)
     model, _ = mlx_lm_load(str(_path("dense")))
     expected = [
         int(t)

@@ -34,10 +34,9 @@ from node.inference.sampling import (
 VOCAB = 48
 
 
-def mlx_lm_logprobs(logits_row: mx.array, params: SamplingParams, tokens: list[int]) -> mx.array:
-    """What mlx-lm samples from for one row: generate_step's processors + logsumexp, then
-    make_sampler's chain (top_p, min_p, top_k on untempered logprobs; categorical(x / temp))."""
-    processors = make_logits_processors(
+def mlx_lm_processors(params: SamplingParams) -> list:
+    """mlx-lm's own logits processors for ``params`` (the independent reference)."""
+    return make_logits_processors(
         logit_bias=params.logit_bias or None,
         repetition_penalty=params.repetition_penalty,
         repetition_context_size=params.repetition_context_size,
@@ -46,6 +45,12 @@ def mlx_lm_logprobs(logits_row: mx.array, params: SamplingParams, tokens: list[i
         frequency_penalty=params.frequency_penalty,
         frequency_context_size=params.penalty_context_size,
     )
+
+
+def mlx_lm_logprobs(logits_row: mx.array, params: SamplingParams, tokens: list[int]) -> mx.array:
+    """What mlx-lm samples from for one row: generate_step's processors + logsumexp, then
+    make_sampler's chain (top_p, min_p, top_k on untempered logprobs; categorical(x / temp))."""
+    processors = mlx_lm_processors(params)
     logits = logits_row + 0  # the repetition processor writes into its argument
     token_array = mx.array(tokens, dtype=mx.uint32)
     for processor in processors:
