@@ -323,6 +323,8 @@ class InstanceInfo(_Model):
     current_mtp_k: int | None = None  # native MTP: the K policy's latest choice
     min_nodes: int = 1  # as launched: a re-placement or a takeover honours them
     context_length: int | None = None
+    # as launched: what opted it in to pipeline_mtp (--mtp-across-pipeline, MACMESH_PIPELINE_MTP=1)
+    mtp_opted_in_by: str = ""
 
     def answers_to(self, name: str) -> bool:
         """Whether ``GenerateRequest.model == name`` reaches this instance."""
@@ -347,6 +349,7 @@ class InstanceInfo(_Model):
             current_mtp_k=self.current_mtp_k,
             min_nodes=self.min_nodes,
             context_length=self.context_length or 0,
+            mtp_opted_in_by=self.mtp_opted_in_by,
         )
 
     @classmethod
@@ -369,6 +372,7 @@ class InstanceInfo(_Model):
             current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
             min_nodes=max(1, msg.min_nodes),
             context_length=msg.context_length or None,
+            mtp_opted_in_by=msg.mtp_opted_in_by,
         )
 
 

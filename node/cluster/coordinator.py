@@ -23,6 +23,7 @@ the lost layer ranges loaded again.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import threading
@@ -301,6 +302,7 @@ class Coordinator:
             min_nodes=launch_plan.min_nodes,
             context_length=launch_plan.context_length,
             mtp_across_pipeline=launch_plan.mtp_across_pipeline,
+            mtp_opted_in_by=launch_plan.opted_in_by,
         )
         instance: Instance = (
             LocalInstance(**common) if len(stages) == 1 else PipelineInstance(**common)
@@ -533,6 +535,8 @@ class Coordinator:
                 pin_local=True,
                 mtp_across_pipeline=failed.mtp_across_pipeline,
             )
+            if failed.mtp_opted_in_by:  # what opted the launch in, not this node's flag
+                launch_plan = dataclasses.replace(launch_plan, opted_in_by=failed.mtp_opted_in_by)
         except Exception as exc:  # no room on the survivors: it stays failed, saying why
             failed.failure += f"; not placed again: {exc}"
             log.warning(
@@ -607,9 +611,17 @@ class Coordinator:
                     min_nodes=info.min_nodes,
                     context_length=info.context_length,
                     sequences=int(getattr(self.daemon.settings, "max_batch", 1)),
+                    mtp_across_pipeline=bool(info.mtp_opted_in_by),
                 )
+                # The launch's opt-in travels with the record: a pipeline_mtp instance stays one.
                 launch_plan = LaunchPlan(
-                    located.card, placement, None, info.min_nodes, info.context_length
+                    located.card,
+                    placement,
+                    None,
+                    info.min_nodes,
+                    info.context_length,
+                    bool(info.mtp_opted_in_by),
+                    info.mtp_opted_in_by,
                 )
                 self.launch(
                     model,
@@ -691,6 +703,8 @@ class Coordinator:
             failure=failure,
             min_nodes=info.min_nodes,
             context_length=info.context_length,
+            mtp_across_pipeline=bool(info.mtp_opted_in_by),
+            mtp_opted_in_by=info.mtp_opted_in_by,
         )
 
 

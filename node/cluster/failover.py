@@ -54,11 +54,13 @@ def replace_missing(
     min_nodes: int = 1,
     context_length: int | None = None,
     sequences: int = 1,
+    mtp_across_pipeline: bool = False,
 ) -> Placement:
     """The instance's placement after the ``lost`` nodes went: surviving stages where they
     are, each lost range on a live node without a stage of it (the roomiest first).
 
-    ``nodes`` are the live nodes. Raises ``PlacementError`` naming why it cannot: too few
+    ``nodes`` are the live nodes; ``mtp_across_pipeline`` (a pipeline_mtp instance) budgets
+    the MTP head on the last stage, as its launch did. Raises ``PlacementError`` naming why it cannot: too few
     spare nodes, the launch's min_nodes, or memory at the launch's context length."""
     survivors = {s.node_id for s in stages if s.node_id not in lost}
     missing = [s for s in stages if s.node_id in lost]
@@ -88,5 +90,6 @@ def replace_missing(
             node: s.end_layer - s.start_layer for node, s in zip(order, stages, strict=True)
         },
         max_concurrent_sequences=max(1, sequences),
+        mtp_across_pipeline=mtp_across_pipeline,
     )
     return plan(card, capacities, options)

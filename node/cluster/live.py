@@ -97,6 +97,7 @@ class Instance:
     min_nodes: int = 1  # as launched: a re-placement honours them
     context_length: int | None = None
     mtp_across_pipeline: bool = False  # launched with native MTP across the pipeline asked for
+    mtp_opted_in_by: str = ""  # ... and by what (the flag or the coordinator's environment)
     created: float = field(default_factory=time.time)
     rate: RecentRate = field(default_factory=RecentRate)
     served: int = 0
@@ -134,6 +135,7 @@ class Instance:
             current_mtp_k=self.current_mtp_k(),
             min_nodes=self.min_nodes,
             context_length=self.context_length,
+            mtp_opted_in_by=self.mtp_opted_in_by if self.mtp_across_pipeline else "",
         )
 
     def current_mtp_k(self) -> int | None:

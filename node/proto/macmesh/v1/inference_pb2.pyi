@@ -252,7 +252,7 @@ class LaunchProgress(_message.Message):
     def __init__(self, message: _Optional[str] = ..., instance: _Optional[_Union[Instance, _Mapping]] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps", "aliases", "in_flight", "requests_served", "coordinator_address", "batch_size", "queued", "current_mtp_k", "min_nodes", "context_length")
+    __slots__ = ("instance_id", "model", "coordinator_node_id", "stages", "engine", "engine_reason", "state", "recent_generation_tps", "aliases", "in_flight", "requests_served", "coordinator_address", "batch_size", "queued", "current_mtp_k", "min_nodes", "context_length", "mtp_opted_in_by")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     COORDINATOR_NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -270,6 +270,7 @@ class Instance(_message.Message):
     CURRENT_MTP_K_FIELD_NUMBER: _ClassVar[int]
     MIN_NODES_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    MTP_OPTED_IN_BY_FIELD_NUMBER: _ClassVar[int]
     instance_id: str
     model: str
     coordinator_node_id: str
@@ -287,7 +288,8 @@ class Instance(_message.Message):
     current_mtp_k: int
     min_nodes: int
     context_length: int
-    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., requests_served: _Optional[int] = ..., coordinator_address: _Optional[str] = ..., batch_size: _Optional[int] = ..., queued: _Optional[int] = ..., current_mtp_k: _Optional[int] = ..., min_nodes: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    mtp_opted_in_by: str
+    def __init__(self, instance_id: _Optional[str] = ..., model: _Optional[str] = ..., coordinator_node_id: _Optional[str] = ..., stages: _Optional[_Iterable[_Union[StageStats, _Mapping]]] = ..., engine: _Optional[str] = ..., engine_reason: _Optional[str] = ..., state: _Optional[str] = ..., recent_generation_tps: _Optional[float] = ..., aliases: _Optional[_Iterable[str]] = ..., in_flight: _Optional[int] = ..., requests_served: _Optional[int] = ..., coordinator_address: _Optional[str] = ..., batch_size: _Optional[int] = ..., queued: _Optional[int] = ..., current_mtp_k: _Optional[int] = ..., min_nodes: _Optional[int] = ..., context_length: _Optional[int] = ..., mtp_opted_in_by: _Optional[str] = ...) -> None: ...
 
 class UnloadRequest(_message.Message):
     __slots__ = ("model", "instance_id")
