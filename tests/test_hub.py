@@ -272,6 +272,54 @@ def test_mtp_sidecar_by_ranged_reads_gives_the_original_greedy_output(hub, check
     assert stats.accepted_draft_tokens == ref_stats.accepted_draft_tokens
 
 
+def test_the_last_stage_of_a_pipeline_mtp_instance_pulls_the_head_and_embedding(
+    hub, tmp_path, monkeypatch
+) -> None:
+    """pipeline_mtp drafts on the last stage: its per-stage pull of a stripped conversion
+    recovers the head into the sidecar and takes the embedding's shard; the first stage gets
+    no head. (Each node has its own hub cache.)"""
+    from node.inference.shard import load_shard
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "first-node"))
+    first = pull_model(STRIPPED, layers=(0, N // 2), mtp_head=False, mtp_from=ORIGINAL)
+    assert first.sidecar is None and first.probe is None
+    assert not (first.snapshot / "mtp.safetensors").exists()
+    assert hub.bytes_fetched(repo=ORIGINAL) == 0
+
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "last-node"))
+    last = pull_model(STRIPPED, layers=(N // 2, N), mtp_head=True, mtp_from=ORIGINAL)
+    assert last.sidecar is not None and last.sidecar.tensors == 15
+    assert last.probe is not None and last.probe.available, last.probe
+    index = json.loads((last.snapshot / "model.safetensors.index.json").read_text())
+    embedding = index["weight_map"]["language_model.model.embed_tokens.weight"]
+    assert (last.snapshot / embedding).is_file()
+    shard = load_shard(last.snapshot, N // 2, N, keep_embedding=True)
+    assert shard.embedding is not None
+
+
+def test_a_stage_that_keeps_the_embedding_needs_its_shard(checkpoints, tmp_path) -> None:
+    """A per-node download loads without the strict every-weight check, so a last stage that
+    keeps the embedding for the MTP head must find the embedding's file, or it would draft
+    with random weights."""
+    from node.inference.shard import ShardError, load_shard
+
+    directory = checkpoints[STRIPPED]
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    names = sorted(_sizes(directory))
+    layers = (N // 2, N)
+    only = tmp_path / "only"
+    only.mkdir()
+    for name in files_for_layers(names, index["weight_map"], layers, N, tied=False):
+        (only / name).symlink_to(directory / name)
+    embedding = index["weight_map"]["language_model.model.embed_tokens.weight"]
+    assert not (only / embedding).exists()  # a plain last stage does not need it
+    load_shard(only, *layers)
+    with pytest.raises(ShardError, match=rf"lacks {embedding}"):
+        load_shard(only, *layers, keep_embedding=True)
+    with_head = files_for_layers(names, index["weight_map"], layers, N, tied=False, mtp_head=True)
+    assert embedding in with_head
+
+
 def test_models_listing_shows_the_hub_cache_and_where_the_head_came_from(hub) -> None:
     from node.cluster.catalog import list_models
 

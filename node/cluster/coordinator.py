@@ -251,6 +251,7 @@ class Coordinator:
         ``repo@commit`` that ``prepare_pull`` returned)."""
         placement = launch_plan.placement
         names = self._names()
+        drafting_probe = None  # with --pull: the head as the node that drafts holds it
         if pull:
             from node.hub.pull import pull_for_placement
 
@@ -260,8 +261,13 @@ class Coordinator:
                 progress(line)
 
             try:
-                pull_for_placement(
-                    model, self._stage_refs(placement), self.daemon.node_id, names, pulling
+                drafting_probe = pull_for_placement(
+                    model,
+                    self._stage_refs(placement),
+                    self.daemon.node_id,
+                    names,
+                    pulling,
+                    mtp_on_last=launch_plan.mtp_across_pipeline,
                 )
             except Exception:
                 if cancel.is_set():
@@ -278,7 +284,7 @@ class Coordinator:
 
         choice = choose_instance_engine(
             num_stages=len(stages),
-            probe=probe_mtp(located.checkpoint),
+            probe=drafting_probe or probe_mtp(located.checkpoint),
             card=located.card,
             native_mtp_enabled=self.native_mtp_enabled,
             disabled_by=self.disabled_by,

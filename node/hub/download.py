@@ -216,13 +216,15 @@ def pull(
     ref: RepoRef,
     *,
     layers: tuple[int, int] | None = None,
+    mtp_head: bool = False,
     cache_dir: Path | None = None,
     endpoint: str | None = None,
     progress: Callable[[PullProgress], None] | None = None,
     node: str = "this node",
 ) -> Pulled:
-    """Download what a node holding ``layers`` of ``ref`` needs (None: everything) into the
-    hub cache; returns the snapshot. Raises ``HubError``s naming what went wrong."""
+    """Download what a node holding ``layers`` of ``ref`` needs (None: everything; with
+    ``mtp_head``, the MTP head's files too) into the hub cache; returns the snapshot. Raises
+    ``HubError``s naming what went wrong."""
     from node.placement import architecture as arch
 
     cache_dir = cache_dir or hub_cache_dir()
@@ -242,9 +244,8 @@ def pull(
     weight_map = (
         read_local_json(storage, repo.files[INDEX])["weight_map"] if INDEX in names else None
     )
-    wanted = files_for_layers(
-        names, weight_map, layers, num_layers, arch.tie_word_embeddings(config)
-    )
+    tied = arch.tie_word_embeddings(config)
+    wanted = files_for_layers(names, weight_map, layers, num_layers, tied, mtp_head=mtp_head)
     files = [repo.files[n] for n in wanted]
     have = sum(_have(storage, f) for f in files)
     total = sum(f.size for f in files)

@@ -6,12 +6,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from node.hub.download import PullProgress, pull
 from node.hub.mtp import Sidecar, fetch_mtp_sidecar
 from node.hub.refs import RepoRef, parse_repo_ref
 from node.hub.remote import HubError
 from node.hub.shards import SIDECAR
+
+if TYPE_CHECKING:  # importing it imports MLX (seconds): only where a head is probed
+    from node.inference.mtp.recovery import MtpProbe
 
 
 @dataclass(frozen=True)
@@ -22,6 +26,7 @@ class PullResult:
     fetched_bytes: int
     sidecar: Sidecar | None
     mtp_note: str  # where the head comes from, or why there is none
+    probe: MtpProbe | None = None  # the snapshot's head, where the node drafts
 
 
 def repo_for(model: str) -> RepoRef:
@@ -57,19 +62,24 @@ def pull_model(
     model: str,
     *,
     layers: tuple[int, int] | None = None,
+    mtp_head: bool = False,
     mtp_from: str | None = None,
     recover_mtp: bool = True,
     progress: Callable[[PullProgress], None] | None = None,
     node: str = "this node",
     endpoint: str | None = None,
 ) -> PullResult:
-    """Download what a node holding ``layers`` of MODEL needs; for a whole-model pull of a
-    stripped conversion, also the MTP sidecar from ``mtp_from`` (or the card's source repo)."""
+    """Download what a node holding ``layers`` of MODEL needs. Where the node drafts (a
+    whole-model pull, or ``mtp_head``: the last stage of a pipeline_mtp instance) also the MTP
+    head: its files, or for a stripped conversion the sidecar recovered from ``mtp_from`` (or
+    the card's source repo)."""
     from node.inference.mtp.recovery import MtpLayout, probe_mtp
 
     ref = repo_for(model)
-    pulled = pull(ref, layers=layers, progress=progress, node=node, endpoint=endpoint)
-    if layers is not None:  # one stage of a pipeline: native MTP runs on single nodes only
+    pulled = pull(
+        ref, layers=layers, mtp_head=mtp_head, progress=progress, node=node, endpoint=endpoint
+    )
+    if layers is not None and not mtp_head:  # a stage that does not draft
         return PullResult(ref, pulled.snapshot, pulled.commit, pulled.fetched_bytes, None, "")
     probe = probe_mtp(pulled.snapshot)
     sidecar, note = None, probe.describe()
@@ -86,10 +96,11 @@ def pull_model(
                 raise HubError(f"--mtp-from {source!r} is not a repo id (org/name[@revision])")
             sidecar = fetch_mtp_sidecar(source_ref, pulled.snapshot, endpoint=endpoint)
             note = f"MTP head recovered from {sidecar.source} into {SIDECAR}"
+            probe = probe_mtp(pulled.snapshot)
     elif probe.layout is MtpLayout.STRIPPED:
         note = f"{ref} is stripped of its MTP weights (not recovered)"
     fetched = pulled.fetched_bytes + (sidecar.bytes_fetched if sidecar else 0)
-    return PullResult(ref, pulled.snapshot, pulled.commit, fetched, sidecar, note)
+    return PullResult(ref, pulled.snapshot, pulled.commit, fetched, sidecar, note, probe)
 
 
 def prepare_pull(model: str, models_dir: Path | None) -> str:
@@ -116,34 +127,43 @@ def pull_for_placement(
     local_id: str,
     names: dict[str, str],
     progress: Callable[[str], None],
-) -> None:
+    *,
+    mtp_on_last: bool = False,
+) -> MtpProbe | None:
     """Every node of a placement downloads what its layers need, in parallel; each node's
-    progress goes to ``progress`` as lines. Raises the first failure, naming the node."""
+    progress goes to ``progress`` as lines. ``mtp_on_last`` (pipeline_mtp): the last stage
+    also gets the MTP head, which drafts there. Returns the drafting node's ``MtpProbe`` (None:
+    nothing was pulled, or no node drafts). Raises the first failure, naming the node."""
     import threading
 
     from node import rpc
+    from node.inference.mtp import recovery
     from node.proto.macmesh.v1 import hub_pb2 as pb
     from node.proto.macmesh.v1 import hub_pb2_grpc as pb_grpc
 
     ref = parse_repo_ref(model)
     if ref is None:
-        return  # files already local (a path or a models-dir name): nothing to pull
+        return None  # files already local (a path or a models-dir name): nothing to pull
     whole = len(stages) == 1
-    mtp_from = mtp_source_for(ref) if whole else None
+    mtp_from = mtp_source_for(ref) if whole or mtp_on_last else None
     errors: list[BaseException] = []
+    drafting: list[MtpProbe] = []
 
     def one(stage) -> None:
         name = names.get(stage.node_id, stage.node_id)
         layers = None if whole else (stage.start_layer, stage.end_layer)
+        mtp_head = mtp_on_last and not whole and stage is stages[-1]
         try:
             if stage.node_id == local_id:
-                pull_model(
+                result = pull_model(
                     str(ref),
                     layers=layers,
+                    mtp_head=mtp_head,
                     mtp_from=mtp_from,
                     progress=lambda p: progress(p.line()),
                     node=name,
                 )
+                drafting.extend([result.probe] if result.probe else [])
                 return
             request = pb.PullRequest(
                 repo=ref.repo_id,
@@ -151,12 +171,15 @@ def pull_for_placement(
                 start_layer=stage.start_layer,
                 end_layer=stage.end_layer,
                 whole=whole,
+                mtp_head=mtp_head,
                 mtp_from=mtp_from or "",
             )
             with rpc.channel(stage.address) as channel:
                 for message in pb_grpc.HubServiceStub(channel).Pull(request):
                     if message.line:
                         progress(message.line)
+                    if message.mtp_probe:
+                        drafting.append(recovery.MtpProbe.model_validate_json(message.mtp_probe))
         except Exception as exc:
             details = getattr(exc, "details", None)
             text = details() if callable(details) else str(exc)
@@ -169,3 +192,4 @@ def pull_for_placement(
         t.join()
     if errors:
         raise errors[0]
+    return drafting[0] if drafting else None

@@ -53,6 +53,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
                 result = pull_model(
                     model,
                     layers=layers,
+                    mtp_head=request.mtp_head,
                     mtp_from=request.mtp_from or None,
                     progress=report,
                     node=self.node_name,
@@ -71,6 +72,7 @@ class HubServicer(pb_grpc.HubServiceServicer):
                     finished=True,
                     snapshot=str(payload.snapshot),
                     fetched_bytes=payload.fetched_bytes,
+                    mtp_probe=payload.probe.model_dump_json() if payload.probe else "",
                 )
                 return
             else:

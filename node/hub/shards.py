@@ -4,8 +4,9 @@ safetensors index, tested without a hub.
 A node holding layers [start, end) of an ``num_layers`` model needs config, tokenizer and
 index files, the shards holding its layers, the embedding's shard when it is the first stage
 (or the last with tied embeddings), the final norm's and LM head's shard when it is the last,
-and the MTP head (main shards or the ``mtp.safetensors`` sidecar) only when it holds the whole
-model: native MTP runs on single-node instances only.
+and the MTP head (main shards or the ``mtp.safetensors`` sidecar) only where it drafts: a node
+holding the whole model (native MTP), or the last stage of a pipeline_mtp instance, which then
+also needs the embedding (it embeds each draft).
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ def support_files(names: list[str]) -> list[str]:
 def tensor_needed(
     name: str, start: int, end: int, num_layers: int, tied: bool, with_mtp: bool
 ) -> bool:
+    """Whether a node holding layers [start, end) needs tensor ``name``; ``with_mtp``: it
+    drafts with the MTP head (the head, and the embedding it drafts with)."""
     if _MTP.search(name):
         return with_mtp
     if "visual" in name or "vision_tower" in name:
@@ -44,7 +47,7 @@ def tensor_needed(
         return start <= int(match.group(1)) < end
     first, last = start == 0, end == num_layers
     if "embed_tokens" in name:
-        return first or (last and tied)
+        return first or (last and (tied or with_mtp))
     if "lm_head" in name or name.endswith("norm.weight"):
         return last
     return True  # anything else top-level is loaded by every stage
@@ -56,10 +59,14 @@ def files_for_layers(
     layers: tuple[int, int] | None,
     num_layers: int,
     tied: bool,
+    *,
+    mtp_head: bool = False,
 ) -> list[str]:
-    """The files a node holding ``layers`` (None: the whole model) must have."""
+    """The files a node holding ``layers`` (None: the whole model) must have; ``mtp_head``:
+    the last stage of a pipeline_mtp instance, which drafts with the MTP head."""
     shards = sorted(n for n in names if n.endswith(".safetensors"))
     whole = layers is None or (layers[0] == 0 and layers[1] == num_layers)
+    drafts = whole or (mtp_head and layers is not None and layers[1] == num_layers)
     if weight_map is None or layers is None:
         wanted = shards
     else:
@@ -68,10 +75,10 @@ def files_for_layers(
             {
                 file
                 for tensor, file in weight_map.items()
-                if tensor_needed(tensor, start, end, num_layers, tied, whole)
+                if tensor_needed(tensor, start, end, num_layers, tied, drafts)
             }
         )
-    if not whole:
+    if not drafts:
         wanted = [f for f in wanted if f != SIDECAR]
     elif SIDECAR in shards and SIDECAR not in wanted:
         wanted.append(SIDECAR)
@@ -88,8 +95,11 @@ def mtp_tensors(header: dict) -> dict[str, dict]:
     return {k: v for k, v in header.items() if k != "__metadata__" and is_mtp(k)}
 
 
-def stage_files_on_disk(path: Path, start: int, end: int) -> tuple[list[str], bool]:
-    """(files layers [start, end) need that are absent, whether any indexed file is absent).
+def stage_files_on_disk(
+    path: Path, start: int, end: int, *, mtp_head: bool = False
+) -> tuple[list[str], bool]:
+    """(files layers [start, end) need that are absent, whether any indexed file is absent);
+    ``mtp_head``: the stage drafts with the MTP head (its files and the embedding's too).
 
     A node that pulled only its own shards holds a partial checkpoint: the loader may then
     skip the strict every-weight check, once this says the stage's own files are all there
@@ -109,6 +119,11 @@ def stage_files_on_disk(path: Path, start: int, end: int) -> tuple[list[str], bo
     num_layers = len(arch.layer_types(arch.text_config(config)))
     tied = arch.tie_word_embeddings(config)
     needed = files_for_layers(
-        sorted(set(weight_map.values())), weight_map, (start, end), num_layers, tied
+        sorted(set(weight_map.values())),
+        weight_map,
+        (start, end),
+        num_layers,
+        tied,
+        mtp_head=mtp_head,
     )
     return sorted(absent & set(needed)), True

@@ -198,7 +198,9 @@ def load_shard(
     path = Path(path).expanduser()
     if not (path / "config.json").is_file():
         raise ShardError(f"{path} is not a checkpoint directory (no config.json)")
-    missing, partial = stage_files_on_disk(path, start_layer, end_layer)  # a per-node pull
+    # A per-node pull: the loader is then not strict, so the files of everything the stage
+    # keeps (the embedding for an MTP head included) are checked here, or it would be random.
+    missing, partial = stage_files_on_disk(path, start_layer, end_layer, mtp_head=keep_embedding)
     if missing:
         raise ShardError(
             f"{path} lacks {', '.join(missing)}, needed for layers [{start_layer}, {end_layer})"

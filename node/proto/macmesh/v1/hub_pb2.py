@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14macmesh/v1/hub.proto\x12\nmacmesh.v1\"v\n\x0bPullRequest\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\r\n\x05whole\x18\x05 \x01(\x08\x12\x10\n\x08mtp_from\x18\x06 \x01(\t\"\xa9\x01\n\x0cPullProgress\x12\x12\n\ndone_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x18\n\x10rate_bytes_per_s\x18\x03 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x0c\n\x04line\x18\x06 \x01(\t\x12\x10\n\x08snapshot\x18\x07 \x01(\t\x12\x15\n\rfetched_bytes\x18\x08 \x01(\x04\x32I\n\nHubService\x12;\n\x04Pull\x12\x17.macmesh.v1.PullRequest\x1a\x18.macmesh.v1.PullProgress0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14macmesh/v1/hub.proto\x12\nmacmesh.v1\"\x88\x01\n\x0bPullRequest\x12\x0c\n\x04repo\x18\x01 \x01(\t\x12\x10\n\x08revision\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\r\n\x05whole\x18\x05 \x01(\x08\x12\x10\n\x08mtp_from\x18\x06 \x01(\t\x12\x10\n\x08mtp_head\x18\x07 \x01(\x08\"\xbc\x01\n\x0cPullProgress\x12\x12\n\ndone_bytes\x18\x01 \x01(\x04\x12\x13\n\x0btotal_bytes\x18\x02 \x01(\x04\x12\x18\n\x10rate_bytes_per_s\x18\x03 \x01(\x01\x12\r\n\x05\x65ta_s\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\x0c\n\x04line\x18\x06 \x01(\t\x12\x10\n\x08snapshot\x18\x07 \x01(\t\x12\x15\n\rfetched_bytes\x18\x08 \x01(\x04\x12\x11\n\tmtp_probe\x18\t \x01(\t2I\n\nHubService\x12;\n\x04Pull\x12\x17.macmesh.v1.PullRequest\x1a\x18.macmesh.v1.PullProgress0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'macmesh.v1.hub_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PULLREQUEST']._serialized_start=36
-  _globals['_PULLREQUEST']._serialized_end=154
-  _globals['_PULLPROGRESS']._serialized_start=157
-  _globals['_PULLPROGRESS']._serialized_end=326
-  _globals['_HUBSERVICE']._serialized_start=328
-  _globals['_HUBSERVICE']._serialized_end=401
+  _globals['_PULLREQUEST']._serialized_start=37
+  _globals['_PULLREQUEST']._serialized_end=173
+  _globals['_PULLPROGRESS']._serialized_start=176
+  _globals['_PULLPROGRESS']._serialized_end=364
+  _globals['_HUBSERVICE']._serialized_start=366
+  _globals['_HUBSERVICE']._serialized_end=439
 # @@protoc_insertion_point(module_scope)
