@@ -12,10 +12,8 @@ from __future__ import annotations
 import random
 from functools import cache
 
-import mlx.core as mx
 import pytest
-from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_logits_processors
+from helpers.mlx_lm_reference import PENALTIES, mlx_lm_greedy
 
 from node.checkpoints import PRESETS, ensure_checkpoint
 from node.cluster.live import CancelToken
@@ -27,10 +25,6 @@ from node.inference.loading import LoadedModel, load_checkpoint
 from node.inference.requests import GenerateRequest, RequestError
 from node.inference.runner import LocalRunner
 from node.inference.sampling import SamplingParams
-
-PENALTIES = dict(
-    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
-)
 
 
 @cache
@@ -46,24 +40,8 @@ def ids(n: int, seed: int) -> list[int]:
 @cache
 def reference(name: str, prompt: tuple[int, ...], max_tokens: int, penalties: bool) -> list[int]:
     """mlx-lm alone on this prompt: the sequence's expected greedy output."""
-    processors = (
-        make_logits_processors(
-            logit_bias=PENALTIES["logit_bias"],
-            repetition_penalty=PENALTIES["repetition_penalty"],
-            presence_penalty=PENALTIES["presence_penalty"],
-            frequency_penalty=PENALTIES["frequency_penalty"],
-        )
-        if penalties
-        else None
-    )
-    steps = generate_step(
-        mx.array(list(prompt)),
-        loaded(name).model,
-        max_tokens=max_tokens,
-        sampler=lambda x: mx.argmax(x, -1),
-        logits_processors=processors,
-    )
-    return [int(t) for t, _ in steps]
+    params = SamplingParams(**PENALTIES) if penalties else None
+    return mlx_lm_greedy(loaded(name).model, prompt, max_tokens, params)
 
 
 class RecordingStep(LocalBatchStep):

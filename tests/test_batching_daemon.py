@@ -16,18 +16,17 @@ import sys
 import threading
 
 import grpc
-import mlx.core as mx
 import pytest
 from helpers.cluster_client import launch, stub
 from helpers.daemons import DaemonCluster, wait_for
-from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_logits_processors
+from helpers.mlx_lm_reference import mlx_lm_greedy
 from typer.testing import CliRunner
 
 from node.checkpoints import PRESETS, ensure_checkpoint
 from node.cli import app
 from node.client import MacmeshClient
 from node.inference.loading import load_checkpoint
+from node.inference.sampling import SamplingParams
 from node.proto.macmesh.v1 import inference_pb2 as pb
 
 MAX_BATCH = 3
@@ -97,17 +96,8 @@ def test_concurrent_requests_each_equal_mlx_lm_alone(daemon, preset: str) -> Non
     for t in threads:
         t.join()
     for i, (prompt, budget, penalties) in enumerate(cases):
-        processors = make_logits_processors(**PENALTIES) if penalties else None
-        expected = [
-            int(t)
-            for t, _ in generate_step(
-                mx.array(prompt),
-                model,
-                max_tokens=budget,
-                sampler=lambda x: mx.argmax(x, -1),
-                logits_processors=processors,
-            )
-        ]
+        params = SamplingParams(**PENALTIES) if penalties else None
+        expected = mlx_lm_greedy(model, prompt, budget, params)
         got = [t for r in results[i] if r.HasField("delta") for t in r.delta.token_ids]
         final = results[i][-1].final
         assert got == expected, f"request {i} ({len(prompt)} prompt tokens)"

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import mlx.core as mx
 import pytest
-from test_batching import PENALTIES, ids, loaded, reference  # the same references
+from helpers.mlx_lm_reference import PENALTIES
+from test_batching import ids, loaded, reference  # the same references
 
 from node.cluster.live import CancelToken
 from node.inference import forward

@@ -12,11 +12,10 @@ import threading
 import time
 
 import grpc
-import mlx.core as mx
 import pytest
 from helpers.cluster_client import generate, launch, status_code, stub
 from helpers.daemons import PATIENCE_S, DaemonCluster, wait_for
-from mlx_lm.generate import generate_step
+from helpers.mlx_lm_reference import mlx_lm_greedy
 
 from node import rpc
 from node.client import Launched, MacmeshClient, MacmeshError, Unavailable
@@ -38,11 +37,7 @@ GiB = 1 << 30
 
 def _reference() -> list[int]:
     """mlx-lm's own greedy continuation of PROMPT on one node: the independent reference."""
-    model = load_checkpoint(BUNDLED_MODELS_DIR / MODEL).model
-    steps = generate_step(
-        mx.array(PROMPT), model, max_tokens=TOKENS, sampler=lambda x: mx.argmax(x, -1)
-    )
-    return [int(t) for t, _ in steps]
+    return mlx_lm_greedy(load_checkpoint(BUNDLED_MODELS_DIR / MODEL).model, PROMPT, TOKENS)
 
 
 def _ids(address: str, instance_id: str) -> tuple[list[int], str]:

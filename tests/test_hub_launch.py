@@ -7,13 +7,12 @@ from __future__ import annotations
 import json
 import struct
 
-import mlx.core as mx
 import pytest
 from helpers.cluster_client import generate
 from helpers.daemons import PATIENCE_S, DaemonCluster
 from helpers.hub_server import HubServer
+from helpers.mlx_lm_reference import mlx_lm_greedy
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.generate import generate_step
 from typer.testing import CliRunner
 
 from node import rpc
@@ -99,7 +98,7 @@ def test_pull_with_mtp_across_pipeline_gives_the_last_stage_the_head(tmp_path, l
         head_files.add("mtp.safetensors")
     assert head_files
     prompt = [11, 402, 97, 150, 23, 7, 64, 301]
-    expected = _mlx_lm_greedy(checkpoint, prompt, 12)
+    expected = mlx_lm_greedy(mlx_lm_load(str(checkpoint))[0], prompt, 12)
     with HubServer() as hub, DaemonCluster(tmp_path) as cluster:
         commit = hub.add_repo(repo, checkpoint)
         a, b = _two_nodes(hub, cluster, tmp_path)
@@ -132,13 +131,6 @@ def test_pull_with_mtp_across_pipeline_gives_the_last_stage_the_head(tmp_path, l
         )
         assert final.engine == "pipeline_mtp" and final.proposed_draft_tokens > 0, final
         assert ids == expected
-
-
-def _mlx_lm_greedy(checkpoint, prompt: list[int], n: int) -> list[int]:
-    """mlx-lm's own greedy continuation on one node: the independent reference."""
-    model, _ = mlx_lm_load(str(checkpoint))
-    steps = generate_step(mx.array(prompt), model, max_tokens=n, sampler=lambda x: mx.argmax(x, -1))
-    return [int(t) for t, _ in steps]
 
 
 def _two_nodes(hub: HubServer, cluster: DaemonCluster, tmp_path) -> tuple:

@@ -25,8 +25,8 @@ from functools import cache
 
 import mlx.core as mx
 import pytest
+from helpers.mlx_lm_reference import mlx_lm_processors
 from mlx_lm.generate import generate_step
-from test_sampling import mlx_lm_processors
 
 from node.checkpoints import PRESETS, CheckpointSpec, ensure_checkpoint
 from node.inference import engine as engine_module

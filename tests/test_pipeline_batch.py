@@ -21,9 +21,8 @@ import grpc
 import mlx.core as mx
 import pytest
 from helpers.daemons import wait_for
+from helpers.mlx_lm_reference import PENALTIES, mlx_lm_greedy
 from helpers.stage_nodes import StageNodes
-from mlx_lm.generate import generate_step
-from mlx_lm.sample_utils import make_logits_processors
 from mlx_lm.utils import load_model
 
 from node import rpc
@@ -42,9 +41,6 @@ from node.proto.macmesh.v1 import stage_pb2_grpc as pb_grpc
 # nearly follows its last token, and would hide a row given another row's caches).
 MODELS = {"dense": "dense-hf", "moe": "moe-mlx-q4"}
 PREFILL_STEP = 64
-PENALTIES = dict(
-    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
-)
 
 
 @pytest.fixture(scope="module")
@@ -65,16 +61,8 @@ def _model(arch: str):
 @cache
 def reference(arch: str, prompt: tuple[int, ...], n: int, penalties: bool) -> list[int]:
     """mlx-lm alone on this prompt: the sequence's expected greedy output."""
-    processors = make_logits_processors(**PENALTIES) if penalties else None
-    steps = generate_step(
-        mx.array(list(prompt)),
-        _model(arch),
-        max_tokens=n,
-        sampler=lambda x: mx.argmax(x, -1),
-        logits_processors=processors,
-        prefill_step_size=PREFILL_STEP,
-    )
-    return [int(t) for t, _ in steps]
+    params = SamplingParams(**PENALTIES) if penalties else None
+    return mlx_lm_greedy(_model(arch), prompt, n, params, prefill_step_size=PREFILL_STEP)
 
 
 def ids(n: int, seed: int) -> list[int]:

@@ -22,10 +22,10 @@ import grpc
 import mlx.core as mx
 import pytest
 from helpers.daemons import wait_for
+from helpers.mlx_lm_reference import mlx_lm_processors
 from helpers.stage_nodes import StageNodes
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step, stream_generate
-from test_sampling import mlx_lm_processors
 
 from node.checkpoints import PRESETS, ensure_checkpoint
 from node.cluster.selector import choose_instance_engine, compatible, request_engine

@@ -12,11 +12,11 @@ import math
 import mlx.core as mx
 import numpy as np
 import pytest
+from helpers.mlx_lm_reference import mlx_lm_processors
 from mlx_lm.sample_utils import (
     apply_min_p,
     apply_top_k,
     apply_top_p,
-    make_logits_processors,
     make_sampler,
 )
 from test_acceptance import g_test
@@ -32,19 +32,6 @@ from node.inference.sampling import (
 )
 
 VOCAB = 48
-
-
-def mlx_lm_processors(params: SamplingParams) -> list:
-    """mlx-lm's own logits processors for ``params`` (the independent reference)."""
-    return make_logits_processors(
-        logit_bias=params.logit_bias or None,
-        repetition_penalty=params.repetition_penalty,
-        repetition_context_size=params.repetition_context_size,
-        presence_penalty=params.presence_penalty,
-        presence_context_size=params.penalty_context_size,
-        frequency_penalty=params.frequency_penalty,
-        frequency_context_size=params.penalty_context_size,
-    )
 
 
 def mlx_lm_logprobs(logits_row: mx.array, params: SamplingParams, tokens: list[int]) -> mx.array:
@@ -221,15 +208,8 @@ def test_mlx_lm_sampler_draws_from_processed_distribution(params: SamplingParams
     logits = random_logits(11, vocab=vocab, scale=1.5)
     ours = np.exp(np.array(processed_logprobs(logits, params, HISTORY[:6])[0]).astype(np.float64))
 
-    processors = make_logits_processors(
-        repetition_penalty=params.repetition_penalty,
-        presence_penalty=params.presence_penalty,
-        presence_context_size=params.penalty_context_size,
-        frequency_penalty=params.frequency_penalty,
-        frequency_context_size=params.penalty_context_size,
-    )
     processed = logits + 0
-    for processor in processors:
+    for processor in mlx_lm_processors(params):
         processed = processor(mx.array(HISTORY[:6]), processed)
     logprobs = processed - mx.logsumexp(processed, keepdims=True)
     sampler = make_sampler(
@@ -261,15 +241,7 @@ def test_processed_logits_are_mlx_lm_processor_output() -> None:
     for i in range(3):
         expected = logits[i : i + 1] + 0
         tokens = mx.array(HISTORY + [3, 40][:i])
-        for processor in make_logits_processors(
-            logit_bias=params.logit_bias,
-            repetition_penalty=params.repetition_penalty,
-            repetition_context_size=params.repetition_context_size,
-            presence_penalty=params.presence_penalty,
-            presence_context_size=params.penalty_context_size,
-            frequency_penalty=params.frequency_penalty,
-            frequency_context_size=params.penalty_context_size,
-        ):
+        for processor in mlx_lm_processors(params):
             expected = processor(tokens, expected)
         np.testing.assert_allclose(np.array(ours[i]), np.array(expected[0]), atol=1e-6)
 

@@ -1,0 +1,53 @@
+"""mlx-lm's own generation: the independent reference exactness tests compare with.
+
+``mlx_lm_processors`` maps our ``SamplingParams`` onto mlx-lm's ``make_logits_processors``
+(penalties, their context sizes, logit bias); ``mlx_lm_greedy`` is ``generate_step`` with an
+argmax sampler, on the prompt alone."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import mlx.core as mx
+from mlx_lm.generate import generate_step
+from mlx_lm.sample_utils import make_logits_processors
+
+from node.inference.sampling import SamplingParams
+
+# Penalties and a logit bias the batching tests give some of their requests.
+PENALTIES: dict[str, Any] = dict(
+    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
+)
+
+
+def mlx_lm_processors(params: SamplingParams) -> list:
+    """mlx-lm's own logits processors for ``params`` (the independent reference)."""
+    return make_logits_processors(
+        logit_bias=params.logit_bias or None,
+        repetition_penalty=params.repetition_penalty,
+        repetition_context_size=params.repetition_context_size,
+        presence_penalty=params.presence_penalty,
+        presence_context_size=params.penalty_context_size,
+        frequency_penalty=params.frequency_penalty,
+        frequency_context_size=params.penalty_context_size,
+    )
+
+
+def mlx_lm_greedy(
+    model: Any,
+    prompt: Sequence[int],
+    max_tokens: int,
+    params: SamplingParams | None = None,
+    **generate_step_options: Any,
+) -> list[int]:
+    """mlx-lm's greedy continuation of ``prompt`` (with ``params``' processors, if given)."""
+    steps = generate_step(
+        mx.array(list(prompt)),
+        model,
+        max_tokens=max_tokens,
+        sampler=lambda x: mx.argmax(x, -1),
+        logits_processors=mlx_lm_processors(params) if params is not None else None,
+        **generate_step_options,
+    )
+    return [int(t) for t, _ in steps]
