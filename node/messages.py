@@ -12,7 +12,7 @@ Pure: no gRPC calls, no MLX.
 
 from __future__ import annotations
 
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -30,6 +30,44 @@ StageInfo = StageStats
 
 class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+# A model and its wire message mostly share their fields, name for name: those are copied
+# here, once, and each converter names only the fields that change on the way (nested
+# messages, None <-> the wire's zero value, floors). A field added to both needs no edit.
+
+
+def _shared(model_type: type[BaseModel], message_type: Any) -> list[str]:
+    fields = message_type.DESCRIPTOR.fields_by_name
+    return [name for name in model_type.model_fields if name in fields]
+
+
+def fields_to_proto(model: BaseModel, message_type: Any, **converted: Any) -> Any:
+    """``model`` as ``message_type``: the fields both declare, as they are (None: unset),
+    and ``converted`` for the rest."""
+    values = {n: getattr(model, n) for n in _shared(type(model), message_type)}
+    values.update(converted)
+    return message_type(**{n: v for n, v in values.items() if v is not None})
+
+
+def fields_from_proto(msg: Any, model_type: type[BaseModel], **converted: Any) -> dict[str, Any]:
+    """The values ``model_type`` takes from ``msg``: the fields both declare (an unset
+    optional field is None, repeated and map fields plain lists and dicts), and
+    ``converted`` for the rest."""
+    values: dict[str, Any] = {}
+    for name in _shared(model_type, type(msg)):
+        if name in converted:
+            continue
+        field = msg.DESCRIPTOR.fields_by_name[name]
+        value = getattr(msg, name)
+        if field.is_repeated:
+            is_map = field.message_type is not None and field.message_type.GetOptions().map_entry
+            value = dict(value) if is_map else list(value)
+        elif field.has_presence and not msg.HasField(name):
+            value = None
+        values[name] = value
+    values.update(converted)
+    return values
 
 
 # ----------------------------------------------------------------------------- the request
@@ -109,29 +147,13 @@ class GenerateOptions(_Model):
 
 
 def options_to_proto(options: GenerateOptions) -> pb.GenerateRequest:
-    s = options.sampling
-    sampling = pb.SamplingParams(
-        temperature=s.temperature,
-        top_p=s.top_p,
-        top_k=s.top_k,
-        min_p=s.min_p,
-        repetition_penalty=s.repetition_penalty,
-        presence_penalty=s.presence_penalty,
-        frequency_penalty=s.frequency_penalty,
-        logit_bias=s.logit_bias,
-    )
-    if s.seed is not None:
-        sampling.seed = s.seed
-    request = pb.GenerateRequest(
-        model=options.model,
-        max_tokens=options.max_tokens,
-        sampling=sampling,
+    request = fields_to_proto(
+        options,
+        pb.GenerateRequest,
+        sampling=fields_to_proto(options.sampling, pb.SamplingParams),
         engine="" if options.engine == "auto" else options.engine,
-        mtp_k=options.mtp_k,
-        ignore_eos=options.ignore_eos,
-        raw=options.raw,
-        stop=options.stop,
-        request_id=options.request_id,
+        messages=None,  # the prompt's oneof: set below
+        prompt_ids=None,
     )
     if options.prompt is not None:
         request.text = options.prompt
@@ -188,25 +210,11 @@ def options_from_proto(msg: pb.GenerateRequest) -> GenerateOptions:
 
 
 def stats_to_proto(stats: FinalStats) -> pb.GenerationStats:
-    return pb.GenerationStats(
-        engine=stats.engine,
-        engine_reason=stats.engine_reason,
-        drafter_kind=stats.drafter_kind or "",
-        num_draft_tokens=stats.num_draft_tokens,
-        draft_k_histogram=stats.draft_k_histogram,
-        proposed_draft_tokens=stats.proposed_draft_tokens,
-        accepted_draft_tokens=stats.accepted_draft_tokens,
-        acceptance_rate=stats.acceptance_rate or 0.0,  # unset on the wire when None
-        prompt_tokens=stats.prompt_tokens,
-        cached_prompt_tokens=stats.cached_prompt_tokens,
-        generation_tokens=stats.generation_tokens,
-        prompt_tps=stats.prompt_tps,
-        generation_tps=stats.generation_tps,
+    return fields_to_proto(
+        stats,
+        pb.GenerationStats,
         stages=[stage_to_proto(s) for s in stats.stages],
-        finish_reason=stats.finish_reason,
-        queue_seconds=stats.queue_seconds,
-        time_to_first_token_seconds=stats.time_to_first_token_seconds,
-        stop_sequence=stats.stop_sequence or "",
+        acceptance_rate=stats.acceptance_rate or 0.0,  # unset on the wire when None
     )
 
 
@@ -217,45 +225,27 @@ def stats_from_proto(msg: pb.GenerationStats) -> FinalStats:
         raise ValueError(f"engine={msg.engine!r} is not one of {', '.join(ENGINE_KINDS)}")
     try:
         return FinalStats(
-            engine=msg.engine,  # type: ignore[arg-type]
-            engine_reason=msg.engine_reason,
-            drafter_kind=msg.drafter_kind or None,  # type: ignore[arg-type]
-            num_draft_tokens=msg.num_draft_tokens,
-            draft_k_histogram=list(msg.draft_k_histogram),
-            proposed_draft_tokens=msg.proposed_draft_tokens,
-            accepted_draft_tokens=msg.accepted_draft_tokens,
-            acceptance_rate=msg.acceptance_rate if msg.proposed_draft_tokens else None,
-            prompt_tokens=msg.prompt_tokens,
-            cached_prompt_tokens=msg.cached_prompt_tokens,
-            generation_tokens=msg.generation_tokens,
-            prompt_tps=msg.prompt_tps,
-            generation_tps=msg.generation_tps,
-            stages=[stage_from_proto(s) for s in msg.stages],
-            finish_reason=msg.finish_reason,  # type: ignore[arg-type]
-            queue_seconds=max(0.0, msg.queue_seconds),
-            time_to_first_token_seconds=max(0.0, msg.time_to_first_token_seconds),
-            stop_sequence=msg.stop_sequence or None,
+            **fields_from_proto(
+                msg,
+                FinalStats,
+                drafter_kind=msg.drafter_kind or None,
+                acceptance_rate=msg.acceptance_rate if msg.proposed_draft_tokens else None,
+                stages=[stage_from_proto(s) for s in msg.stages],
+                queue_seconds=max(0.0, msg.queue_seconds),
+                time_to_first_token_seconds=max(0.0, msg.time_to_first_token_seconds),
+                stop_sequence=msg.stop_sequence or None,
+            )
         )
     except ValidationError as exc:
         raise ValueError(describe(exc)) from None
 
 
 def stage_to_proto(stage: StageStats) -> pb.StageStats:
-    return pb.StageStats(
-        node_id=stage.node_id,
-        address=stage.address,
-        start_layer=stage.start_layer,
-        end_layer=stage.end_layer,
-    )
+    return fields_to_proto(stage, pb.StageStats)
 
 
 def stage_from_proto(msg: pb.StageStats) -> StageStats:
-    return StageStats(
-        node_id=msg.node_id,
-        address=msg.address,
-        start_layer=msg.start_layer,
-        end_layer=msg.end_layer,
-    )
+    return StageStats(**fields_from_proto(msg, StageStats))
 
 
 def event_to_proto(event: Delta | FinalStats) -> pb.GenerateResponse:
@@ -331,48 +321,23 @@ class InstanceInfo(_Model):
         return name in (self.instance_id, self.model) or name in self.aliases
 
     def to_proto(self) -> pb.Instance:
-        return pb.Instance(
-            instance_id=self.instance_id,
-            model=self.model,
-            coordinator_node_id=self.coordinator_node_id,
+        return fields_to_proto(
+            self,
+            pb.Instance,
             stages=[stage_to_proto(s) for s in self.stages],
-            engine=self.engine,
-            engine_reason=self.engine_reason,
-            state=self.state,
-            recent_generation_tps=self.recent_generation_tps,
-            aliases=self.aliases,
-            in_flight=self.in_flight,
-            requests_served=self.requests_served,
-            coordinator_address=self.coordinator_address,
-            batch_size=self.batch_size,
-            queued=self.queued,
-            current_mtp_k=self.current_mtp_k,
-            min_nodes=self.min_nodes,
             context_length=self.context_length or 0,
-            mtp_opted_in_by=self.mtp_opted_in_by,
         )
 
     @classmethod
     def from_proto(cls, msg: pb.Instance) -> InstanceInfo:
         return cls(
-            instance_id=msg.instance_id,
-            model=msg.model,
-            aliases=list(msg.aliases),
-            coordinator_node_id=msg.coordinator_node_id,
-            coordinator_address=msg.coordinator_address,
-            stages=[stage_from_proto(s) for s in msg.stages],
-            engine=msg.engine,
-            engine_reason=msg.engine_reason,
-            state=msg.state,
-            recent_generation_tps=msg.recent_generation_tps,
-            in_flight=msg.in_flight,
-            requests_served=msg.requests_served,
-            batch_size=msg.batch_size,
-            queued=msg.queued,
-            current_mtp_k=msg.current_mtp_k if msg.HasField("current_mtp_k") else None,
-            min_nodes=max(1, msg.min_nodes),
-            context_length=msg.context_length or None,
-            mtp_opted_in_by=msg.mtp_opted_in_by,
+            **fields_from_proto(
+                msg,
+                cls,
+                stages=[stage_from_proto(s) for s in msg.stages],
+                min_nodes=max(1, msg.min_nodes),
+                context_length=msg.context_length or None,
+            )
         )
 
 
@@ -411,48 +376,20 @@ class Launched(_Model):
 
 def model_info_from_proto(msg: pb.ModelInfo) -> ModelInfo:
     mtp = msg.native_mtp if msg.HasField("native_mtp") else None
-    return ModelInfo(
-        id=msg.id,
-        model_type=msg.model_type,
-        num_layers=msg.num_layers,
-        bytes=msg.bytes,
-        context_length=msg.context_length,
-        native_mtp=NativeMtp(default_k=mtp.default_k, max_k=mtp.max_k) if mtp else None,
-        launched=msg.launched,
-        has_weights=msg.has_weights,
-        download_from=list(msg.download_from),
-        source=msg.source,
-        mtp_note=msg.mtp_note,
-    )
+    native_mtp = NativeMtp(default_k=mtp.default_k, max_k=mtp.max_k) if mtp else None
+    return ModelInfo(**fields_from_proto(msg, ModelInfo, native_mtp=native_mtp))
 
 
 def cluster_status_from_proto(msg: pb.ClusterStatusResponse) -> ClusterStatus:
-    nodes = [
-        ClusterNode(
-            node_id=n.node_id,
-            name=n.name,
-            address=n.address,
-            state=n.state,
-            memory_total_bytes=n.memory_total_bytes,
-            memory_available_bytes=n.memory_available_bytes,
-            chip=n.chip,
-            last_seen_seconds_ago=n.last_seen_seconds_ago,
-        )
-        for n in msg.nodes
-    ]
-    return ClusterStatus(nodes=nodes, instances=[InstanceInfo.from_proto(i) for i in msg.instances])
+    return ClusterStatus(
+        nodes=[ClusterNode(**fields_from_proto(n, ClusterNode)) for n in msg.nodes],
+        instances=[InstanceInfo.from_proto(i) for i in msg.instances],
+    )
 
 
 def placement_from_proto(msg: pb.Placement) -> Placement:
-    stages = [
-        PlannedStage(
-            node_id=s.node_id, start_layer=s.start_layer, end_layer=s.end_layer, bytes=s.bytes
-        )
-        for s in msg.stages
-    ]
-    return Placement(
-        model=msg.model, stages=stages, total_bytes=msg.total_bytes, explanation=msg.explanation
-    )
+    stages = [PlannedStage(**fields_from_proto(s, PlannedStage)) for s in msg.stages]
+    return Placement(**fields_from_proto(msg, Placement, stages=stages))
 
 
 def launch_event_from_proto(msg: pb.LaunchProgress) -> LaunchMessage | Launched:

@@ -260,6 +260,51 @@ def test_stats_round_trip_through_the_wire_without_drift() -> None:
         messages.stats_from_proto(pb.GenerationStats(engine="local", finish_reason="bored"))
 
 
+def test_an_instance_round_trips_through_the_wire_field_for_field() -> None:
+    """Every field InstanceInfo shares with pb.Instance crosses (the converters copy them by
+    name): a non-default value for each comes back; unset optionals stay None, not 0."""
+    stage = StageStats(node_id="n1", address="127.0.0.1:1", start_layer=0, end_layer=4)
+    bare = messages.InstanceInfo(
+        instance_id="tiny-1",
+        model="macmesh-tiny",
+        coordinator_node_id="n1",
+        stages=[stage],
+        engine="pipeline_mtp",
+        engine_reason="pipeline_mtp: x",
+        state="ready",
+    )
+    back = messages.InstanceInfo.from_proto(bare.to_proto())
+    assert back == bare and back.current_mtp_k is None and back.context_length is None
+    full = bare.model_copy(
+        update={
+            "aliases": ["tiny"],
+            "coordinator_address": "127.0.0.1:2",
+            "recent_generation_tps": 12.5,
+            "in_flight": 2,
+            "requests_served": 9,
+            "batch_size": 2,
+            "queued": 1,
+            "current_mtp_k": 0,  # a K of 0 is a choice, not "unset"
+            "min_nodes": 2,
+            "context_length": 4096,
+            "mtp_opted_in_by": "MACMESH_PIPELINE_MTP=1",
+        }
+    )
+    defaults = {n: f.default for n, f in messages.InstanceInfo.model_fields.items()}
+    changed = {n for n in defaults if getattr(full, n) != getattr(bare, n)}
+    shared = set(messages.InstanceInfo.model_fields) & set(pb.Instance.DESCRIPTOR.fields_by_name)
+    assert shared - changed <= {
+        "instance_id",
+        "model",
+        "coordinator_node_id",
+        "stages",
+        "engine",
+        "engine_reason",
+        "state",
+    }  # every other field is exercised with a non-default value
+    assert messages.InstanceInfo.from_proto(full.to_proto()) == full
+
+
 def test_engine_events_are_the_api_events() -> None:
     from node.inference.events import GenerationDone, TokenDelta
 
