@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -23,6 +22,7 @@ import mlx.core as mx
 import pytest
 from helpers.daemons import wait_for
 from helpers.mlx_lm_reference import mlx_lm_processors
+from helpers.pipeline_faults import cancelling_frees_caches, dead_stage_fails_with_unavailable
 from helpers.stage_nodes import StageNodes
 from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step, stream_generate
@@ -265,31 +265,8 @@ def test_concurrent_requests_are_all_correct(nodes: StageNodes) -> None:
 
 def test_cancelling_mid_stream_frees_caches_on_every_stage(nodes: StageNodes) -> None:
     engine = engine_for("dense", topology(nodes, 3), nodes)
-    request = GenerateRequest(prompt_ids=PROMPT, max_tokens=3000, ignore_eos=True, mtp_k=2)
     try:
-        stream = engine.generate(request)
-        for _, event in zip(range(3), stream, strict=False):
-            assert isinstance(event, TokenDelta)
-        assert engine.cached_requests() == [1, 1, 1]
-        stream.close()
-        wait_for(lambda: engine.cached_requests() == [0, 0, 0], 10, what="freed after close()")
-
-        seen: list[int] = []
-        ended = threading.Event()
-
-        def consume() -> None:
-            for event in engine.generate(request, request_id="to-cancel"):
-                seen.extend(event.token_ids)
-            ended.set()
-
-        thread = threading.Thread(target=consume)
-        thread.start()
-        wait_for(lambda: len(seen) >= 5, 30, what="tokens before cancelling")
-        assert engine.cancel("to-cancel")
-        assert ended.wait(10)
-        thread.join(10)
-        assert 5 <= len(seen) < 3000
-        wait_for(lambda: engine.cached_requests() == [0, 0, 0], 10, what="freed after cancel()")
+        cancelling_frees_caches(engine, PROMPT, mtp_k=2)
         assert run(engine, PROMPT, mtp_k=3).token_ids == mlx_lm_greedy("dense", PROMPT, NEW_TOKENS)
     finally:
         engine.close()
@@ -299,17 +276,7 @@ def test_a_dead_stage_fails_its_requests_with_unavailable(nodes: StageNodes) -> 
     victim = nodes[2]
     engine = engine_for("dense", ["coordinator", victim.name], nodes)
     try:
-        request = GenerateRequest(prompt_ids=PROMPT, max_tokens=3000, ignore_eos=True, mtp_k=2)
-        stream = engine.generate(request)
-        next(stream)
-        victim.kill()
-        began = time.monotonic()
-        with pytest.raises(PipelineError) as failure:
-            for _ in stream:
-                pass
-        assert failure.value.code == grpc.StatusCode.UNAVAILABLE
-        print(f"dead stage reported after {time.monotonic() - began:.2f} s")
-        assert engine.in_flight == []
+        dead_stage_fails_with_unavailable(engine, victim, PROMPT, mtp_k=2)
     finally:
         engine.close()
 
