@@ -25,7 +25,7 @@ from functools import cache
 
 import mlx.core as mx
 import pytest
-from helpers.mlx_lm_reference import mlx_lm_processors
+from helpers.mlx_lm_reference import WINDOWED_PENALTIES, mlx_lm_greedy
 from mlx_lm.generate import generate_step
 
 from node.checkpoints import PRESETS, CheckpointSpec, ensure_checkpoint
@@ -181,23 +181,9 @@ def test_penalties_condition_each_verified_position() -> None:
     """Greedy with repetition/presence/frequency penalties and a logit bias equals mlx-lm's
     generate_step with the same logits processors: at every verified position the penalty
     sees exactly the tokens accepted before it."""
-    params = SamplingParams(
-        repetition_penalty=1.3,
-        repetition_context_size=16,
-        presence_penalty=0.4,
-        frequency_penalty=0.2,
-        penalty_context_size=16,
-        logit_bias={7: 1.5, 301: -2.0},
-    )
+    params = WINDOWED_PENALTIES
     ids = prompt(5, 24)
-    processors = mlx_lm_processors(params)
-    model = loaded("dense-partial").model
-    expected = [
-        int(t)
-        for t, _ in generate_step(
-            mx.array(ids), model, max_tokens=48, sampler=_argmax, logits_processors=processors
-        )
-    ]
+    expected = mlx_lm_greedy(loaded("dense-partial").model, ids, 48, params)
     for k in (1, 3):
         done = run("dense-partial", ids, 48, k, sampling=params)
         assert done.token_ids == expected, f"K={k}"

@@ -20,12 +20,12 @@ from types import SimpleNamespace
 import grpc
 import mlx.core as mx
 import pytest
+from helpers import mlx_lm_reference
 from helpers.daemons import wait_for
-from helpers.mlx_lm_reference import mlx_lm_processors
 from helpers.pipeline_faults import cancelling_frees_caches, dead_stage_fails_with_unavailable
 from helpers.stage_nodes import StageNodes
 from mlx_lm import load as mlx_lm_load
-from mlx_lm.generate import generate_step, stream_generate
+from mlx_lm.generate import stream_generate
 
 from node.checkpoints import PRESETS, ensure_checkpoint
 from node.cluster.selector import choose_instance_engine, compatible, request_engine
@@ -164,27 +164,11 @@ def test_a_head_that_never_agrees_is_still_exact(nodes: StageNodes) -> None:
 
 
 def test_penalties_condition_each_verified_position(nodes: StageNodes) -> None:
-    params = SamplingParams(
-        repetition_penalty=1.3,
-        repetition_context_size=16,
-        presence_penalty=0.4,
-        frequency_penalty=0.2,
-        penalty_context_size=16,
-        logit_bias={7: 1.5, 301: -2.0},
-    )
-    processors = mlx_lm_processors(params)
+    params = mlx_lm_reference.WINDOWED_PENALTIES
     model, _ = mlx_lm_load(str(_path("dense")))
-    expected = [
-        int(t)
-        for t, _ in generate_step(
-            mx.array(PROMPT),
-            model,
-            max_tokens=32,
-            sampler=lambda lp: mx.argmax(lp, axis=-1),
-            logits_processors=processors,
-            prefill_step_size=PREFILL_STEP,
-        )
-    ]
+    expected = mlx_lm_reference.mlx_lm_greedy(
+        model, PROMPT, 32, params, prefill_step_size=PREFILL_STEP
+    )
     engine = engine_for("dense", topology(nodes, 3), nodes)
     try:
         for k in (1, 3):

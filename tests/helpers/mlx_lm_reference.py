@@ -19,6 +19,16 @@ from node.inference.sampling import SamplingParams
 PENALTIES: dict[str, Any] = dict(
     repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
 )
+# Penalties over short windows (16 tokens) and a logit bias, for the native-MTP tests: every
+# verified position must see exactly the tokens accepted before it.
+WINDOWED_PENALTIES = SamplingParams(
+    repetition_penalty=1.3,
+    repetition_context_size=16,
+    presence_penalty=0.4,
+    frequency_penalty=0.2,
+    penalty_context_size=16,
+    logit_bias={7: 1.5, 301: -2.0},
+)
 
 
 def mlx_lm_processors(params: SamplingParams) -> list:
