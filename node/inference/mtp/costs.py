@@ -1,4 +1,4 @@
-"""Measuring an instance's native-MTP cost table at load (the K policy's input).
+"""Measuring a single-node instance's native-MTP cost table on first use (the K policy's input).
 
 A few timed forwards on the loaded model, with the shapes a cycle uses: the target over
 T = 1..max_k+1 positions (T = 1 is the K = 0 cycle: a plain decode step; T > 1 the verify
