@@ -8,7 +8,9 @@ peers.py                   calls to other nodes' InferenceService, one pooled ch
 convert.py                 the engine edge: API options -> engine request, last event -> stats
 errors.py                  the gRPC status each failure goes out with
 limits.py                  per-node request limits
-coordinator.py             launch (plan, engine, load, progress), unload, peer failures
+coordinator.py             launch (plan, engine, load, progress), unload, peer failures, take-over
+failover.py                who takes over a dead coordinator's instance, where lost layers go (pure)
+admission.py               memory admission for launches (RESOURCE_EXHAUSTED, not out of memory)
 live.py                    running instances: admission (the queue), cancellation, engines
 instances.py               InstanceInfo (what every node sees), the registry, pick_instance
 selector.py                the per-instance engine decision and per-request overrides

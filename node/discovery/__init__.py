@@ -8,6 +8,10 @@
 - ``heartbeat``: the loop that confirms peers over gRPC every second.
 - ``service``: the NodeService gRPC servicer.
 - ``client``: functions to ask any daemon about the cluster.
+- ``membership``: who this node is, which peers it dials, and what it knows about each.
+- ``targets``: the addresses dialled every heartbeat, and why (pure).
+- ``models``: typed membership messages and their ``node.proto`` conversion.
+- ``once``: log a repeated bad advert once.
 """
 
 from __future__ import annotations

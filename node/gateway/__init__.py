@@ -1,4 +1,5 @@
-"""OpenAI-compatible HTTP gateway over a node's gRPC InferenceService."""
+"""The HTTP gateway over a node's gRPC InferenceService: OpenAI (chat, completions, responses),
+Anthropic Messages and Ollama APIs, Prometheus ``/metrics`` and the dashboard."""
 
 from node.gateway.app import create_app
 from node.gateway.openapi import openapi_document

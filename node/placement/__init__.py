@@ -9,6 +9,7 @@ Public API:
     NodeCapacity, PlanOptions, Stage, Placement, plan
     PlacementError (bad input), InsufficientMemoryError (does not fit), UnknownModelError,
     CheckpointError
+    format_bytes                              human units for byte counts (node.placement.units)
 """
 
 from node.placement.cards import (
