@@ -20,6 +20,15 @@ sized activation (8192 tokens x the model width). Anchors in the same run: the r
 bare gRPC bidi echo (same server type, no codec, no worker) and of MLX's ring backend
 (``mx.distributed`` send/recv between two processes over loopback). Prints a table, writes JSON.
 
+``--batch``: pipeline batching. 1 and ``--batch-streams`` concurrent streams (prompts of
+``--prompt-tokens``, ``--tokens`` each, all started at once) on each of ``--batch-nodes``,
+interleaved ``--batch-repeats`` rounds, medians: aggregate tok/s over the whole wall time
+(prefills included) and per CPU second of every node process, each against its own one
+stream. Modes: the pipeline as it runs; the control, in the same run, with stage 0 prefilling
+one request per drain (prefills not batched); with ``--mtp`` also pipeline_mtp at each
+``--batch-ks`` (verify rows batched across requests). Exactness: each mode's tokens against
+the control's.
+
 ``--mtp``: native MTP across the pipeline (``pipeline_mtp``) against the plain pipeline, on
 the same loaded stages (a pipeline_mtp instance runs ``engine=pipeline`` requests as plain
 pipelined decode), for each node count in ``--mtp-nodes`` and each simulated per-hop
@@ -437,6 +446,219 @@ def bench_pipeline_mtp(args: argparse.Namespace, checkpoint: Path, cores: list[i
     return out
 
 
+def run_streams(
+    engine: Any, prompts: list[list[int]], tokens: int, pids: list[int], options: dict[str, Any]
+):
+    """S concurrent streams, one reading thread each, as bench_batch.py runs them: aggregate
+    tok/s over the whole wall time (prefills included), CPU time of every node process, and
+    the tokens (for the exactness check against the control)."""
+    import psutil
+
+    from node.inference.requests import GenerateRequest
+
+    procs = [psutil.Process(pid) for pid in pids]
+
+    def cpu_now() -> float:
+        return time.process_time() + sum(p.cpu_times().user + p.cpu_times().system for p in procs)
+
+    outs: list[list[int]] = [[] for _ in prompts]
+    stats: list[Any] = [None] * len(prompts)
+    before = [
+        (st.frames_processed, st.batched_forwards, st.batched_prefills) for st in engine.status()
+    ]
+    began, cpu = time.perf_counter(), cpu_now()
+
+    def stream(i: int) -> None:
+        request = GenerateRequest(
+            prompt_ids=prompts[i], max_tokens=tokens, ignore_eos=True, **options
+        )
+        for event in engine.generate(request):
+            if event.kind == "delta":
+                outs[i] += event.token_ids
+            else:
+                stats[i] = event.stats
+
+    threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall, used = time.perf_counter() - began, cpu_now() - cpu
+    total = sum(len(o) for o in outs)
+    proposed = sum(st.proposed_draft_tokens or 0 for st in stats if st is not None)
+    accepted = sum(st.accepted_draft_tokens or 0 for st in stats if st is not None)
+    return {
+        "tokens": outs,
+        "aggregate_tps": total / wall,
+        "aggregate_cpu_tps": total / used,
+        "wall_s": wall,
+        "acceptance": accepted / proposed if proposed else None,
+        "stage_forwards": [
+            {
+                "forwards": st.frames_processed - f,
+                "batched": st.batched_forwards - b,
+                "batched_prefills": st.batched_prefills - q,
+            }
+            for st, (f, b, q) in zip(engine.status(), before, strict=True)
+        ],
+    }
+
+
+def bench_batching(args: argparse.Namespace, checkpoint: Path, cores: list[int | None]) -> list:
+    """Pipeline batching: 1 and S concurrent streams on N nodes, interleaved rounds, medians.
+    Modes: the pipeline as it runs (prefills that arrive together batched), the control with
+    stage 0 prefilling one request per drain (``prefill_batch_tokens = 0``: the behaviour
+    before ragged prefill batches), and with ``--mtp``, pipeline_mtp at each ``--batch-ks``
+    (verify rows of the requests batched)."""
+    from node.inference.pipeline import PipelineEngine, SimplePlacement
+    from node.inference.pipeline_mtp import PipelineMtpEngine
+    from node.inference.stage_batch import PREFILL_BATCH_TOKENS
+
+    config = json.loads((checkpoint / "config.json").read_text())
+    num_layers = config["text_config"]["num_hidden_layers"]
+    counts = sorted({1, *args.batch_streams})
+    out = []
+    with tempfile.TemporaryDirectory(prefix="bench-pipeline-batch-") as tmp:
+        servers = start_stage_servers(max(args.batch_nodes) - 1, cores, Path(tmp))
+        try:
+            addresses = [address for _, address in servers]
+            pids = [proc.pid for proc, _ in servers]
+            for n in args.batch_nodes:
+                names = ["coordinator", *[f"node{i}" for i in range(1, n)]]
+                where = {name: addresses[i - 1] for i, name in enumerate(names) if i > 0}
+                placement = SimplePlacement.even(num_layers, names)
+                batch = max(max(counts), 16)
+                engine = (
+                    PipelineMtpEngine(
+                        checkpoint,
+                        placement,
+                        where,
+                        local_node_id="coordinator",
+                        mtp_k_limits=(2, max(MTP_KS)),
+                        max_batch=batch,
+                    )
+                    if args.mtp
+                    else PipelineEngine(
+                        checkpoint, placement, where, local_node_id="coordinator", max_batch=batch
+                    )
+                )
+                engine.load()
+                stage0 = engine._local
+                used = pids[: n - 1]  # the stage servers this engine runs on
+
+                def plain(
+                    prompts: list[list[int]], batched_prefill: bool, e=engine, s0=stage0, u=used
+                ):
+                    s0.prefill_batch_tokens = PREFILL_BATCH_TOKENS if batched_prefill else 0
+                    try:
+                        return run_streams(e, prompts, args.tokens, u, {"engine": "pipeline"})
+                    finally:
+                        s0.prefill_batch_tokens = PREFILL_BATCH_TOKENS
+
+                modes: dict[str, Any] = {
+                    "pipeline": lambda p: plain(p, True),
+                    "prefill alone": lambda p: plain(p, False),
+                }
+                if args.mtp:
+                    for k in args.batch_ks:
+                        modes[f"mtp K={k}"] = lambda p, k=k, e=engine, u=used: run_streams(
+                            e, p, args.tokens, u, {"mtp_k": k}
+                        )
+                print(f"-- pipeline batching: {n} nodes, streams {counts}", flush=True)
+                for s in (1, max(counts)):  # warm-up
+                    for run in modes.values():
+                        run(_prompts(s, args.prompt_tokens, 77))
+                samples: dict[str, dict[int, list[dict[str, Any]]]] = {m: {} for m in modes}
+                try:
+                    for round_ in range(args.batch_repeats):
+                        for s in counts:
+                            prompts = _prompts(s, args.prompt_tokens, s + 100 * round_)
+                            for name, run in modes.items():
+                                result = run(prompts)
+                                samples[name].setdefault(s, []).append(result)
+                                print(
+                                    f"  round {round_ + 1} {name:>13} x{s:<2}: "
+                                    f"{result['aggregate_tps']:7.2f} tok/s, "
+                                    f"{result['aggregate_cpu_tps']:7.2f} per CPU s",
+                                    flush=True,
+                                )
+                finally:
+                    engine.close()
+                out.append(
+                    {"nodes": n, "summary": _batch_summary(samples, counts), "samples": samples}
+                )
+        finally:
+            for proc, _ in servers:
+                proc.terminate()
+            for proc, _ in servers:
+                proc.wait(timeout=30)
+    return out
+
+
+def _prompts(s: int, length: int, seed: int) -> list[list[int]]:
+    return [[(7 * i + 3 + 11 * j + 13 * seed) % 480 for i in range(length)] for j in range(s)]
+
+
+def _batch_summary(samples: dict[str, Any], counts: list[int]) -> dict[str, Any]:
+    """Medians per (mode, streams); ratios to the mode's own one stream and to the plain
+    pipeline; exactness = tokens equal the control's (prefill alone) in the same round."""
+    summary: dict[str, Any] = {}
+    for name, by_s in samples.items():
+        one = statistics.median(r["aggregate_tps"] for r in by_s[1])
+        one_cpu = statistics.median(r["aggregate_cpu_tps"] for r in by_s[1])
+        rows = {}
+        for s in counts:
+            tps = statistics.median(r["aggregate_tps"] for r in by_s[s])
+            cpu = statistics.median(r["aggregate_cpu_tps"] for r in by_s[s])
+            plain = statistics.median(r["aggregate_tps"] for r in samples["pipeline"][s])
+            control = samples["prefill alone"][s]
+            exact = sum(
+                a == b
+                for r, c in zip(by_s[s], control, strict=True)
+                for a, b in zip(r["tokens"], c["tokens"], strict=True)
+            )
+            accept = [r["acceptance"] for r in by_s[s] if r["acceptance"] is not None]
+            rows[s] = {
+                "aggregate_tps": tps,
+                "x_one_stream": tps / one,
+                "cpu_x_one_stream": cpu / one_cpu,
+                "x_plain_pipeline": tps / plain,
+                "exact_vs_control": f"{exact}/{sum(len(r['tokens']) for r in by_s[s])}",
+                "acceptance": statistics.median(accept) if accept else None,
+                "stage_forwards": by_s[s][0]["stage_forwards"],
+            }
+        summary[name] = rows
+    return summary
+
+
+def print_batch_table(results: dict[str, Any]) -> None:
+    m = results["machine"]
+    print(
+        f"\n{m['cpu']}, {m['cores']} cores, BLAS {m['blas_preload'] or 'reference'}; load "
+        f"average before/after {m['load_average'][0]:.1f}/{m['load_average_after'][0]:.1f}"
+    )
+    for run in results["pipeline_batching"]:
+        print(f"{run['nodes']} nodes")
+        rows = [("mode", "streams", "tok/s", "x 1 stream", "CPU x 1", "x plain", "exact", "accept")]
+        for name, by_s in run["summary"].items():
+            for s, r in by_s.items():
+                rows.append(
+                    (
+                        name,
+                        str(s),
+                        f"{r['aggregate_tps']:.2f}",
+                        f"{r['x_one_stream']:.2f}x",
+                        f"{r['cpu_x_one_stream']:.2f}x",
+                        f"{r['x_plain_pipeline']:.2f}x",
+                        r["exact_vs_control"],
+                        "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+                    )
+                )
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            print("  ".join(cell.rjust(w) for cell, w in zip(row, widths, strict=True)))
+
+
 def print_mtp_table(results: dict[str, Any]) -> None:
     m = results["machine"]
     print(
@@ -568,6 +790,13 @@ def main() -> int:
     parser.add_argument("--hop-delays-ms", type=float, nargs="+", default=[0, 1, 5])
     parser.add_argument("--mtp-repeats", type=int, default=3, help="interleaved rounds")
     parser.add_argument("--agreement", type=float, default=0.85, help="--mtp: head agreement")
+    parser.add_argument(
+        "--batch", action="store_true", help="pipeline batching only (1 vs --batch-streams)"
+    )
+    parser.add_argument("--batch-nodes", type=int, nargs="+", default=[2])
+    parser.add_argument("--batch-streams", type=int, nargs="+", default=[8])
+    parser.add_argument("--batch-repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument("--batch-ks", type=int, nargs="+", default=[1, 2], help="with --mtp")
     parser.add_argument("--serve-echo", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--ring-rank", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -587,7 +816,9 @@ def main() -> int:
 
     configure_logging("warning")
     cores = os.cpu_count() or 1
-    max_nodes = max(args.nodes + (args.mtp_nodes if args.mtp else []))
+    max_nodes = max(
+        args.nodes + (args.mtp_nodes if args.mtp else []) + (args.batch_nodes if args.batch else [])
+    )
     node_cores: list[int | None] = [
         None if args.no_pin else i % cores for i in range(max(max_nodes, 2))
     ]
@@ -615,6 +846,14 @@ def main() -> int:
         "runs": [],
         "anchors": {},
     }
+    if args.batch:
+        results["pipeline_batching"] = bench_batching(args, checkpoint, node_cores)
+        results["machine"]["load_average_after"] = os.getloadavg()
+        print_batch_table(results)
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(results, indent=2))
+        print(f"\nwrote {args.json}")
+        return 0
     if args.mtp:
         results["single_node_mtp"] = bench_single_node_mtp(args, checkpoint)
         results["pipeline_mtp"] = bench_pipeline_mtp(args, checkpoint, node_cores)

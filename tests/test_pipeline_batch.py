@@ -158,6 +158,42 @@ def test_each_sequence_in_a_batch_equals_its_output_alone(
         engine.close()
 
 
+@pytest.mark.parametrize(("arch", "stages"), [("dense", 2), ("moe", 3)])
+def test_prompts_that_arrive_together_prefill_together_and_stay_exact(
+    arch: str, stages: int, nodes: StageNodes
+) -> None:
+    """Five requests start at once (stage 0's worker held until all their frames wait):
+    their prefill chunks of different lengths go through every stage as ragged batched
+    forwards, and each sequence's output is still its output alone."""
+    node_ids = ["coordinator", *[nodes[i].name for i in range(stages - 1)]]
+    specs = [(1, 8, False), (5, 9, True), (40, 7, False), (130, 6, True), (310, 5, False)]
+    prompts = [ids(n, 200 + seed) for seed, (n, _, _) in enumerate(specs)]
+    engine = engine_for(arch, node_ids, nodes)
+    stage0 = engine._local
+    assert stage0 is not None
+    try:
+        clients = [Client(engine, p, n, pen) for p, (_, n, pen) in zip(prompts, specs, strict=True)]
+        with stage0._compute_lock:  # the worker waits; every request's frames queue up
+            for c in clients:
+                c.start()
+            opens = len(clients)
+            wait_for(
+                lambda: sum(j.kind == "open" for j in list(stage0._jobs)) == opens,
+                60,
+                what="every request queued at stage 0",
+            )
+        for c in clients:
+            c.join(180)
+            assert not c.is_alive() and c.error is None, c.error
+        for c, prompt, (_, n, pen) in zip(clients, prompts, specs, strict=True):
+            assert c.tokens == reference(arch, tuple(prompt), n, pen), (len(prompt), pen)
+        for s in engine.status():
+            assert s.batched_prefills > 0, s
+        wait_for(lambda: engine.cached_requests() == [0] * stages, 10, what="caches freed")
+    finally:
+        engine.close()
+
+
 def test_max_batch_bounds_the_requests_on_the_stages(nodes: StageNodes) -> None:
     """Four requests, max_batch 2: two at a time reach the stages, the others wait; all exact.
     (Two requests on two stages may never meet at stage 0 — each stage works on one while the
@@ -264,7 +300,7 @@ def _rows_job(session: int, rid: str, count: int, sample: bool) -> Job:
     return Job("rows", session, rows=[Row(rid, 0, list(range(count)), sample)])
 
 
-def test_waiting_decode_rows_batch_and_prefill_chunks_go_one_per_drain() -> None:
+def test_waiting_decode_rows_batch_and_prefill_chunks_of_newcomers_run_together() -> None:
     jobs = [
         Job("open", 1, "new"),
         _rows_job(1, "a", 1, True),
@@ -275,15 +311,110 @@ def test_waiting_decode_rows_batch_and_prefill_chunks_go_one_per_drain() -> None
         _rows_job(1, "c", 3, True),  # a row of 3 positions: a forward of its own T
         _rows_job(2, "d", 1, True),  # another stream: never batched with the first
         Job("release", 1, "b"),  # gone: its pending row does not run
+        _rows_job(1, "other", 9, False),  # another newcomer's chunk: prefilled with "new"
+        _rows_job(2, "e", 5, False),  # another stream's chunk: waits for its own drain
     ]
     plan = plan_drain(jobs)
     assert [j.kind for j in plan.now] == ["open", "release"]
     assert [[e.row.rid for e in batch] for batch in plan.batches] == [["a"], ["c"], ["d"]]
-    assert plan.chunk is jobs[2]
-    assert plan.requeue == [jobs[4], jobs[5]]
+    prefill = [(e.row.rid, len(e.row.token_ids)) for e in plan.prefill]
+    assert prefill == [("new", 64), ("other", 9)]
+    assert plan.chunk is None
+    assert plan.requeue == [jobs[4], jobs[5], jobs[10]]
     # the held-back rows of one request keep their order against its release
-    later = plan_drain([_rows_job(1, "x", 8, False), Job("release", 1, "x"), Job("end", 1)])
-    assert later.now == [] and [j.kind for j in later.requeue] == ["release", "end"]
+    x = [_rows_job(1, "x", 8, False), _rows_job(1, "x", 8, False)]
+    later = plan_drain([*x, Job("release", 1, "x"), Job("end", 1)])
+    assert later.now == [] and [e.job for e in later.prefill] == x[:1]
+    assert [j.kind for j in later.requeue] == ["rows", "release", "end"]
+    # a request released while its prefill row waits: the row does not run
+    gone = plan_drain([_rows_job(1, "y", 8, False), Job("release", 1, "y")])
+    assert [j.kind for j in gone.now] == ["release"] and gone.prefill == []
+    # at most PREFILL_BATCH_TOKENS padded positions per drain; a longer row still runs alone
+    big = plan_drain([_rows_job(1, "p", 600, False), _rows_job(1, "q", 600, False)], 1024)
+    assert [e.row.rid for e in big.prefill] == ["p"] and len(big.requeue) == 1
+    huge = plan_drain([_rows_job(1, "h", 5000, False)], 1024)
+    assert [e.row.rid for e in huge.prefill] == ["h"]
+    # a batch frame's rows split across drains when they pass the budget, in their order
+    job = Job("rows", 1, rows=[Row(r, 0, [1] * 400, False, i) for i, r in enumerate("uvw")])
+    split = plan_drain([job], 1000)
+    assert [e.row.rid for e in split.prefill] == ["u", "v"]
+    ((rest,),) = [split.requeue]
+    assert [(r.rid, r.index) for r in rest.rows] == [("w", 2)] and rest.tensor is job.tensor
+
+
+def test_a_ragged_prefill_batch_computes_what_each_prompt_computes_alone() -> None:
+    """Prompts of 1, 6 and 23 tokens (one already 4 tokens in) prefill as one right-padded
+    forward (mlx-lm's prepare/finalize), then decode together, split, and go on alone: the
+    same greedy tokens as each alone (and hidden states within the cross-shape noise)."""
+    spec = PRESETS[MODELS["dense"]]
+    shard = load_shard(ensure_checkpoint(spec), 0, spec.num_hidden_layers)
+    prompts = {"a": ids(1, 11), "b": ids(6, 12), "c": ids(23, 13)}
+    caches = BatchCaches(shard.make_cache)
+    alone = {}
+    for rid in prompts:
+        caches.open((1, rid))
+        alone[rid] = shard.make_cache()
+    # "c" had a first chunk of 4 on its own
+    shard.forward(mx.array([prompts["c"][:4]]), caches.solo((1, "c")))
+    shard.forward(mx.array([prompts["c"][:4]]), alone["c"])
+    pieces = {"a": prompts["a"], "b": prompts["b"], "c": prompts["c"][4:]}
+    order, cache = caches.batch([(1, r) for r in pieces])
+    lengths = [len(pieces[k[1]]) for k in order]
+    width = max(lengths)
+    for c in cache:
+        c.prepare(lengths=lengths, right_padding=[width - n for n in lengths])
+    x = mx.array([pieces[k[1]] + [0] * (width - len(pieces[k[1]])) for k in order])
+    h = shard.forward(x, cache)
+    for c in cache:
+        c.finalize()
+    for i, k in enumerate(order):
+        own = shard.forward(mx.array([pieces[k[1]]]), alone[k[1]])
+        n = lengths[i]
+        assert mx.allclose(h[i, n - 1], own[0, -1], atol=1e-4).item(), k
+        assert int(mx.argmax(shard.logits(h[i, n - 1])).item()) == int(
+            mx.argmax(shard.logits(own[0, -1])).item()
+        )
+    current = {}
+    for i, k in enumerate(order):
+        current[k[1]] = int(mx.argmax(shard.logits(h[i, lengths[i] - 1])).item())
+    for step in range(5):
+        if step == 3:  # "b" goes on alone: the group is taken apart
+            tok = current.pop("b")
+            hb = shard.forward(mx.array([[tok]]), caches.solo((1, "b")))
+            ha = shard.forward(mx.array([[tok]]), alone["b"])
+            assert int(mx.argmax(shard.logits(hb[0, -1])).item()) == int(
+                mx.argmax(shard.logits(ha[0, -1])).item()
+            )
+        order, cache = caches.batch([(1, r) for r in current])
+        hb = shard.forward(mx.array([[current[k[1]]] for k in order]), cache)
+        nxt = {}
+        for i, k in enumerate(order):
+            ha = shard.forward(mx.array([[current[k[1]]]]), alone[k[1]])
+            assert mx.allclose(hb[i, -1], ha[0, -1], atol=1e-4).item(), (step, k)
+            nxt[k[1]] = int(mx.argmax(shard.logits(ha[0, -1])).item())
+            assert int(mx.argmax(shard.logits(hb[i, -1])).item()) == nxt[k[1]], (step, k)
+        current = nxt
+
+
+def test_a_prefill_batch_is_not_the_same_as_a_wrongly_padded_one() -> None:
+    """Negative control for the test above: without prepare/finalize the padding is read
+    as tokens, and the short prompt's state differs beyond the noise floor."""
+    spec = PRESETS[MODELS["dense"]]
+    shard = load_shard(ensure_checkpoint(spec), 0, spec.num_hidden_layers)
+    short, long = ids(3, 21), ids(12, 22)
+    caches = BatchCaches(shard.make_cache)
+    for rid in "sl":
+        caches.open((1, rid))
+    order, cache = caches.batch([(1, "s"), (1, "l")])
+    x = mx.array([short + [0] * 9, long] if order[0] == (1, "s") else [long, short + [0] * 9])
+    shard.forward(x, cache)  # no prepare: the padding is processed as tokens
+    row = order.index((1, "s"))
+    own = shard.make_cache()
+    shard.forward(mx.array([short]), own)
+    nxt = [ids(1, 23)[0]] * 2
+    hb = shard.forward(mx.array([[t] for t in nxt]), cache)
+    ha = shard.forward(mx.array([nxt[:1]]), own)
+    assert not mx.allclose(hb[row, -1], ha[0, -1], atol=1e-4).item()
 
 
 def test_batch_caches_step_rows_exactly_like_their_own_caches() -> None:

@@ -2,10 +2,12 @@
 
 A stage takes every job that waited while it computed (``plan_drain``): the rows that sample a
 token (decode steps, a prompt's last token; a row may carry T > 1 positions, e.g. a verify
-step) of all requests of one upstream stream run as one [B, T] forward per T, the prefill
-chunks (rows that do not sample) run one request at a time after them, at most one per drain,
-so running streams wait at most one chunk for a newcomer. A request's jobs keep their order:
-once one of its jobs is held back, its later ones are too.
+step) of all requests of one upstream stream run as one [B, T] forward per T; after them the
+prefill chunks (rows that do not sample) of the requests that arrived together run as one
+ragged forward (right-padded to the longest, as mlx-lm's ``BatchGenerator.prompt``), at most
+``PREFILL_BATCH_TOKENS`` padded positions per drain, so running streams wait about one chunk
+for newcomers however many start at once. A request's jobs keep their order: once one of its
+jobs is held back, its later ones are too.
 
 ``BatchCaches`` holds every request's caches. A request alone uses mlx-lm's own per-request
 caches (``make_prompt_cache``: ``KVCache``, GatedDeltaNet ``ArraysCache``); requests that step
@@ -26,6 +28,11 @@ from typing import Any
 import mlx.core as mx
 
 Key = tuple[int, str]  # (upstream session id, request id)
+
+# Padded positions (rows x the longest row) of the prefill rows one drain runs together: about
+# the coordinator's prefill piece (PipelineEngine's PREFILL_STEP_SIZE), so the decode rows
+# behind it wait about as long as for one newcomer's chunk. A longer row still runs, alone.
+PREFILL_BATCH_TOKENS = 2048
 
 
 @dataclass
@@ -73,15 +80,18 @@ class BatchEntry:
 class DrainPlan:
     now: list[Job]  # cheap jobs (open, release, probe), in arrival order, before the batches
     batches: list[list[BatchEntry]]  # one forward each: rows of one session with the same T
-    chunk: Job | None  # the one held-back job run after the batches
+    prefill: list[BatchEntry]  # prefill rows of one session: one ragged forward after the batches
+    chunk: Job | None  # the one held-back job run last (only when no prefill rows run)
     requeue: list[Job]  # the rest of the held-back jobs, back to the front of the queue
 
 
-def plan_drain(jobs: Iterable[Job]) -> DrainPlan:
+def plan_drain(jobs: Iterable[Job], prefill_tokens: int = PREFILL_BATCH_TOKENS) -> DrainPlan:
     """Split the waiting jobs into what runs now, batched, next, and later (pure)."""
     now: list[Job] = []
     batches: dict[tuple[int, int], list[BatchEntry]] = {}
     batched: dict[Key, tuple[int, int]] = {}
+    prefill: list[BatchEntry] = []
+    longest = 0
     held: list[Job] = []
     blocked: set[Key] = set()
     ended: set[int] = set()  # sessions whose end is held back: all their later jobs wait too
@@ -94,20 +104,38 @@ def plan_drain(jobs: Iterable[Job]) -> DrainPlan:
             continue
         if job.kind == "rows":
             lengths = {len(r.token_ids) for r in job.rows}
-            batchable = (
-                not waits
-                and len(lengths) == 1
-                and all(r.sample for r in job.rows)
-                and not any(k in batched for k in keys)
-            )
-            if batchable:
+            fresh = not waits and not any(k in batched for k in keys)
+            if fresh and len(lengths) == 1 and all(r.sample for r in job.rows):
                 where = (job.session_id, lengths.pop())
                 for row in job.rows:
                     batches.setdefault(where, []).append(BatchEntry(job, row))
                     batched[(job.session_id, row.rid)] = where
-            else:
-                held.append(job)
-                blocked.update(keys)
+                continue
+            one_session = not prefill or prefill[0].job.session_id == job.session_id
+            if fresh and one_session and not any(r.sample for r in job.rows):
+                # Rows of one job may split across drains; each keeps its own order.
+                taken = []
+                for row in job.rows:
+                    top = max(longest, len(row.token_ids))
+                    if prefill and top * (len(prefill) + 1) > prefill_tokens:
+                        break
+                    prefill.append(BatchEntry(job, row))
+                    taken.append(row)
+                    longest = top
+                for row in taken:
+                    batched[(job.session_id, row.rid)] = (job.session_id, 0)
+                if len(taken) == len(job.rows):
+                    continue
+                job = Job(
+                    "rows",
+                    job.session_id,
+                    rows=job.rows[len(taken) :],
+                    session=job.session,
+                    tensor=job.tensor,
+                )
+                keys = job.keys()
+            held.append(job)
+            blocked.update(keys)
             continue
         if waits:
             held.append(job)
@@ -117,13 +145,17 @@ def plan_drain(jobs: Iterable[Job]) -> DrainPlan:
             key = (job.session_id, job.rid)
             where = batched.pop(key, None)
             if where is not None:  # the request is gone: its pending row need not run
-                batches[where] = [e for e in batches[where] if e.key != key]
+                if where in batches:
+                    batches[where] = [e for e in batches[where] if e.key != key]
+                prefill = [e for e in prefill if e.key != key]
         now.append(job)
+    chunk = held[0] if held and not prefill else None
     return DrainPlan(
         now=now,
         batches=[entries for entries in batches.values() if entries],
-        chunk=held[0] if held else None,
-        requeue=held[1:],
+        prefill=prefill,
+        chunk=chunk,
+        requeue=held[1:] if chunk is not None else held,
     )
 
 

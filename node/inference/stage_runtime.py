@@ -53,7 +53,15 @@ from node.inference.sampling import (
     sample_tokens,
 )
 from node.inference.shard import Shard, ShardError
-from node.inference.stage_batch import BatchCaches, BatchEntry, Job, Key, Row, plan_drain
+from node.inference.stage_batch import (
+    PREFILL_BATCH_TOKENS,
+    BatchCaches,
+    BatchEntry,
+    Job,
+    Key,
+    Row,
+    plan_drain,
+)
 from node.inference.stage_wire import (
     INTERNAL,
     INVALID_ARGUMENT,
@@ -124,6 +132,9 @@ class StageRuntime:
         # inline: the caller's thread (a session's reader) computes what it queued. Otherwise
         # a worker thread drains the queue: what waited meanwhile is batched.
         self.inline = inline
+        # Padded positions of prefill rows one drain runs together (0: one request at a time,
+        # the benchmarks' control).
+        self.prefill_batch_tokens = PREFILL_BATCH_TOKENS
         self._jobs: deque[Job] = deque()
         self._jobs_cond = threading.Condition()
         self._compute_lock = threading.Lock()
@@ -138,6 +149,7 @@ class StageRuntime:
         self.batch_size = 0  # rows of the latest forward of sampled positions
         self.max_batch_seen = 0
         self.batched_forwards = 0
+        self.batched_prefills = 0  # ragged forwards of several requests' prefill rows
         self.routes: dict[str, Emit] = {}  # return route -> that return stream's emit
         self._routes_lock = threading.Lock()
         self.closed = False
@@ -197,6 +209,7 @@ class StageRuntime:
             batch_size=self.batch_size if self.states else 0,
             max_batch_seen=self.max_batch_seen,
             batched_forwards=self.batched_forwards,
+            batched_prefills=self.batched_prefills,
             max_batch=self.max_batch,
             context_tokens=self.context_tokens,
         )
@@ -244,7 +257,7 @@ class StageRuntime:
             jobs, self._jobs = list(self._jobs), deque()
         if not jobs:
             return False
-        plan = plan_drain(jobs)
+        plan = plan_drain(jobs, self.prefill_batch_tokens)
         if plan.requeue:
             with self._jobs_cond:
                 self._jobs.extendleft(reversed(plan.requeue))
@@ -252,6 +265,8 @@ class StageRuntime:
             self._run_job(job)
         for entries in plan.batches:
             self._run_rows(entries)
+        if plan.prefill:
+            self._run_rows(plan.prefill)
         if plan.chunk is not None:
             self._run_job(plan.chunk)
         return True
@@ -420,17 +435,24 @@ class StageRuntime:
                     )
                 )
 
-    def _inputs(self, live: list[tuple[BatchEntry, RequestState]]) -> mx.array:
-        """Token ids [B, T] (first stage) or the rows' hidden states [B, T, D]."""
+    def _inputs(self, live: list[tuple[BatchEntry, RequestState]], width: int) -> mx.array:
+        """Token ids [B, T] (first stage) or the rows' hidden states [B, T, D], each row
+        right-padded to ``width`` positions (a ragged prefill; the padding is masked)."""
         if self.shard.has_embedding:
-            return mx.array([e.row.token_ids for e, _ in live], dtype=mx.uint32)
+            return mx.array(
+                [e.row.token_ids + [0] * (width - len(e.row.token_ids)) for e, _ in live],
+                dtype=mx.uint32,
+            )
         tensors: dict[int, mx.array] = {}
         rows = []
         for entry, _ in live:
             job = entry.job
             if id(job) not in tensors:
                 tensors[id(job)] = job.tensor.to_mx()
-            rows.append(tensors[id(job)][entry.row.index])
+            row = tensors[id(job)][entry.row.index, : len(entry.row.token_ids)]
+            if row.shape[0] < width:
+                row = mx.pad(row, [(0, width - row.shape[0]), (0, 0)])
+            rows.append(row)
         return mx.stack(rows) if len(rows) > 1 else rows[0][None]
 
     def _forward(self, session: StageSession, live: list[tuple[BatchEntry, RequestState]]) -> None:
@@ -440,13 +462,24 @@ class StageRuntime:
             order, cache = self.caches.batch([e.key for e, _ in live])
             by_key = {e.key: (e, s) for e, s in live}
             live = [by_key[k] for k in order]  # the group's row order
-        h = self.shard.forward(self._inputs(live), cache)
+        lengths = [len(e.row.token_ids) for e, _ in live]
+        width = max(lengths)
+        ragged = min(lengths) < width
+        if ragged:  # mlx-lm's own ragged prefill (BatchGenerator.prompt): masked right padding
+            for c in cache:
+                c.prepare(lengths=lengths, right_padding=[width - n for n in lengths])
+        h = self.shard.forward(self._inputs(live, width), cache)
+        if ragged:  # the padding moves to the left, where batch caches keep it
+            for c in cache:
+                c.finalize()
         self.frames_processed += 1
         if live[0][0].row.sample:
             self.batch_size = len(live)
             self.max_batch_seen = max(self.max_batch_seen, len(live))
             if len(live) > 1:
                 self.batched_forwards += 1
+        elif len(live) > 1:
+            self.batched_prefills += 1
         rows = [e.row for e, _ in live]
         if not self.shard.has_head:
             mx.eval(h, [c.state for c in cache])

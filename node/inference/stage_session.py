@@ -281,15 +281,17 @@ class StageSession:
                 continue
             if not inbound.failed:
                 rows.append(_row(rid, header, index))
-        counts = {len(r.token_ids) for r in rows} | {len(h.token_ids) for h in batch.rows}
+        counts = {len(h.token_ids) for h in batch.rows}
         shard = self.runtime.shard
         try:
             if not batch.rows:
                 raise FrameError("a batch frame has no rows and no batch in progress")
-            if len(counts) != 1 or len({h.sample for h in batch.rows}) != 1:
+            if len({h.sample for h in batch.rows}) != 1:
+                raise FrameError("the rows of a batch must carry the same sample flag")
+            if len(counts) != 1 and batch.rows[0].sample:
                 raise FrameError(
-                    "the rows of a batch must carry the same number of token ids and the same "
-                    "sample flag"
+                    "the rows of a batch that samples must carry the same number of token ids "
+                    "(only prefill rows may differ)"
                 )
             if shard.has_embedding and batch.HasField("hidden"):
                 raise FrameError("the first stage takes token ids, not a hidden tensor")
@@ -298,7 +300,7 @@ class StageSession:
             assembler = (
                 None
                 if shard.has_embedding
-                else self._check_hidden(batch.hidden, len(batch.rows), counts.pop())
+                else self._check_hidden(batch.hidden, len(batch.rows), max(counts))
             )
         except FrameError as exc:
             for row in rows:

@@ -153,7 +153,7 @@ class StageStatusRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected", "tokens_returned", "responses_relayed", "batch_size", "max_batch_seen", "batched_forwards", "max_batch", "context_tokens")
+    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected", "tokens_returned", "responses_relayed", "batch_size", "max_batch_seen", "batched_forwards", "max_batch", "context_tokens", "batched_prefills")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -167,6 +167,7 @@ class StageStatus(_message.Message):
     BATCHED_FORWARDS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCHED_PREFILLS_FIELD_NUMBER: _ClassVar[int]
     shard: ShardInfo
     cached_requests: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -180,7 +181,8 @@ class StageStatus(_message.Message):
     batched_forwards: int
     max_batch: int
     context_tokens: int
-    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., tokens_returned: _Optional[int] = ..., responses_relayed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., batched_forwards: _Optional[int] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ...) -> None: ...
+    batched_prefills: int
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., tokens_returned: _Optional[int] = ..., responses_relayed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., batched_forwards: _Optional[int] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batched_prefills: _Optional[int] = ...) -> None: ...
 
 class StageStatusResponse(_message.Message):
     __slots__ = ("stages",)
@@ -221,16 +223,18 @@ class Verify(_message.Message):
     def __init__(self, keep_previous: _Optional[int] = ..., draft_k: _Optional[int] = ...) -> None: ...
 
 class BatchRow(_message.Message):
-    __slots__ = ("request_id", "start_position", "token_ids", "sample")
+    __slots__ = ("request_id", "start_position", "token_ids", "sample", "verify")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     START_POSITION_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLE_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     start_position: int
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sample: bool
-    def __init__(self, request_id: _Optional[str] = ..., start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ...) -> None: ...
+    verify: Verify
+    def __init__(self, request_id: _Optional[str] = ..., start_position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ..., sample: _Optional[bool] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ...) -> None: ...
 
 class ActivationBatch(_message.Message):
     __slots__ = ("rows", "hidden")
@@ -295,12 +299,14 @@ class Released(_message.Message):
     def __init__(self, stages: _Optional[int] = ...) -> None: ...
 
 class BatchToken(_message.Message):
-    __slots__ = ("request_id", "token")
+    __slots__ = ("request_id", "token", "verdict")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token: SampledToken
-    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ...) -> None: ...
+    verdict: Verdict
+    def __init__(self, request_id: _Optional[str] = ..., token: _Optional[_Union[SampledToken, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ...) -> None: ...
 
 class TokenBatch(_message.Message):
     __slots__ = ("tokens",)
