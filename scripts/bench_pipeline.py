@@ -846,19 +846,14 @@ def main() -> int:
         "runs": [],
         "anchors": {},
     }
-    if args.batch:
-        results["pipeline_batching"] = bench_batching(args, checkpoint, node_cores)
+    if args.batch or args.mtp:
+        if args.batch:
+            results["pipeline_batching"] = bench_batching(args, checkpoint, node_cores)
+        else:
+            results["single_node_mtp"] = bench_single_node_mtp(args, checkpoint)
+            results["pipeline_mtp"] = bench_pipeline_mtp(args, checkpoint, node_cores)
         results["machine"]["load_average_after"] = os.getloadavg()
-        print_batch_table(results)
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=2))
-        print(f"\nwrote {args.json}")
-        return 0
-    if args.mtp:
-        results["single_node_mtp"] = bench_single_node_mtp(args, checkpoint)
-        results["pipeline_mtp"] = bench_pipeline_mtp(args, checkpoint, node_cores)
-        results["machine"]["load_average_after"] = os.getloadavg()
-        print_mtp_table(results)
+        (print_batch_table if args.batch else print_mtp_table)(results)
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=2))
         print(f"\nwrote {args.json}")

@@ -12,6 +12,7 @@ for the head on the last stage are pure and tested directly.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from pathlib import Path
@@ -247,6 +248,114 @@ def test_concurrent_requests_are_all_correct(nodes: StageNodes) -> None:
         engine.close()
 
 
+PENALTIES = SamplingParams(
+    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
+)
+SEEDED = SamplingParams(temperature=2.0, top_p=0.95, seed=99)
+
+
+@functools.cache
+def _mlx_lm_model(arch: str):
+    return mlx_lm_load(str(_path(arch)))[0]
+
+
+def mlx_lm_reference(arch: str, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
+    """mlx-lm alone, target only, greedy with the request's processors."""
+    steps = generate_step(
+        mx.array(prompt),
+        _mlx_lm_model(arch),
+        max_tokens=n,
+        sampler=lambda lp: mx.argmax(lp, axis=-1),
+        logits_processors=mlx_lm_processors(params),
+        prefill_step_size=PREFILL_STEP,
+    )
+    return [int(t) for t, _ in steps]
+
+
+class Stream(threading.Thread):
+    """One request read on its own thread; ``got_tokens`` is set at its first tokens."""
+
+    def __init__(self, engine: PipelineMtpEngine, request: GenerateRequest) -> None:
+        super().__init__(daemon=True)
+        self.engine, self.request = engine, request
+        self.tokens: list[int] = []
+        self.done: GenerationDone | None = None
+        self.error: BaseException | None = None
+        self.got_tokens = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for event in self.engine.generate(self.request):
+                if isinstance(event, TokenDelta):
+                    self.tokens += event.token_ids
+                    self.got_tokens.set()
+                elif isinstance(event, GenerationDone):
+                    self.done = event
+        except BaseException as exc:
+            self.error = exc
+            self.got_tokens.set()
+
+
+@pytest.mark.parametrize(("arch", "count"), [("dense", 2), ("dense", 3), ("moe", 2), ("moe", 3)])
+def test_verify_frames_of_concurrent_requests_batch_and_each_stays_exact(
+    arch: str, count: int, nodes: StageNodes
+) -> None:
+    """Requests that start together verify together: their verify rows ([B, K+1], the same
+    K) go through every stage as one forward, each row accepts its own prefix and commits its
+    own GatedDeltaNet states. Prompts of 1 to 60 tokens, K = 1..3, penalties, a seeded one,
+    different lengths (they leave at different times) and one that joins the running batch:
+    each greedy sequence equals mlx-lm's target-only output alone, the seeded one what it
+    draws alone on the same instance."""
+    # (prompt length, new tokens, K, sampling)
+    specs = [
+        (1, 14, 2, SamplingParams()),
+        (9, 22, 2, SamplingParams()),
+        (41, 12, 2, PENALTIES),
+        (23, 16, 3, SamplingParams()),
+        (17, 15, 2, SEEDED),
+        (60, 10, 1, SamplingParams()),  # joins once the others decode
+    ]
+    prompts = [[(13 * i + 5 * j + 1) % 480 for j in range(n)] for i, (n, *_) in enumerate(specs)]
+    requests = [
+        GenerateRequest(prompt_ids=p, max_tokens=n, ignore_eos=True, mtp_k=k, sampling=sampling)
+        for p, (_, n, k, sampling) in zip(prompts, specs, strict=True)
+    ]
+    engine = engine_for(arch, topology(nodes, count), nodes)
+    stage0 = engine._local
+    assert stage0 is not None
+    try:
+        alone = run(engine, prompts[4], specs[4][1], mtp_k=2, sampling=SEEDED).token_ids
+        before = [s.batched_forwards for s in engine.status()]
+        streams = [Stream(engine, r) for r in requests]
+        with stage0._compute_lock:  # the worker waits until every request's frames queued
+            for stream in streams[:-1]:
+                stream.start()
+            wait_for(
+                lambda: sum(j.kind == "open" for j in list(stage0._jobs)) == len(streams) - 1,
+                60,
+                what="the first requests queued at stage 0",
+            )
+        assert streams[1].got_tokens.wait(120)
+        streams[-1].start()
+        for stream in streams:
+            stream.join(180)
+            assert not stream.is_alive() and stream.error is None, stream.error
+        for i, (stream, (_, n, _, sampling)) in enumerate(zip(streams, specs, strict=True)):
+            assert stream.done is not None and stream.done.token_ids == stream.tokens
+            if sampling.seed is not None:
+                assert stream.tokens == alone
+            else:
+                assert stream.tokens == mlx_lm_reference(arch, prompts[i], n, sampling), i
+        assert sum(s.done.stats.accepted_draft_tokens for s in streams) > 0
+        for s, earlier in zip(engine.status(), before, strict=True):
+            assert s.batched_forwards > earlier and s.max_batch_seen >= 3, (
+                s
+            )  # they verified together
+        wait_for(lambda: engine.cached_requests() == [0] * count, 10, what="caches freed")
+    finally:
+        engine.close()
+
+
 def test_cancelling_mid_stream_frees_caches_on_every_stage(nodes: StageNodes) -> None:
     engine = engine_for("dense", topology(nodes, 3), nodes)
     try:
@@ -319,7 +428,7 @@ def test_requests_choose_between_the_two_pipeline_engines() -> None:
 
 
 def test_a_verdict_moves_the_position_back_to_the_accepted_prefix() -> None:
-    inbound = SimpleNamespace(position=40, verify_positions=0)  # the prompt but its last token
+    inbound = SimpleNamespace(position=40, verify_positions=0, mtp=True)  # all but its last token
 
     def frame(start: int, n: int, keep: int | None) -> pb.Activation:
         act = pb.Activation(start_position=start, token_ids=list(range(n)), sample=True)
@@ -327,13 +436,13 @@ def test_a_verdict_moves_the_position_back_to_the_accepted_prefix() -> None:
             act.verify.CopyFrom(pb.Verify(keep_previous=keep, draft_k=2))
         return act
 
-    rewind(inbound, frame(40, 1, 0))  # the prompt's last token: the first verify frame
+    rewind("r", inbound, frame(40, 1, 0))  # the prompt's last token: the first verify frame
     assert (inbound.position, inbound.verify_positions) == (40, 1)
     inbound.position += 1  # the session accepts the frame's positions
-    rewind(inbound, frame(41, 4, 1))
+    rewind("r", inbound, frame(41, 4, 1))
     assert (inbound.position, inbound.verify_positions) == (41, 4)
     inbound.position += 4
-    rewind(inbound, frame(43, 3, 2))  # 1 of 3 drafts accepted: keep 2 of the 4 positions
+    rewind("r", inbound, frame(43, 3, 2))  # 1 of 3 drafts accepted: keep 2 of the 4 positions
     assert inbound.position == 43
     inbound.position += 3
     for bad, match in [
@@ -342,9 +451,14 @@ def test_a_verdict_moves_the_position_back_to_the_accepted_prefix() -> None:
         (frame(46, 1, 0), r"outside 1\.\.3"),
     ]:
         with pytest.raises(FrameError, match=match):
-            rewind(SimpleNamespace(**vars(inbound)), bad)
+            rewind("r", SimpleNamespace(**vars(inbound)), bad)
     with pytest.raises(FrameError, match="no verify frame is pending"):
-        rewind(SimpleNamespace(position=3, verify_positions=0), frame(3, 2, 2))
+        rewind("r", SimpleNamespace(position=3, verify_positions=0, mtp=True), frame(3, 2, 2))
+    # a request opened without OpenRequest.mtp never carries a verify, in a batch row neither
+    row = pb.BatchRow(request_id="p", start_position=3, token_ids=[1], sample=True)
+    row.verify.CopyFrom(pb.Verify(keep_previous=0, draft_k=1))
+    with pytest.raises(FrameError, match="not opened for pipeline MTP"):
+        rewind("p", SimpleNamespace(position=3, verify_positions=0, mtp=False), row)
 
 
 def test_the_planner_budgets_the_head_and_its_embedding_on_the_last_stage() -> None:
@@ -508,10 +622,10 @@ def test_a_verify_frame_with_foreign_drafts_fails_its_request_only(nodes: StageN
     class Tampering(PipelineMtpEngine):
         tamper = True
 
-        def _on_verdict(self, request, verdict) -> None:
+        def _on_verdict(self, request, verdict):
             if self.tamper and len(verdict.drafts):
                 verdict.drafts[0] = (verdict.drafts[0] + 1) % self.vocab_size
-            super()._on_verdict(request, verdict)
+            return super()._on_verdict(request, verdict)
 
     placement = SimplePlacement.even(PRESETS[MODELS["dense"]].num_hidden_layers, topology(nodes, 2))
     engine = Tampering(

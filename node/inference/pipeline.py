@@ -465,18 +465,20 @@ class PipelineEngine:
     def _on_response(self, response: pb.ForwardResponse) -> None:
         kind = response.WhichOneof("kind")
         if kind == "tokens":
-            self._on_tokens([(t.request_id, t.token) for t in response.tokens.tokens])
+            entries = response.tokens.tokens
+            self._on_tokens([(t.request_id, t.token) for t in entries if t.HasField("token")])
+            self._on_verdicts([(t.request_id, t.verdict) for t in entries if t.HasField("verdict")])
             return
         if kind == "token":
             self._on_tokens([(response.request_id, response.token)])
+            return
+        if kind == "verdict":
+            self._on_verdicts([(response.request_id, response.verdict)])
             return
         with self._lock:
             request = self._active.get(response.request_id)
         if request is None or request.released:
             return  # the ack of a released request
-        if kind == "verdict":
-            self._on_verdict(request, response.verdict)
-            return
         if kind == "error":
             error = response.error
             status = status_for_code(error.code)
@@ -504,21 +506,58 @@ class PipelineEngine:
                     )
                 )
             delivered.append((request, token.token_id))
-        if len(rows) == 1:
-            (row,) = rows
-            frame = pb.Activation(
-                start_position=row.start_position, token_ids=row.token_ids, sample=True
-            )
-            self._send([pb.ForwardRequest(request_id=row.request_id, activation=frame)])
-        elif rows:
-            self._send([pb.ForwardRequest(batch=pb.ActivationBatch(rows=rows))])
+        self._send_rows(rows)
         for request, token_id in delivered:
             request.events.put(("tokens", [token_id]))
 
-    def _on_verdict(self, request: _Active, verdict: pb.Verdict) -> None:
-        """A pipeline_mtp verdict (node.inference.pipeline_mtp); plain pipelines get none."""
+    def _send_rows(self, rows: list[pb.BatchRow]) -> None:
+        """The next steps of the requests that go on: one ``ActivationBatch`` per number of
+        positions (a row alone as an ``Activation``), so they reach stage 0 together."""
+        by_count: dict[int, list[pb.BatchRow]] = {}
+        for row in rows:
+            by_count.setdefault(len(row.token_ids), []).append(row)
+        frames = []
+        for same in by_count.values():
+            if len(same) > 1:
+                frames.append(pb.ForwardRequest(batch=pb.ActivationBatch(rows=same)))
+                continue
+            (row,) = same
+            frame = pb.Activation(
+                start_position=row.start_position,
+                token_ids=row.token_ids,
+                sample=True,
+                verify=row.verify if row.HasField("verify") else None,
+            )
+            frames.append(pb.ForwardRequest(request_id=row.request_id, activation=frame))
+        if frames:
+            self._send(frames)
+
+    def _on_verdicts(self, verdicts: list[tuple[str, pb.Verdict]]) -> None:
+        """Verdicts of one forward (pipeline_mtp): the requests that go on go back together."""
+        rows = []
+        delivered: list[tuple[_Active, list[int]]] = []
+        for request_id, verdict in verdicts:
+            with self._lock:
+                request = self._active.get(request_id)
+            if request is None or request.released:
+                continue  # a late verdict of a released request
+            row, emitted = self._on_verdict(request, verdict)
+            if row is not None:
+                rows.append(row)
+            if emitted:
+                delivered.append((request, emitted))
+        self._send_rows(rows)  # before the caller sees the tokens (and may release)
+        for request, emitted in delivered:
+            request.events.put(("tokens", emitted))
+
+    def _on_verdict(
+        self, request: _Active, verdict: pb.Verdict
+    ) -> tuple[pb.BatchRow | None, list[int]]:
+        """A pipeline_mtp verdict (node.inference.pipeline_mtp): the request's next verify row
+        if it goes on, and the tokens it emits. Plain pipelines get none."""
         error = PipelineError(grpc.StatusCode.INTERNAL, "a verdict for a plain pipeline request")
         self._finish(request, ("error", error))
+        return None, []
 
     def _on_return_closed(self, error: grpc.RpcError | None) -> None:
         with self._send_lock:

@@ -13,7 +13,10 @@ failure handling) whose last stage also holds the checkpoint's MTP head. A reque
    next verify frame ``[correction, d1..dK]`` at once, with ``keep_previous = n + 1``: the
    verdict of the previous frame rides with it, so every stage commits the accepted prefix
    just before it runs the new frame. No extra round trip: one pipeline traversal per cycle
-   (K+1 positions per frame), as many traversals as cycles.
+   (K+1 positions per frame), as many traversals as cycles. The verdicts of one batched
+   forward come home as one ``TokenBatch``, and the next verify rows go back as one
+   ``ActivationBatch`` per K (``PipelineEngine._send_rows``), so requests in flight together
+   keep verifying together.
 
 K per cycle: the request's ``mtp_k`` pins it; otherwise a ``KPolicy`` chooses K (0..max_k)
 from the request's running acceptance and this instance's cost table, which counts the hops.
@@ -224,10 +227,11 @@ class PipelineMtpEngine(PipelineEngine):
 
     # ---- receiving ----
 
-    def _on_verdict(self, request: _Active, verdict: pb.Verdict) -> None:
+    def _on_verdict(
+        self, request: _Active, verdict: pb.Verdict
+    ) -> tuple[pb.BatchRow | None, list[int]]:
         if not isinstance(request, _MtpActive) or request.policy is None:
-            super()._on_verdict(request, verdict)
-            return
+            return super()._on_verdict(request, verdict)
         now = time.perf_counter()
         k, n = request.in_flight_k, verdict.accepted
         if request.generated > 0:  # a verify cycle (the first verdict is the first token)
@@ -246,16 +250,17 @@ class PipelineMtpEngine(PipelineEngine):
                 stop = True
                 break
         drafts = list(verdict.drafts)
+        row = None
         if stop:
             self._release(request)
         else:
             next_k = self._choose_k(request, 1 + len(drafts))
-            frame = pb.Activation(
+            row = pb.BatchRow(
+                request_id=request.request_id,
                 start_position=verdict.position,
                 token_ids=[verdict.token_ids[-1], *drafts],
                 sample=True,
                 verify=pb.Verify(keep_previous=n + 1, draft_k=next_k),
             )
             request.sent_at, request.in_flight_k = time.perf_counter(), len(drafts)
-            self._send([pb.ForwardRequest(request_id=request.request_id, activation=frame)])
-        request.events.put(("tokens", emitted))
+        return row, emitted

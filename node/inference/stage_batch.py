@@ -44,6 +44,8 @@ class Row:
     token_ids: list[int]
     sample: bool
     index: int = 0  # its row in the job's hidden tensor
+    # pipeline_mtp: a verify row's (keep_previous, draft_k) (node.inference.stage_mtp)
+    verify: tuple[int, int] | None = None
 
 
 @dataclass

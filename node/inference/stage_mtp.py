@@ -1,7 +1,10 @@
 """A pipeline stage's side of native MTP across the pipeline (engine ``pipeline_mtp``).
 
-The coordinator opens a request with ``OpenRequest.mtp``; from then on this module runs its
-frames instead of the plain stage forward (``StageRuntime._forward`` hands them over).
+The coordinator opens a request with ``OpenRequest.mtp``. Its prompt pieces run alone here
+(``forward``: the last stage also fills the head's cache from them); its verify frames are
+rows of the stage's batched forwards like any other (``StageRuntime._forward`` calls the
+hooks below), so the verify frames of requests in flight together go through each stage as
+one [B, K+1] forward (rows of the same K), each row with its own verdict.
 
 Every stage: a frame that carries ``Verify`` holds ``[c, d1..dK]`` — the last emitted token
 and K drafts — and runs with mlx-lm's forward in verify mode (``mtp.gdn.verify_forward``):
@@ -10,7 +13,11 @@ state is kept aside. The frame stays *pending* until the next frame of the same 
 arrives: its ``keep_previous`` is the verdict (accepted drafts + 1), and the stage commits
 that prefix (trim attention, take the state after that many tokens) before it runs the new
 frame. So the verdict never costs a round trip of its own: it rides with the next frame,
-which has to come through the pipeline anyway.
+which has to come through the pipeline anyway. In a batch each row keeps its candidates
+(``RowPending``: the forward's per-position states and its row in them) and commits its own
+prefix in whatever batch cache its request sits in when its verdict comes
+(``commit_verdicts``: attention rows drop their own rejected tail, as the local batched
+engine does; GatedDeltaNet rows take their own state).
 
 The last stage decides the verdict at once: it holds the MTP head (and the embedding it
 embeds drafts with), runs the acceptance rule of ``node.inference.acceptance`` on the K+1
@@ -29,6 +36,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import mlx.core as mx
+from mlx_lm.models.cache import BatchKVCache
 
 from node.inference.acceptance import (
     coupled_accept_batch,
@@ -36,10 +44,11 @@ from node.inference.acceptance import (
     rule_for,
     sampled_accept_batch,
 )
+from node.inference.batching.mtp_step import _drop_tail, commit_rows
 from node.inference.codec import FrameError, RawTensor
 from node.inference.engine import history_tail, next_token
 from node.inference.mtp.engine import PENDING_LIMIT
-from node.inference.mtp.gdn import PendingGdnState, commit_verified, verify_forward
+from node.inference.mtp.gdn import PendingGdnState
 from node.inference.mtp.head import MtpHead
 from node.inference.sampling import (
     KeyStream,
@@ -90,10 +99,21 @@ def _embedding(runtime: StageRuntime) -> Any:
 
 
 @dataclass
+class RowPending:
+    """A verify row's GatedDeltaNet candidates: the pending states of the forward it ran in
+    (one per linear layer, over that forward's B rows) and its row there."""
+
+    layers: list[PendingGdnState | None]
+    row: int
+    positions: int  # the row's positions (T of that forward)
+    size: int  # the rows of that forward
+
+
+@dataclass
 class StageVerify:
     """Any stage: the verify frame waiting for its verdict."""
 
-    pending: list[PendingGdnState | None] | None = None  # None: nothing to roll back
+    pending: RowPending | None = None  # None: nothing to roll back
     positions: int = 0  # positions of the pending frame (0: no frame pending)
 
 
@@ -138,9 +158,14 @@ def open_state(runtime: StageRuntime, sampling: SamplingParams) -> StageVerify:
 # ---- session hook: positions after a verdict ----
 
 
-def rewind(inbound: Any, act: pb.Activation) -> None:
+def rewind(rid: str, inbound: Any, act: pb.Activation | pb.BatchRow) -> None:
     """Before a frame's position check: the verdict it carries drops the rejected positions of
     the request's previous verify frame (``inbound.verify_positions``)."""
+    if act.HasField("verify") and not inbound.mtp:
+        raise FrameError(
+            f"request {rid!r} was not opened for pipeline MTP (OpenRequest.mtp), but its frame "
+            "carries a verify"
+        )
     if not act.HasField("verify"):
         if inbound.verify_positions:
             raise FrameError(
@@ -160,7 +185,7 @@ def rewind(inbound: Any, act: pb.Activation) -> None:
     inbound.verify_positions = len(act.token_ids)
 
 
-# ---- the forward ----
+# ---- prefill: a request's prompt pieces, alone ----
 
 
 def forward(
@@ -171,48 +196,26 @@ def forward(
     header: pb.Activation,
     hidden: RawTensor | None,
 ) -> None:
+    """A prompt piece of an MTP request (its verify frames are rows: ``verify_rows``)."""
     try:
-        _forward(runtime, session, rid, state, header, hidden)
+        if header.sample:
+            raise FrameError(
+                f"a sampled frame of MTP request {rid!r} carries no verify (Verify); the "
+                "prompt's last token is the first verify frame"
+            )
+        shard = runtime.shard
+        token_ids = list(header.token_ids)
+        inputs = mx.array([token_ids], dtype=mx.uint32) if hidden is None else hidden.to_mx()
+        runtime.frames_processed += 1
+        if isinstance(state.mtp, LastStageMtp):
+            _prefill_last(runtime, state, state.mtp, token_ids, inputs)
+            return
+        h = shard.forward(inputs, state.cache)
+        mx.eval(h, [c.state for c in state.cache])
+        session.send_downstream(activation_frames(rid, header, h, runtime.max_chunk_bytes))
     except FrameError as exc:  # a frame that breaks the protocol: the request's fault
         state.failed = True
         state.reply(error_response(rid, INVALID_ARGUMENT, str(exc), runtime.position))
-
-
-def _forward(
-    runtime: StageRuntime,
-    session: StageSession,
-    rid: str,
-    state: RequestState,
-    header: pb.Activation,
-    hidden: RawTensor | None,
-) -> None:
-    shard = runtime.shard
-    mtp = state.mtp
-    token_ids = list(header.token_ids)
-    verifying = header.HasField("verify")
-    if verifying and not shard.has_head:
-        _commit(state.cache, mtp, header.verify.keep_previous)
-    inputs = mx.array([token_ids], dtype=mx.uint32) if hidden is None else hidden.to_mx()
-    runtime.frames_processed += 1
-    if isinstance(mtp, LastStageMtp):
-        if header.sample:
-            _verify_last(runtime, rid, state, mtp, header, inputs)
-        else:
-            _prefill_last(runtime, state, mtp, token_ids, inputs)
-        return
-    if verifying and len(token_ids) > 1:
-        h, mtp.pending = verify_forward(shard.text_model, inputs, state.cache)
-    else:
-        h, mtp.pending = shard.forward(inputs, state.cache), None
-    mtp.positions = len(token_ids) if verifying else 0
-    mx.eval(h, [c.state for c in state.cache])
-    session.send_downstream(activation_frames(rid, header, h, runtime.max_chunk_bytes))
-
-
-def _commit(cache: list[Any], mtp: StageVerify, keep: int) -> None:
-    if mtp.pending is not None:
-        commit_verified(cache, mtp.pending, keep, mtp.positions)
-    mtp.pending, mtp.positions = None, 0
 
 
 def _head(runtime: StageRuntime, mtp: LastStageMtp, tokens: mx.array, hidden: mx.array) -> mx.array:
@@ -247,61 +250,204 @@ def _prefill_last(
     mx.eval(mtp.carry, [c.state for c in state.cache], mtp.mtp_cache.state)
 
 
-def _verify_last(
-    runtime: StageRuntime,
-    rid: str,
-    state: RequestState,
-    mtp: LastStageMtp,
-    header: pb.Activation,
-    inputs: mx.array,
+# ---- verify rows: one [B, K+1] forward for the verify frames of several requests ----
+#
+# StageRuntime._forward runs the rows that wait together (node.inference.stage_batch) on the
+# batch caches of their requests: first ``commit_before`` (earlier stages: each row's verdict
+# commits its request's pending frame, in whatever batch cache the request is now), then one
+# forward (``gdn.verify_forward`` when the rows carry drafts), then ``keep_pending`` (earlier
+# stages: each row's candidates wait for its verdict) or ``verify_rows`` (the last stage:
+# each row's own acceptance rule, all rows committed at once, each request's head drafts).
+
+
+def commit_verdicts(cache: list[Any], rows: list[tuple[RowPending, int] | None]) -> None:
+    """Row j of ``cache`` keeps the first ``rows[j][1]`` positions of its verify frame
+    (``rows[j][0]``); rows that are None stay as they are. Attention caches drop each row's
+    rejected tail (``_drop_tail``: what remains is an ordinary left-padded cache), each
+    GatedDeltaNet row takes its candidate state after that many positions."""
+    todo = [(j, r) for j, r in enumerate(rows) if r is not None]
+    if not todo:
+        return
+    first = todo[0][1][0]
+    same = len(todo) == len(rows) == first.size and all(
+        r[0].layers is first.layers and r[0].row == j for j, r in todo
+    )
+    for layer, c in enumerate(cache):
+        if first.layers[layer] is None:  # attention: a trimmable cache
+            drop = [0 if r is None else r[0].positions - r[1] for r in rows]
+            if isinstance(c, BatchKVCache):
+                _drop_tail(c, drop)
+            elif drop[0]:
+                c.trim(drop[0])
+            continue
+        if same:  # one verify forward over exactly these rows (the common case): slices
+            pending = first.layers[layer]
+            commit_rows(c, pending, [keep - 1 for _, (_, keep) in todo])
+            continue
+        conv, state = [], []
+        for j, r in enumerate(rows):
+            if r is None:
+                conv.append(c[0][j : j + 1])
+                state.append(c[1][j : j + 1])
+                continue
+            at, keep = r[0].row, r[1]
+            p = r[0].layers[layer]
+            assert p is not None
+            conv.append(p.conv_input[at : at + 1, keep : keep + p.keep, :])
+            state.append(p.states[keep - 1][at : at + 1])
+        c[0] = mx.concatenate(conv) if len(conv) > 1 else conv[0]
+        c[1] = mx.concatenate(state) if len(state) > 1 else state[0]
+
+
+Live = list[tuple[Any, Any]]  # (stage_batch.BatchEntry, RequestState), in the cache's row order
+
+
+def commit_before(cache: list[Any], live: Live) -> None:
+    """Earlier stages, before a forward: the verdicts the rows carry commit their requests'
+    pending verify frames."""
+    rows: list[tuple[RowPending, int] | None] = []
+    for entry, state in live:
+        mtp = state.mtp
+        if entry.row.verify is None or mtp is None or not mtp.positions:
+            rows.append(None)
+            continue
+        rows.append(None if mtp.pending is None else (mtp.pending, entry.row.verify[0]))
+        mtp.pending, mtp.positions = None, 0
+    commit_verdicts(cache, rows)
+
+
+def keep_pending(
+    cache: list[Any], live: Live, pending: list[PendingGdnState | None] | None, width: int
 ) -> None:
+    """Earlier stages, after a forward: each verify row's candidates wait for its verdict (a
+    plain row in a verify forward keeps all its positions at once)."""
+    plain: list[tuple[RowPending, int] | None] = []
+    for j, (entry, state) in enumerate(live):
+        here = None if pending is None else RowPending(pending, j, width, len(live))
+        if entry.row.verify is not None and state.mtp is not None:
+            state.mtp.pending, state.mtp.positions = here, width
+            plain.append(None)
+        else:
+            plain.append(None if here is None else (here, width))
+    commit_verdicts(cache, plain)
+
+
+def check_rows(runtime: StageRuntime, live: Live) -> Live:
+    """The last stage, before a forward: a verify row must carry the drafts this stage
+    proposed (the first one: the prompt's last token, no drafts, no verdict). A row that
+    does not fails its request alone (INVALID_ARGUMENT); the others go on."""
+    kept = []
+    for entry, state in live:
+        row, mtp = entry.row, state.mtp
+        problem = ""
+        if isinstance(mtp, LastStageMtp) and row.verify is not None:
+            if mtp.pending_tokens is None:
+                if len(row.token_ids) != 1 or row.verify[0] != 0:
+                    problem = (
+                        "the first sampled frame of an MTP request carries one token, no verdict"
+                    )
+            elif row.token_ids[1:] != mtp.drafts:
+                problem = (
+                    f"verify frame carries drafts {row.token_ids[1:]} but this stage proposed "
+                    f"{mtp.drafts}"
+                )
+        if problem:
+            state.failed = True
+            state.reply(error_response(row.rid, INVALID_ARGUMENT, problem, runtime.position))
+        else:
+            kept.append((entry, state))
+    return kept
+
+
+def verify_rows(
+    runtime: StageRuntime,
+    live: Live,
+    rows: list[int],
+    hidden: mx.array,
+    cache: list[Any],
+    pending: list[PendingGdnState | None] | None,
+) -> list[tuple[Any, pb.BatchToken]]:
+    """The last stage: the verdict of each verify row ``rows`` of the forward (``hidden``
+    [B, T, D]); every row of it committed at once; each request's head drafts its next K.
+    Returns (request state, its BatchToken with the Verdict) per row."""
     shard = runtime.shard
+    width = hidden.shape[1]
+    decided = {}
+    for j in rows:
+        entry, state = live[j]
+        decided[j] = _accept(shard, state.mtp, entry.row.token_ids, hidden[j : j + 1])
+    if pending is not None:  # verify rows keep their accepted prefix, plain rows everything
+        commit_verdicts(
+            cache,
+            [
+                (
+                    RowPending(pending, j, width, len(live)),
+                    decided[j][0] + 1 if j in decided else width,
+                )
+                for j in range(len(live))
+            ],
+        )
+    out = []
+    for j in rows:
+        entry, state = live[j]
+        row, mtp = entry.row, state.mtp
+        n, emitted, first = decided[j]
+        _advance(runtime, mtp, row.token_ids, hidden[j : j + 1], n, emitted, first, row.verify[1])
+        if state.direct:
+            runtime.tokens_returned += 1
+        verdict = pb.Verdict(
+            token_ids=emitted, accepted=n, drafts=mtp.drafts, position=row.start_position + n + 1
+        )
+        out.append((state, pb.BatchToken(request_id=row.rid, verdict=verdict)))
+    return out
+
+
+def _accept(shard: Any, mtp: LastStageMtp, tokens: list[int], hidden: mx.array):
+    """One verify row's verdict from its target hidden states [1, K+1, D]: (accepted drafts,
+    emitted tokens, whether it was the request's first sampled frame)."""
     params = mtp.params
-    tokens = list(header.token_ids)
     k = len(tokens) - 1
-    first = mtp.pending_tokens is None  # the prompt's last token: sample the first token
-    if first:
-        if k != 0 or not header.HasField("verify") or header.verify.keep_previous != 0:
-            raise FrameError(
-                "the first sampled frame of an MTP request carries one token, no verdict"
-            )
+    if mtp.pending_tokens is None:  # the prompt's last token: sample the first token
         mtp.history.extend(tokens)
         mtp.prompt_len = len(mtp.history)
-    elif tokens[1:] != mtp.drafts:
-        raise FrameError(
-            f"verify frame carries drafts {tokens[1:]} but this stage proposed {mtp.drafts}"
-        )
-    draft_ids = mx.array(mtp.drafts, dtype=mx.uint32) if k else mx.zeros((0,), mx.uint32)
-    if k == 0:
-        hidden, pending = shard.forward(inputs, state.cache), None
-    else:
-        hidden, pending = verify_forward(shard.text_model, inputs, state.cache)
-    if first:
         token = next_token(shard.logits(hidden[:, -1, :]), params, _tail(mtp), mtp.keys)
-        n, emitted = 0, [int(token.item())]
+        return 0, [int(token.item())], True
+    draft_ids = mx.array(mtp.drafts, dtype=mx.uint32) if k else mx.zeros((0,), mx.uint32)
+    target_lp = processed_logprobs(shard.logits(hidden[0]), params, _tail(mtp), draft_ids)
+    if params.is_greedy:
+        n_acc, nxt = greedy_accept_batch(target_lp[None], draft_ids[None])
+    elif mtp.seeded:
+        shape = (1, target_lp.shape[-1])
+        noise = mx.concatenate(
+            [position_noise(mtp.keys.at(mtp.position + r), shape) for r in range(k + 1)]
+        )
+        n_acc, nxt = coupled_accept_batch(target_lp[None], draft_ids[None], noise[None])
     else:
-        target_lp = processed_logprobs(shard.logits(hidden[0]), params, _tail(mtp), draft_ids)
-        if params.is_greedy:
-            n_acc, nxt = greedy_accept_batch(target_lp[None], draft_ids[None])
-        elif mtp.seeded:
-            shape = (1, target_lp.shape[-1])
-            noise = mx.concatenate(
-                [position_noise(mtp.keys.at(mtp.position + r), shape) for r in range(k + 1)]
-            )
-            n_acc, nxt = coupled_accept_batch(target_lp[None], draft_ids[None], noise[None])
-        else:
-            draft_lp = mx.stack(mtp.draft_lps) if k else mx.zeros((0, target_lp.shape[-1]))
-            n_acc, nxt = sampled_accept_batch(
-                target_lp[None], draft_lp[None], draft_ids[None], mtp.keys.next()
-            )
-        n, correction = mx.concatenate([n_acc.astype(mx.int32), nxt.astype(mx.int32)]).tolist()
-        emitted = [*mtp.drafts[:n], correction]
-        if mtp.seeded:
-            mtp.keys.forget_before(mtp.position + len(emitted))
-        if pending is not None:
-            commit_verified(state.cache, pending, n + 1, k + 1)
-        if k > 1:
-            mtp.mtp_cache.trim(k - 1)  # the chained drafts' entries
+        draft_lp = mx.stack(mtp.draft_lps) if k else mx.zeros((0, target_lp.shape[-1]))
+        n_acc, nxt = sampled_accept_batch(
+            target_lp[None], draft_lp[None], draft_ids[None], mtp.keys.next()
+        )
+    n, correction = mx.concatenate([n_acc.astype(mx.int32), nxt.astype(mx.int32)]).tolist()
+    emitted = [*mtp.drafts[:n], correction]
+    if mtp.seeded:
+        mtp.keys.forget_before(mtp.position + len(emitted))
+    return n, emitted, False
+
+
+def _advance(
+    runtime: StageRuntime,
+    mtp: LastStageMtp,
+    tokens: list[int],
+    hidden: mx.array,
+    n: int,
+    emitted: list[int],
+    first: bool,
+    next_k: int,
+) -> None:
+    """After a row's verdict: the head's pending pairs and cache, then its next drafts."""
+    k = len(tokens) - 1
+    if not first and k > 1:
+        mtp.mtp_cache.trim(k - 1)  # the chained drafts' entries
     mtp.history.extend(emitted)
     new_tokens = mx.array([emitted], dtype=mx.uint32)
     if first:
@@ -318,22 +464,8 @@ def _verify_last(
     else:
         mtp.pending_hidden = hidden[:, : n + 1, :]
         mtp.pending_tokens = new_tokens
-    next_k = header.verify.draft_k if header.HasField("verify") else 0
     _draft(runtime, mtp, next_k)
-    mx.eval([c.state for c in state.cache], mtp.mtp_cache.state, mtp.pending_hidden)
-    if state.direct:
-        runtime.tokens_returned += 1
-    state.reply(
-        pb.ForwardResponse(
-            request_id=rid,
-            verdict=pb.Verdict(
-                token_ids=emitted,
-                accepted=n,
-                drafts=mtp.drafts,
-                position=header.start_position + n + 1,
-            ),
-        )
-    )
+    mx.eval(mtp.mtp_cache.state, mtp.pending_hidden)
 
 
 def _draft(runtime: StageRuntime, mtp: LastStageMtp, k: int) -> None:

@@ -18,9 +18,10 @@ sends the tokens on each request's return route — the coordinator's own stream
 up the stream the request came in on: one ``TokenBatch`` per route for a batch, one
 ``SampledToken`` for a row alone.
 
-Pipeline MTP plugs in at ``_sample_rows`` (the last stage's use of a batch's hidden states)
-and in rows of T > 1 positions: a verify row is a row like any other, batched with the rows
-of the same T.
+Pipeline MTP plugs in at ``_forward`` and ``_sample_rows`` (node.inference.stage_mtp): a
+verify row is a row like any other, batched with the rows of the same T; rows with drafts
+run in verify mode, earlier stages commit each row's previous frame by the verdict it
+carries, and the last stage answers each with a ``Verdict`` (in a ``TokenBatch`` for a batch).
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from node.inference.codec import (
     wire_dtype,
 )
 from node.inference.link import stage_channel
+from node.inference.mtp.gdn import verify_forward
 from node.inference.sampling import (
     KeyStream,
     SamplingParams,
@@ -368,13 +370,13 @@ class StageRuntime:
     def run_mtp(
         self, session: StageSession, rid: str, header: pb.Activation, hidden: RawTensor | None
     ) -> None:
-        """--- pipeline_mtp hook: one frame of a native-MTP request, alone (stage_mtp) ---"""
+        """--- pipeline_mtp hook: a prompt piece of a native-MTP request, alone (stage_mtp) ---"""
         key = (session.session_id, rid)
         state = self.states.get(key)
         if state is None or state.failed:
             return
         try:
-            state.cache = self.caches.solo(key)  # a native-MTP request never joins a batch
+            state.cache = self.caches.solo(key)  # its prompt runs alone; its verify rows batch
             stage_mtp.forward(self, session, rid, state, header, hidden)
         except Exception as exc:
             state.failed = True
@@ -456,6 +458,10 @@ class StageRuntime:
         return mx.stack(rows) if len(rows) > 1 else rows[0][None]
 
     def _forward(self, session: StageSession, live: list[tuple[BatchEntry, RequestState]]) -> None:
+        if self.shard.has_head:  # --- pipeline_mtp hook: drafts must be the ones proposed here
+            live = stage_mtp.check_rows(self, live)
+            if not live:
+                return
         if len(live) == 1:
             cache = self.caches.solo(live[0][0].key)
         else:
@@ -465,10 +471,19 @@ class StageRuntime:
         lengths = [len(e.row.token_ids) for e, _ in live]
         width = max(lengths)
         ragged = min(lengths) < width
+        # pipeline_mtp: verify rows with drafts run in verify mode (every position's
+        # GatedDeltaNet state kept aside); their verdicts commit the previous frames first.
+        verify = width > 1 and any(e.row.verify is not None for e, _ in live)
+        if not self.shard.has_head:
+            stage_mtp.commit_before(cache, live)
         if ragged:  # mlx-lm's own ragged prefill (BatchGenerator.prompt): masked right padding
             for c in cache:
                 c.prepare(lengths=lengths, right_padding=[width - n for n in lengths])
-        h = self.shard.forward(self._inputs(live, width), cache)
+        inputs = self._inputs(live, width)
+        if verify:
+            h, pending = verify_forward(self.shard.text_model, inputs, cache)
+        else:
+            h, pending = self.shard.forward(inputs, cache), None
         if ragged:  # the padding moves to the left, where batch caches keep it
             for c in cache:
                 c.finalize()
@@ -482,15 +497,17 @@ class StageRuntime:
             self.batched_prefills += 1
         rows = [e.row for e, _ in live]
         if not self.shard.has_head:
+            stage_mtp.keep_pending(cache, live, pending, width)
             mx.eval(h, [c.state for c in cache])
             session.send_downstream(self._frames(rows, h))
             return
         for row, (_, state) in zip(rows, live, strict=True):
-            state.history.extend(row.token_ids)
+            if state.mtp is None:
+                state.history.extend(row.token_ids)
         if not rows[0].sample:
             mx.eval([c.state for c in cache])
             return
-        self._sample_rows(live, h, cache)
+        self._sample_rows(live, h, cache, pending)
 
     def _frames(self, rows: list[Row], h: mx.array) -> list[pb.ForwardRequest]:
         """The next stage's frames: one ``Activation`` for a row alone, else one batch."""
@@ -501,6 +518,7 @@ class StageRuntime:
                 start_position=row.start_position,
                 token_ids=row.token_ids,
                 sample=row.sample,
+                verify=_verify(row),
                 hidden=chunks[0],
             )
             frames = [pb.ForwardRequest(request_id=row.rid, activation=first)]
@@ -515,6 +533,7 @@ class StageRuntime:
                     start_position=r.start_position,
                     token_ids=r.token_ids,
                     sample=r.sample,
+                    verify=_verify(r),
                 )
                 for r in rows
             ],
@@ -526,26 +545,38 @@ class StageRuntime:
         ]
 
     def _sample_rows(
-        self, live: list[tuple[BatchEntry, RequestState]], h: mx.array, cache: list[Any]
+        self,
+        live: list[tuple[BatchEntry, RequestState]],
+        h: mx.array,
+        cache: list[Any],
+        pending: Any = None,
     ) -> None:
         """The last stage: each row's token from its final position, with its own sampling.
 
         (Pipeline MTP's hook: a verify row's positions all need logits, and its acceptance
-        decides what it commits; rows of T = 1 are plain decode.)"""
-        logits = self.shard.logits(h[:, -1:, :])  # [B, 1, V]
+        decides what it commits — ``stage_mtp.verify_rows``; the other rows are plain decode.)"""
+        verifying = [j for j, (_, state) in enumerate(live) if state.mtp is not None]
+        answers = (
+            stage_mtp.verify_rows(self, live, verifying, h, cache, pending) if verifying else []
+        )
+        plain = [j for j in range(len(live)) if live[j][1].mtp is None]
         picks = []
-        for b, (_, state) in enumerate(live):
-            # Penalties look at the trailing window only; mlx-lm's processors see the same.
-            history = state.history[-state.sampling.max_context_size :]
-            logprobs = processed_logprobs(logits[b], state.sampling, history)
-            if state.keys is None:
-                token = greedy_tokens(logprobs)
-            else:
-                token = sample_tokens(logprobs, state.keys.next())
-            picks.append((token, logprobs[0, token[0]]))
+        if plain:
+            rows = h if len(plain) == len(live) else h[mx.array(plain)]
+            logits = self.shard.logits(rows[:, -1:, :])  # [B, 1, V]
+            for b, j in enumerate(plain):
+                state = live[j][1]
+                # Penalties look at the trailing window only; mlx-lm's processors see the same.
+                history = state.history[-state.sampling.max_context_size :]
+                logprobs = processed_logprobs(logits[b], state.sampling, history)
+                if state.keys is None:
+                    token = greedy_tokens(logprobs)
+                else:
+                    token = sample_tokens(logprobs, state.keys.next())
+                picks.append((token, logprobs[0, token[0]]))
         mx.eval(picks, [c.state for c in cache])
-        replies: dict[int, tuple[Emit, list[pb.BatchToken]]] = {}
-        for (entry, state), (token, logprob) in zip(live, picks, strict=True):
+        for j, (token, logprob) in zip(plain, picks, strict=True):
+            entry, state = live[j]
             row = entry.row
             sampled = pb.SampledToken(
                 token_id=int(token.item()),
@@ -554,11 +585,22 @@ class StageRuntime:
             )
             if state.direct:
                 self.tokens_returned += 1
-            replies.setdefault(id(state.reply), (state.reply, []))[1].append(
-                pb.BatchToken(request_id=row.rid, token=sampled)
-            )
+            answers.append((state, pb.BatchToken(request_id=row.rid, token=sampled)))
+        replies: dict[int, tuple[Emit, list[pb.BatchToken]]] = {}
+        for state, answer in answers:
+            replies.setdefault(id(state.reply), (state.reply, []))[1].append(answer)
         for reply, tokens in replies.values():
-            if len(tokens) == 1:
-                reply(pb.ForwardResponse(request_id=tokens[0].request_id, token=tokens[0].token))
-            else:
+            if len(tokens) > 1:
                 reply(pb.ForwardResponse(tokens=pb.TokenBatch(tokens=tokens)))
+            elif tokens[0].HasField("verdict"):
+                reply(
+                    pb.ForwardResponse(request_id=tokens[0].request_id, verdict=tokens[0].verdict)
+                )
+            else:
+                reply(pb.ForwardResponse(request_id=tokens[0].request_id, token=tokens[0].token))
+
+
+def _verify(row: Row) -> pb.Verify | None:
+    if row.verify is None:
+        return None
+    return pb.Verify(keep_previous=row.verify[0], draft_k=row.verify[1])

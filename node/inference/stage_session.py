@@ -148,7 +148,9 @@ class StageSession:
     def _activation_job(
         self, rid: str, inbound: _Inbound, act: pb.Activation, tensor: RawTensor | None
     ) -> None:
-        if inbound.mtp:  # --- pipeline_mtp hook: its frames run alone (node.inference.stage_mtp)
+        if inbound.mtp and not act.HasField("verify"):
+            # --- pipeline_mtp hook: its prefill runs alone (node.inference.stage_mtp); its
+            # verify frames are rows like any other, batched with those of the same T.
             runtime = self.runtime
             self._submit("mtp", rid, run=lambda: runtime.run_mtp(self, rid, act, tensor))
             return
@@ -236,8 +238,7 @@ class StageSession:
         shard = self.runtime.shard
         if shard.has_embedding and act.HasField("hidden"):
             raise FrameError("the first stage takes token ids, not a hidden tensor")
-        if act.HasField("verify") or inbound.verify_positions:  # --- pipeline_mtp hook ---
-            stage_mtp.rewind(inbound, act)
+        stage_mtp.rewind(rid, inbound, act)  # --- pipeline_mtp hook ---
         self._check_row(rid, act.start_position, act.token_ids)
         count = len(act.token_ids)
         if shard.has_embedding:
@@ -275,6 +276,7 @@ class StageSession:
             try:
                 if not rid:
                     raise FrameError("a batch row has an empty request_id")
+                stage_mtp.rewind(rid, self._known(rid), header)  # --- pipeline_mtp hook ---
                 inbound = self._check_row(rid, header.start_position, header.token_ids)
             except FrameError as exc:
                 self._reject(rid, exc)
@@ -397,4 +399,12 @@ class StageSession:
 
 
 def _row(rid: str, header: pb.Activation | pb.BatchRow, index: int = 0) -> Row:
-    return Row(rid, header.start_position, list(header.token_ids), header.sample, index)
+    verify = header.verify if header.HasField("verify") else None
+    return Row(
+        rid,
+        header.start_position,
+        list(header.token_ids),
+        header.sample,
+        index,
+        None if verify is None else (verify.keep_previous, verify.draft_k),
+    )
