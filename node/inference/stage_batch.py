@@ -50,7 +50,9 @@ class Row:
 
 @dataclass
 class Job:
-    """One unit of a stage's work, in arrival order. ``kind``: open, rows, release, probe, end."""
+    """One unit of a stage's work, in arrival order. ``kind``: open, rows, release, probe, end,
+    mtp (a pipeline_mtp prompt piece: it runs with the cheap jobs, so the prompts of requests
+    that arrive together finish in the same drain and their verify rows meet in one batch)."""
 
     kind: str
     session_id: int
