@@ -26,8 +26,8 @@ interleaved ``--batch-repeats`` rounds, medians: aggregate tok/s over the whole 
 (prefills included) and per CPU second of every node process, each against its own one
 stream. Modes: the pipeline as it runs; the control, in the same run, with stage 0 prefilling
 one request per drain (prefills not batched); with ``--mtp`` also pipeline_mtp at each
-``--batch-ks`` (verify rows batched across requests). Exactness: each mode's tokens against
-the control's.
+``--batch-ks`` and with its K policy (verify rows batched across requests). Exactness: each
+mode's tokens against the control's.
 
 ``--mtp``: native MTP across the pipeline (``pipeline_mtp``) against the plain pipeline, on
 the same loaded stages (a pipeline_mtp instance runs ``engine=pipeline`` requests as plain
@@ -493,6 +493,7 @@ def run_streams(
         "aggregate_cpu_tps": total / used,
         "wall_s": wall,
         "acceptance": accepted / proposed if proposed else None,
+        "mean_k": statistics.mean(st.num_draft_tokens or 0 for st in stats if st is not None),
         "stage_forwards": [
             {
                 "forwards": st.frames_processed - f,
@@ -564,6 +565,9 @@ def bench_batching(args: argparse.Namespace, checkpoint: Path, cores: list[int |
                         modes[f"mtp K={k}"] = lambda p, k=k, e=engine, u=used: run_streams(
                             e, p, args.tokens, u, {"mtp_k": k}
                         )
+                    modes["mtp policy"] = lambda p, e=engine, u=used: run_streams(
+                        e, p, args.tokens, u, {}
+                    )
                 print(f"-- pipeline batching: {n} nodes, streams {counts}", flush=True)
                 for s in (1, max(counts)):  # warm-up
                     for run in modes.values():
@@ -618,6 +622,7 @@ def _batch_summary(samples: dict[str, Any], counts: list[int]) -> dict[str, Any]
                 for a, b in zip(r["tokens"], c["tokens"], strict=True)
             )
             accept = [r["acceptance"] for r in by_s[s] if r["acceptance"] is not None]
+            mean_k = statistics.median(r["mean_k"] for r in by_s[s])
             rows[s] = {
                 "aggregate_tps": tps,
                 "x_one_stream": tps / one,
@@ -625,6 +630,7 @@ def _batch_summary(samples: dict[str, Any], counts: list[int]) -> dict[str, Any]
                 "x_plain_pipeline": tps / plain,
                 "exact_vs_control": f"{exact}/{sum(len(r['tokens']) for r in by_s[s])}",
                 "acceptance": statistics.median(accept) if accept else None,
+                "mean_k": mean_k,
                 "stage_forwards": by_s[s][0]["stage_forwards"],
             }
         summary[name] = rows
@@ -639,7 +645,9 @@ def print_batch_table(results: dict[str, Any]) -> None:
     )
     for run in results["pipeline_batching"]:
         print(f"{run['nodes']} nodes")
-        rows = [("mode", "streams", "tok/s", "x 1 stream", "CPU x 1", "x plain", "exact", "accept")]
+        rows = [
+            ("mode", "streams", "tok/s", "x 1 stream", "CPU x 1", "x plain", "exact", "accept", "K")
+        ]
         for name, by_s in run["summary"].items():
             for s, r in by_s.items():
                 rows.append(
@@ -652,6 +660,7 @@ def print_batch_table(results: dict[str, Any]) -> None:
                         f"{r['x_plain_pipeline']:.2f}x",
                         r["exact_vs_control"],
                         "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}",
+                        f"{r['mean_k']:.2f}",
                     )
                 )
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]

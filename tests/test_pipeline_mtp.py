@@ -589,6 +589,19 @@ def test_the_cost_model_counts_every_stage_and_every_hop() -> None:
     dear = pipeline_cost_table(stage, 2, 0.050, layer_s=0.004)
     assert choose_k(rates, dear, 3) >= choose_k(rates, cheap, 3)
     assert choose_k(rates, dear, 3) == 3
+    # B requests verifying together: the batch's [B, T] forward, B requests' drafts. With the
+    # [B, T] costs of DESIGN's batching facts ([8, 3] ~3.5x a [1, 1]) drafting pays alone and
+    # not in a batch of 8 (each request's K is chosen at the batch it verifies in)
+    one = [0.010, 0.012, 0.013, 0.014]
+    batched = pipeline_cost_table(
+        {1: one, 8: [0.0155, 0.025, 0.035, 0.045]}, 2, 0.0002, layer_s=0.0005
+    )
+    assert batched.verify[8] == pytest.approx(
+        [2 * (s + 0.0002) for s in [0.0155, 0.025, 0.035, 0.045]]
+    )
+    assert batched.draft[8] == pytest.approx([0.0, 8 * 0.001, 8 * 0.002, 8 * 0.003])
+    assert choose_k(rates, batched, 3, batch=1) >= 1
+    assert choose_k(rates * 8, batched, 3, batch=8) == 0
 
 
 def test_macmesh_place_plans_the_head_on_the_last_stage_when_asked(tmp_path: Path) -> None:

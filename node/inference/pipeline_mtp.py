@@ -20,10 +20,12 @@ failure handling) whose last stage also holds the checkpoint's MTP head. A reque
 
 K per cycle: the request's ``mtp_k`` pins it; otherwise a ``KPolicy`` chooses K (0..max_k)
 from the request's running acceptance and this instance's cost table, which counts the hops.
-At load (``measure_costs``) the coordinator times its own stage 0 over T = 1..max_k+1
-positions (verify mode) and one hop (a probe round trip to stage 1, halved); a cycle is then
-modelled as N stages' verify(T) plus N hops (the ring), and drafting k tokens as k times one
-layer plus the LM head (about two of stage 0's layers). Every cycle the coordinator then times
+At load (``measure_costs``) the coordinator times its own stage 0 over B = 1, 2, 4, 8
+requests x T = 1..max_k+1 positions (verify mode) and one hop (a probe round trip to stage 1,
+halved); a cycle of B requests is then modelled as N stages' [B, T] verify plus N hops (the
+ring), and drafting k tokens as B x k times one layer plus the LM head (about two of stage
+0's layers; the last stage drafts request after request). K is chosen at the number of
+requests on the stages, which verify together. Every cycle the coordinator then times
 whole — frame out to verdict in, every stage and every hop — corrects the table
 (``CostTable.observe``), so a slow link or a busy stage shows up within a few cycles. The K a
 frame asks for is the K of the *next* frame's drafts (the last stage drafts them before it
@@ -40,6 +42,7 @@ from typing import Any
 
 import mlx.core as mx
 
+from node.inference.batching.mtp_step import batch_sizes_to_measure
 from node.inference.mtp.costs import CONTEXT_TOKENS, no_dearer_than_longer
 from node.inference.mtp.gdn import commit_verified, verify_forward
 from node.inference.mtp.kpolicy import CostTable, KPolicy
@@ -54,6 +57,7 @@ log = get_logger(__name__)
 # The card's native-MTP table when the checkpoint has no card (node.inference.loading's).
 FALLBACK_K_LIMITS = (2, 3)
 REPEATS = 3
+MEASURED_BATCH = 8  # the largest batch timed at load; the table extends it beyond
 
 
 @dataclass
@@ -68,6 +72,8 @@ class _MtpActive(_Active):
     asked_k: int = 0  # drafts the frame in flight will come back with
     sent_at: float = 0.0
     in_flight_k: int = 0  # drafts the frame in flight verifies
+    batch: int = 1  # requests on the stages when K was last chosen
+    sent_batch: int = 1  # ... when the frame in flight was sent
 
     def stats(self) -> dict[str, Any]:
         cycles = sum(self.k_counts)
@@ -84,13 +90,22 @@ class _MtpActive(_Active):
 
 
 def pipeline_cost_table(
-    stage_verify_s: list[float], num_stages: int, hop_s: float, layer_s: float
+    stage_verify_s: list[float] | dict[int, list[float]],
+    num_stages: int,
+    hop_s: float,
+    layer_s: float,
 ) -> CostTable:
-    """The cycle model of an N-stage ring: verify(T) = N x one stage's verify(T) + N hops;
-    draft(k) = k x (one decoder layer + the LM head, ~2 layers). Pure."""
-    verify = [num_stages * (t + hop_s) for t in no_dearer_than_longer(stage_verify_s)]
-    draft = [k * 2 * layer_s for k in range(len(stage_verify_s))]
-    return CostTable(verify={1: verify}, draft={1: draft})
+    """The cycle model of an N-stage ring for B requests verifying together (one list: B = 1):
+    verify(B, T) = N x one stage's [B, T] verify + N hops; draft(B, k) = B x k x (one decoder
+    layer + the LM head, ~2 layers): the last stage drafts each request's tokens with its own
+    head cache, one request after another. Pure."""
+    by_batch = stage_verify_s if isinstance(stage_verify_s, dict) else {1: stage_verify_s}
+    verify = {
+        b: [num_stages * (t + hop_s) for t in no_dearer_than_longer(costs)]
+        for b, costs in by_batch.items()
+    }
+    draft = {b: [b * k * 2 * layer_s for k in range(len(costs))] for b, costs in by_batch.items()}
+    return CostTable(verify=verify, draft=draft)
 
 
 def _min_seconds(fn: Callable[[], None], repeats: int) -> float:
@@ -133,19 +148,19 @@ class PipelineMtpEngine(PipelineEngine):
         return shards
 
     def measure_costs(self, repeats: int = REPEATS) -> CostTable | None:
-        """Time stage 0 (when it runs here) over T = 1..max_k+1 positions and one hop to
-        stage 1; model the ring from them (``pipeline_cost_table``)."""
+        """Time stage 0 (when it runs here) over B requests x T = 1..max_k+1 positions (B up
+        to ``max_batch``, at most ``MEASURED_BATCH``) and one hop to stage 1; model the ring
+        from them (``pipeline_cost_table``). A request's K then follows how many requests are
+        on the stages (``_choose_k``): drafting that pays alone may not pay in a large batch."""
         from node.inference.probe import probe_round_trips
 
         if self._local is None:
             return None
         shard = self._local.shard
         ids = [(7 * i + 3) % self.vocab_size for i in range(CONTEXT_TOKENS + self.max_k + 1)]
-        cache = shard.make_cache()
-        mx.eval(shard.forward(mx.array([ids[:CONTEXT_TOKENS]]), cache), [c.state for c in cache])
 
-        def verify(t: int) -> Callable[[], None]:
-            inputs = mx.array([ids[CONTEXT_TOKENS : CONTEXT_TOKENS + t]])
+        def verify(t: int, batch: int, cache: list[Any]) -> Callable[[], None]:
+            inputs = mx.array([ids[CONTEXT_TOKENS : CONTEXT_TOKENS + t]] * batch)
 
             def run() -> None:
                 if t == 1:
@@ -160,15 +175,23 @@ class PipelineMtpEngine(PipelineEngine):
 
             return run
 
-        stage_s = [_min_seconds(verify(t), repeats) for t in range(1, self.max_k + 2)]
+        stage_s: dict[int, list[float]] = {}
+        for batch in batch_sizes_to_measure(min(self.max_batch, MEASURED_BATCH)):
+            cache = shard.make_cache()  # every row the same tokens: the cost is the shape's
+            context = mx.array([ids[:CONTEXT_TOKENS]] * batch)
+            mx.eval(shard.forward(context, cache), [c.state for c in cache])
+            n = repeats if batch == 1 else max(2, repeats // 2)
+            stage_s[batch] = [
+                _min_seconds(verify(t, batch, cache), n) for t in range(1, self.max_k + 2)
+            ]
         address = self.addresses[self.stages[1].node_id]
         probe = mx.zeros((1, 1, shard.hidden_size), dtype=shard.activation_dtype)
         hop_s = min(probe_round_trips(address, self.instance_id, probe, 2 * repeats)) / 2
         layers = shard.end_layer - shard.start_layer
-        table = pipeline_cost_table(stage_s, len(self.stages), hop_s, stage_s[0] / layers)
+        table = pipeline_cost_table(stage_s, len(self.stages), hop_s, stage_s[1][0] / layers)
         log.info(
             "pipeline_mtp costs",
-            stage_verify_ms=[round(1000 * s, 2) for s in stage_s],
+            stage_verify_ms={b: [round(1000 * x, 2) for x in v] for b, v in stage_s.items()},
             hop_ms=round(1000 * hop_s, 3),
         )
         return table
@@ -213,13 +236,17 @@ class PipelineMtpEngine(PipelineEngine):
         last = frames[-1].activation
         last.verify.CopyFrom(pb.Verify(keep_previous=0, draft_k=self._choose_k(active, 1)))
         active.sent_at, active.in_flight_k = time.perf_counter(), 0
+        active.sent_batch = active.batch
         return frames
 
     def _choose_k(self, active: _MtpActive, committed: int) -> int:
         """K of the drafts the next verdict brings, never past what the request may emit
         (``committed`` tokens are emitted once the frame in flight is verified)."""
         assert active.policy is not None
-        k = active.policy.next_k(active.costs)
+        # The requests on the stages verify together (rows of the same K): the cycle that K
+        # pays for is the batch's, and the table prices it at this batch size.
+        active.batch = max(1, self.batch_size)
+        k = active.policy.next_k(active.costs, batch=active.batch)
         self.current_k = k
         room = active.max_new - active.generated - committed
         active.asked_k = max(0, min(k, room - 1))
@@ -240,7 +267,7 @@ class PipelineMtpEngine(PipelineEngine):
             request.accepted += n
             request.policy.observe(k, n)
             if request.costs is not None:
-                request.costs.observe(1, k, now - request.sent_at)
+                request.costs.observe(request.sent_batch, k, now - request.sent_at)
         emitted: list[int] = []
         stop = False
         for token in verdict.token_ids:
@@ -263,4 +290,5 @@ class PipelineMtpEngine(PipelineEngine):
                 verify=pb.Verify(keep_previous=n + 1, draft_k=next_k),
             )
             request.sent_at, request.in_flight_k = time.perf_counter(), len(drafts)
+            request.sent_batch = request.batch
         return row, emitted
