@@ -317,27 +317,32 @@ def test_waiting_decode_rows_batch_and_prefill_chunks_of_newcomers_run_together(
     plan = plan_drain(jobs)
     assert [j.kind for j in plan.now] == ["open", "release"]
     assert [[e.row.rid for e in batch] for batch in plan.batches] == [["a"], ["c"], ["d"]]
-    prefill = [(e.row.rid, len(e.row.token_ids)) for e in plan.prefill]
-    assert prefill == [("new", 64), ("other", 9)]
+    # newcomers' pieces in waves: first pieces together, "new"'s second one after them
+    waves = [[(e.row.rid, len(e.row.token_ids)) for e in w] for w in plan.prefill]
+    assert waves == [[("new", 64), ("other", 9)], [("new", 64)]]
+    assert [e.job for e in plan.prefill[1]] == [jobs[4]]
     assert plan.chunk is None
-    assert plan.requeue == [jobs[4], jobs[5], jobs[10]]
+    assert plan.requeue == [jobs[5], jobs[10]]  # its first sampled row: the next drain
     # the held-back rows of one request keep their order against its release
     x = [_rows_job(1, "x", 8, False), _rows_job(1, "x", 8, False)]
-    later = plan_drain([*x, Job("release", 1, "x"), Job("end", 1)])
-    assert later.now == [] and [e.job for e in later.prefill] == x[:1]
+    later = plan_drain([*x, Job("release", 1, "x"), Job("end", 1)], 10)
+    assert later.now == [] and [e.job for w in later.prefill for e in w] == x[:1]
     assert [j.kind for j in later.requeue] == ["rows", "release", "end"]
-    # a request released while its prefill row waits: the row does not run
-    gone = plan_drain([_rows_job(1, "y", 8, False), Job("release", 1, "y")])
+    # a request released while its prefill rows wait: they do not run
+    gone = plan_drain([*x, Job("release", 1, "x")])
     assert [j.kind for j in gone.now] == ["release"] and gone.prefill == []
     # at most PREFILL_BATCH_TOKENS padded positions per drain; a longer row still runs alone
     big = plan_drain([_rows_job(1, "p", 600, False), _rows_job(1, "q", 600, False)], 1024)
-    assert [e.row.rid for e in big.prefill] == ["p"] and len(big.requeue) == 1
+    assert [[e.row.rid for e in w] for w in big.prefill] == [["p"]] and len(big.requeue) == 1
     huge = plan_drain([_rows_job(1, "h", 5000, False)], 1024)
-    assert [e.row.rid for e in huge.prefill] == ["h"]
+    assert [[e.row.rid for e in w] for w in huge.prefill] == [["h"]]
+    # padding counts: 2 rows of 100 and 10 cost 200 padded positions, not 110
+    padded = plan_drain([_rows_job(1, "s", 100, False), _rows_job(1, "t", 10, False)], 150)
+    assert [[e.row.rid for e in w] for w in padded.prefill] == [["s"]]
     # a batch frame's rows split across drains when they pass the budget, in their order
     job = Job("rows", 1, rows=[Row(r, 0, [1] * 400, False, i) for i, r in enumerate("uvw")])
     split = plan_drain([job], 1000)
-    assert [e.row.rid for e in split.prefill] == ["u", "v"]
+    assert [e.row.rid for w in split.prefill for e in w] == ["u", "v"]
     ((rest,),) = [split.requeue]
     assert [(r.rid, r.index) for r in rest.rows] == [("w", 2)] and rest.tensor is job.tensor
 

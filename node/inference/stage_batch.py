@@ -3,11 +3,14 @@
 A stage takes every job that waited while it computed (``plan_drain``): the rows that sample a
 token (decode steps, a prompt's last token; a row may carry T > 1 positions, e.g. a verify
 step) of all requests of one upstream stream run as one [B, T] forward per T; after them the
-prefill chunks (rows that do not sample) of the requests that arrived together run as one
-ragged forward (right-padded to the longest, as mlx-lm's ``BatchGenerator.prompt``), at most
-``PREFILL_BATCH_TOKENS`` padded positions per drain, so running streams wait about one chunk
-for newcomers however many start at once. A request's jobs keep their order: once one of its
-jobs is held back, its later ones are too.
+prefill chunks (rows that do not sample) of the requests that arrived together run as ragged
+forwards (right-padded to the longest, as mlx-lm's ``BatchGenerator.prompt``): every
+request's first waiting piece in one, their second pieces in the next, and so on, at most
+``PREFILL_BATCH_TOKENS`` padded positions per drain in all. So running streams wait about one
+chunk for newcomers however many start at once, and prompts that fit the budget finish in the
+same drain: their first sampled rows meet in one batch (groups that start apart stay apart
+while stage 0 keeps up). A request's jobs keep their order: once one of its jobs is held
+back, its later ones are too.
 
 ``BatchCaches`` holds every request's caches. A request alone uses mlx-lm's own per-request
 caches (``make_prompt_cache``: ``KVCache``, GatedDeltaNet ``ArraysCache``); requests that step
@@ -50,9 +53,7 @@ class Row:
 
 @dataclass
 class Job:
-    """One unit of a stage's work, in arrival order. ``kind``: open, rows, release, probe, end,
-    mtp (a pipeline_mtp prompt piece: it runs with the cheap jobs, so the prompts of requests
-    that arrive together finish in the same drain and their verify rows meet in one batch)."""
+    """One unit of a stage's work, in arrival order. ``kind``: open, rows, release, probe, end."""
 
     kind: str
     session_id: int
@@ -84,7 +85,7 @@ class BatchEntry:
 class DrainPlan:
     now: list[Job]  # cheap jobs (open, release, probe), in arrival order, before the batches
     batches: list[list[BatchEntry]]  # one forward each: rows of one session with the same T
-    prefill: list[BatchEntry]  # prefill rows of one session: one ragged forward after the batches
+    prefill: list[list[BatchEntry]]  # prefill rows of one session: ragged forwards, in order
     chunk: Job | None  # the one held-back job run last (only when no prefill rows run)
     requeue: list[Job]  # the rest of the held-back jobs, back to the front of the queue
 
@@ -94,8 +95,12 @@ def plan_drain(jobs: Iterable[Job], prefill_tokens: int = PREFILL_BATCH_TOKENS) 
     now: list[Job] = []
     batches: dict[tuple[int, int], list[BatchEntry]] = {}
     batched: dict[Key, tuple[int, int]] = {}
-    prefill: list[BatchEntry] = []
-    longest = 0
+    # Prefill rows of one session in waves: one ragged forward each, a request's k-th piece
+    # of this drain in wave k; padded positions (rows x longest, summed) within the budget.
+    waves: list[list[BatchEntry]] = []
+    wides: list[int] = []
+    pieces: dict[Key, int] = {}
+    spent = 0
     held: list[Job] = []
     blocked: set[Key] = set()
     ended: set[int] = set()  # sessions whose end is held back: all their later jobs wait too
@@ -109,25 +114,34 @@ def plan_drain(jobs: Iterable[Job], prefill_tokens: int = PREFILL_BATCH_TOKENS) 
         if job.kind == "rows":
             lengths = {len(r.token_ids) for r in job.rows}
             fresh = not waits and not any(k in batched for k in keys)
+            if any(r.sample for r in job.rows) and any(k in pieces for k in keys):
+                fresh = False  # its prompt runs in this drain: it samples in the next
             if fresh and len(lengths) == 1 and all(r.sample for r in job.rows):
                 where = (job.session_id, lengths.pop())
                 for row in job.rows:
                     batches.setdefault(where, []).append(BatchEntry(job, row))
                     batched[(job.session_id, row.rid)] = where
                 continue
-            one_session = not prefill or prefill[0].job.session_id == job.session_id
+            one_session = not waves or waves[0][0].job.session_id == job.session_id
             if fresh and one_session and not any(r.sample for r in job.rows):
                 # Rows of one job may split across drains; each keeps its own order.
                 taken = []
                 for row in job.rows:
-                    top = max(longest, len(row.token_ids))
-                    if prefill and top * (len(prefill) + 1) > prefill_tokens:
+                    key = (job.session_id, row.rid)
+                    w = pieces.get(key, 0)  # a request's next piece goes one wave later
+                    wave = waves[w] if w < len(waves) else []
+                    cost = (len(wave) + 1) * max([len(row.token_ids), *wides[w : w + 1]])
+                    grown = spent - (len(wave) * wides[w] if wave else 0) + cost
+                    if spent and grown > prefill_tokens:
                         break
-                    prefill.append(BatchEntry(job, row))
+                    if not wave:
+                        waves.append(wave)
+                        wides.append(0)
+                    wave.append(BatchEntry(job, row))
+                    wides[w] = max(wides[w], len(row.token_ids))
+                    spent = grown
+                    pieces[key] = w + 1
                     taken.append(row)
-                    longest = top
-                for row in taken:
-                    batched[(job.session_id, row.rid)] = (job.session_id, 0)
                 if len(taken) == len(job.rows):
                     continue
                 job = Job(
@@ -149,10 +163,11 @@ def plan_drain(jobs: Iterable[Job], prefill_tokens: int = PREFILL_BATCH_TOKENS) 
             key = (job.session_id, job.rid)
             where = batched.pop(key, None)
             if where is not None:  # the request is gone: its pending row need not run
-                if where in batches:
-                    batches[where] = [e for e in batches[where] if e.key != key]
-                prefill = [e for e in prefill if e.key != key]
+                batches[where] = [e for e in batches[where] if e.key != key]
+            if pieces.pop(key, None) is not None:
+                waves = [[e for e in wave if e.key != key] for wave in waves]
         now.append(job)
+    prefill = [wave for wave in waves if wave]
     chunk = held[0] if held and not prefill else None
     return DrainPlan(
         now=now,

@@ -1,10 +1,11 @@
 """A pipeline stage's side of native MTP across the pipeline (engine ``pipeline_mtp``).
 
-The coordinator opens a request with ``OpenRequest.mtp``. Its prompt pieces run alone here
-(``forward``: the last stage also fills the head's cache from them); its verify frames are
-rows of the stage's batched forwards like any other (``StageRuntime._forward`` calls the
-hooks below), so the verify frames of requests in flight together go through each stage as
-one [B, K+1] forward (rows of the same K), each row with its own verdict.
+The coordinator opens a request with ``OpenRequest.mtp``. Its frames are rows of the stage's
+batched forwards like any other (``StageRuntime._forward`` calls the hooks below): its
+prompt pieces batch with other prompts (the last stage then fills each request's head cache
+from its own rows, ``prefill_rows``), and the verify frames of requests in flight together
+go through each stage as one [B, K+1] forward (rows of the same K), each row with its own
+verdict.
 
 Every stage: a frame that carries ``Verify`` holds ``[c, d1..dK]`` — the last emitted token
 and K drafts — and runs with mlx-lm's forward in verify mode (``mtp.gdn.verify_forward``):
@@ -45,7 +46,7 @@ from node.inference.acceptance import (
     sampled_accept_batch,
 )
 from node.inference.batching.mtp_step import _drop_tail, commit_rows
-from node.inference.codec import FrameError, RawTensor
+from node.inference.codec import FrameError
 from node.inference.engine import history_tail, next_token
 from node.inference.mtp.engine import PENDING_LIMIT
 from node.inference.mtp.gdn import PendingGdnState
@@ -58,12 +59,11 @@ from node.inference.sampling import (
     processed_logprobs,
 )
 from node.inference.shard import ShardError
-from node.inference.stage_wire import INVALID_ARGUMENT, activation_frames, error_response
+from node.inference.stage_wire import INVALID_ARGUMENT, error_response
 from node.proto.macmesh.v1 import stage_pb2 as pb
 
 if TYPE_CHECKING:
-    from node.inference.stage_runtime import RequestState, StageRuntime
-    from node.inference.stage_session import StageSession
+    from node.inference.stage_runtime import StageRuntime
 
 
 def load_head(runtime: StageRuntime, path: Path) -> None:
@@ -166,6 +166,8 @@ def rewind(rid: str, inbound: Any, act: pb.Activation | pb.BatchRow) -> None:
             f"request {rid!r} was not opened for pipeline MTP (OpenRequest.mtp), but its frame "
             "carries a verify"
         )
+    if act.HasField("verify") and not act.sample:
+        raise FrameError(f"a verify frame of request {rid!r} must sample (sample=true)")
     if not act.HasField("verify"):
         if inbound.verify_positions:
             raise FrameError(
@@ -185,37 +187,9 @@ def rewind(rid: str, inbound: Any, act: pb.Activation | pb.BatchRow) -> None:
     inbound.verify_positions = len(act.token_ids)
 
 
-# ---- prefill: a request's prompt pieces, alone ----
+# ---- the head's bookkeeping ----
 
-
-def forward(
-    runtime: StageRuntime,
-    session: StageSession,
-    rid: str,
-    state: RequestState,
-    header: pb.Activation,
-    hidden: RawTensor | None,
-) -> None:
-    """A prompt piece of an MTP request (its verify frames are rows: ``verify_rows``)."""
-    try:
-        if header.sample:
-            raise FrameError(
-                f"a sampled frame of MTP request {rid!r} carries no verify (Verify); the "
-                "prompt's last token is the first verify frame"
-            )
-        shard = runtime.shard
-        token_ids = list(header.token_ids)
-        inputs = mx.array([token_ids], dtype=mx.uint32) if hidden is None else hidden.to_mx()
-        runtime.frames_processed += 1
-        if isinstance(state.mtp, LastStageMtp):
-            _prefill_last(runtime, state, state.mtp, token_ids, inputs)
-            return
-        h = shard.forward(inputs, state.cache)
-        mx.eval(h, [c.state for c in state.cache])
-        session.send_downstream(activation_frames(rid, header, h, runtime.max_chunk_bytes))
-    except FrameError as exc:  # a frame that breaks the protocol: the request's fault
-        state.failed = True
-        state.reply(error_response(rid, INVALID_ARGUMENT, str(exc), runtime.position))
+Live = list[tuple[Any, Any]]  # (stage_batch.BatchEntry, RequestState), in the cache's row order
 
 
 def _head(runtime: StageRuntime, mtp: LastStageMtp, tokens: mx.array, hidden: mx.array) -> mx.array:
@@ -230,24 +204,24 @@ def _tail(mtp: LastStageMtp, extra: list[mx.array] | None = None) -> Any:
     return mx.concatenate([mx.array(tail, dtype=mx.int32), *[e.reshape(1) for e in extra]])
 
 
-def _prefill_last(
-    runtime: StageRuntime,
-    state: RequestState,
-    mtp: LastStageMtp,
-    tokens: list[int],
-    inputs: mx.array,
-) -> None:
-    """A prompt piece: the target's caches, and the head's pairs (h_i, x_{i+1}) whose next
-    token is known (the piece's last hidden waits for the next piece's first token)."""
-    h = runtime.shard.forward(inputs, state.cache)
-    ids = mx.array([tokens], dtype=mx.uint32)
-    pairs = h[:, :-1] if mtp.carry is None else mx.concatenate([mtp.carry, h[:, :-1]], axis=1)
-    pair_tokens = ids[:, 1:] if mtp.carry is None else ids
-    if pair_tokens.shape[1] > 0:
-        _head(runtime, mtp, pair_tokens, pairs)
-    mtp.carry = h[:, -1:]
-    mtp.history.extend(tokens)
-    mx.eval(mtp.carry, [c.state for c in state.cache], mtp.mtp_cache.state)
+def prefill_rows(runtime: StageRuntime, live: Live, hidden: mx.array) -> None:
+    """The last stage, after a forward of prompt pieces (``hidden`` [B, T, D], rows right-
+    padded): each MTP request's head gets the pairs (h_i, x_{i+1}) whose next token is known
+    (a piece's last hidden waits for the next piece's first token)."""
+    for j, (entry, state) in enumerate(live):
+        mtp = state.mtp
+        if not isinstance(mtp, LastStageMtp):
+            continue
+        tokens = entry.row.token_ids
+        h = hidden[j : j + 1, : len(tokens)]
+        ids = mx.array([tokens], dtype=mx.uint32)
+        pairs = h[:, :-1] if mtp.carry is None else mx.concatenate([mtp.carry, h[:, :-1]], axis=1)
+        pair_tokens = ids[:, 1:] if mtp.carry is None else ids
+        if pair_tokens.shape[1] > 0:
+            _head(runtime, mtp, pair_tokens, pairs)
+        mtp.carry = h[:, -1:]
+        mtp.history.extend(tokens)
+        mx.eval(mtp.carry, mtp.mtp_cache.state)
 
 
 # ---- verify rows: one [B, K+1] forward for the verify frames of several requests ----
@@ -299,9 +273,6 @@ def commit_verdicts(cache: list[Any], rows: list[tuple[RowPending, int] | None])
         c[1] = mx.concatenate(state) if len(state) > 1 else state[0]
 
 
-Live = list[tuple[Any, Any]]  # (stage_batch.BatchEntry, RequestState), in the cache's row order
-
-
 def commit_before(cache: list[Any], live: Live) -> None:
     """Earlier stages, before a forward: the verdicts the rows carry commit their requests'
     pending verify frames."""
@@ -340,7 +311,12 @@ def check_rows(runtime: StageRuntime, live: Live) -> Live:
     for entry, state in live:
         row, mtp = entry.row, state.mtp
         problem = ""
-        if isinstance(mtp, LastStageMtp) and row.verify is not None:
+        if isinstance(mtp, LastStageMtp) and row.sample and row.verify is None:
+            problem = (
+                f"a sampled frame of MTP request {row.rid!r} carries no verify (Verify); the "
+                "prompt's last token is the first verify frame"
+            )
+        elif isinstance(mtp, LastStageMtp) and row.verify is not None:
             if mtp.pending_tokens is None:
                 if len(row.token_ids) != 1 or row.verify[0] != 0:
                     problem = (

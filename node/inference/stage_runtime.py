@@ -90,7 +90,6 @@ class RequestState:
     keys: KeyStream | None = None
     failed: bool = False
     mtp: Any = None  # pipeline_mtp: node.inference.stage_mtp's per-request state
-    cache: Any = None  # pipeline_mtp: the request's own caches while stage_mtp runs it
 
 
 class StageRuntime:
@@ -267,8 +266,8 @@ class StageRuntime:
             self._run_job(job)
         for entries in plan.batches:
             self._run_rows(entries)
-        if plan.prefill:
-            self._run_rows(plan.prefill)
+        for wave in plan.prefill:
+            self._run_rows(wave)
         if plan.chunk is not None:
             self._run_job(plan.chunk)
         return True
@@ -366,24 +365,6 @@ class StageRuntime:
                 state.reply(error_response(rid, INVALID_ARGUMENT, str(exc), self.position))
         if not self.shard.has_head:
             session.send_downstream([frame])
-
-    def run_mtp(
-        self, session: StageSession, rid: str, header: pb.Activation, hidden: RawTensor | None
-    ) -> None:
-        """--- pipeline_mtp hook: a prompt piece of a native-MTP request, alone (stage_mtp) ---"""
-        key = (session.session_id, rid)
-        state = self.states.get(key)
-        if state is None or state.failed:
-            return
-        try:
-            state.cache = self.caches.solo(key)  # its prompt runs alone; its verify rows batch
-            stage_mtp.forward(self, session, rid, state, header, hidden)
-        except Exception as exc:
-            state.failed = True
-            log.exception("stage forward failed", request_id=rid, stage=self.position)
-            state.reply(
-                error_response(rid, INTERNAL, f"stage {self.position} failed: {exc}", self.position)
-            )
 
     def release_request(self, session: StageSession, rid: str, frame: pb.ForwardRequest) -> None:
         key = (session.session_id, rid)
@@ -505,6 +486,7 @@ class StageRuntime:
             if state.mtp is None:
                 state.history.extend(row.token_ids)
         if not rows[0].sample:
+            stage_mtp.prefill_rows(self, live, h)  # --- pipeline_mtp hook: the head's pairs
             mx.eval([c.state for c in cache])
             return
         self._sample_rows(live, h, cache, pending)

@@ -148,12 +148,6 @@ class StageSession:
     def _activation_job(
         self, rid: str, inbound: _Inbound, act: pb.Activation, tensor: RawTensor | None
     ) -> None:
-        if inbound.mtp and not act.HasField("verify"):
-            # --- pipeline_mtp hook: its prefill runs alone (node.inference.stage_mtp); its
-            # verify frames are rows like any other, batched with those of the same T.
-            runtime = self.runtime
-            self._submit("mtp", rid, run=lambda: runtime.run_mtp(self, rid, act, tensor))
-            return
         self._rows_job([_row(rid, act)], tensor)
 
     def _open(self, rid: str, frame: pb.ForwardRequest) -> None:
