@@ -248,9 +248,7 @@ def test_concurrent_requests_are_all_correct(nodes: StageNodes) -> None:
         engine.close()
 
 
-PENALTIES = SamplingParams(
-    repetition_penalty=1.3, presence_penalty=0.4, frequency_penalty=0.2, logit_bias={7: 1.5}
-)
+PENALTIES = SamplingParams(**mlx_lm_reference.PENALTIES)
 SEEDED = SamplingParams(temperature=2.0, top_p=0.95, seed=99)
 
 
@@ -259,17 +257,11 @@ def _mlx_lm_model(arch: str):
     return mlx_lm_load(str(_path(arch)))[0]
 
 
-def mlx_lm_reference(arch: str, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
+def reference(arch: str, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
     """mlx-lm alone, target only, greedy with the request's processors."""
-    steps = generate_step(
-        mx.array(prompt),
-        _mlx_lm_model(arch),
-        max_tokens=n,
-        sampler=lambda lp: mx.argmax(lp, axis=-1),
-        logits_processors=mlx_lm_processors(params),
-        prefill_step_size=PREFILL_STEP,
+    return mlx_lm_reference.mlx_lm_greedy(
+        _mlx_lm_model(arch), prompt, n, params, prefill_step_size=PREFILL_STEP
     )
-    return [int(t) for t, _ in steps]
 
 
 class Stream(threading.Thread):
@@ -345,7 +337,7 @@ def test_verify_frames_of_concurrent_requests_batch_and_each_stays_exact(
             if sampling.seed is not None:
                 assert stream.tokens == alone
             else:
-                assert stream.tokens == mlx_lm_reference(arch, prompts[i], n, sampling), i
+                assert stream.tokens == reference(arch, prompts[i], n, sampling), i
         assert sum(s.done.stats.accepted_draft_tokens for s in streams) > 0
         for s, earlier in zip(engine.status(), before, strict=True):
             assert s.batched_forwards > earlier and s.max_batch_seen >= 3, (
