@@ -451,6 +451,9 @@ def test_a_verdict_moves_the_position_back_to_the_accepted_prefix() -> None:
     row.verify.CopyFrom(pb.Verify(keep_previous=0, draft_k=1))
     with pytest.raises(FrameError, match="not opened for pipeline MTP"):
         rewind("p", SimpleNamespace(position=3, verify_positions=0, mtp=False), row)
+    row.sample = False  # a verify frame samples: its verdict comes from its logits
+    with pytest.raises(FrameError, match="must sample"):
+        rewind("p", SimpleNamespace(position=3, verify_positions=0, mtp=True), row)
 
 
 def test_the_planner_budgets_the_head_and_its_embedding_on_the_last_stage() -> None:
