@@ -13,11 +13,12 @@ takes the K that maximises ``sum of tokens(K) over the batch / seconds(B, K)`` w
 bounds (the card's ``max_k``, the tokens the request may still emit); a request's explicit
 ``mtp_k`` pins K.
 
-Acceptance estimates.  Per depth, exponentially decayed counts of accepted / tried drafts
-(one decay step per drafting cycle), shrunk toward the depth above (an unobserved depth is
-taken to accept like the one before it), so the estimate follows the text within a few
-cycles: code and boilerplate are easy to draft, free prose is not, and acceptance falls with
-context length.
+Acceptance estimates.  Per depth, a distribution over acceptance levels that each drafting
+cycle first lets drift back toward the prior (the text may have changed: ``HAZARD``), then
+weighs by what the cycle saw (``AcceptanceEstimate``).  An untried depth accepts like the one
+above it.  Steady text averages over ~1 / HAZARD cycles; a change (code and boilerplate are
+easy to draft, free prose is not, and acceptance falls with context length) shows in one or
+two cycles, because a miss after a run of hits is unlikely under the old level.
 
 Exploration.  At K = 0 nothing is drafted, so there is no new evidence and a request whose
 text became easy again would never find out.  After ``probe_interval`` consecutive K = 0
@@ -37,9 +38,13 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-DECAY = 0.7  # per drafting cycle: evidence from 3 cycles ago weighs a third
-PRIOR_ACCEPTANCE = 0.5  # before any evidence at depth 1
-PRIOR_WEIGHT = 1.0  # pseudo-observations pulling a depth toward the depth above it
+# Acceptance levels the estimate tells apart (midpoints of 20 equal bins of [0, 1]) and the
+# share of belief that moves back to the prior each drafting cycle (the text may have changed).
+GRID = 20
+LEVELS = tuple((i + 0.5) / GRID for i in range(GRID))
+FLAT = tuple(1.0 / GRID for _ in range(GRID))
+PRIOR_ACCEPTANCE = 0.5  # before any evidence at depth 1: the flat prior's mean
+HAZARD = 0.05
 MIN_PROBE_INTERVAL = 2
 MAX_PROBE_INTERVAL = 32
 PROBE_BUDGET = 0.02  # share of a K = 0 stretch's time that probes may cost
@@ -154,36 +159,69 @@ def choose_k(
 
 @dataclass
 class AcceptanceEstimate:
-    """Per-depth acceptance given the shallower depths accepted, from decayed counts."""
+    """Per-depth acceptance given the shallower depths accepted: a filter over levels.
+
+        Each depth holds a distribution over acceptance levels (``LEVELS``).  Every drafting cycle
+        first lets the text change (a ``hazard`` share of the mass moves to the prior: for depth 1
+        the flat prior, mean ``PRIOR_ACCEPTANCE``; for deeper depths the depth above's
+        distribution, so a rarely tried depth accepts like the one before it; a larger share when
+    a shallower depth's observation this cycle says the text probably just changed), then weighs each
+        level by how likely it makes what the cycle saw (a hit: the level; a miss: 1 - level).
+        Why not decayed counts: they weigh every observation alike, so one window length must be
+        both short enough to follow a change and long enough to average out a steady 0.5, and no
+        length is (decay 0.7: ~3 cycles of memory, the estimate of a steady 0.5 swings by +-0.25,
+        and leaving an always-accepted stretch still took ~7 cycles).  Here steady evidence
+        averages over ~1 / hazard cycles, while evidence the current level makes unlikely (misses
+        after a run of hits) moves the estimate within one or two cycles.
+    """
 
     max_k: int
-    decay: float = DECAY
-    prior: float = PRIOR_ACCEPTANCE
-    prior_weight: float = PRIOR_WEIGHT
-    hits: list[float] = field(default_factory=list)
+    hazard: float = HAZARD
     tries: list[float] = field(default_factory=list)
+    _post: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self.hits = self.hits or [0.0] * self.max_k
         self.tries = self.tries or [0.0] * self.max_k
+        self._post = self._post or [list(FLAT) for _ in range(self.max_k)]
 
     def observe(self, k: int, accepted: int) -> None:
         """A cycle drafted ``k`` and the first ``accepted`` were accepted: depths 1..accepted
         hit, depth accepted+1 (if drafted) missed, deeper ones were not tried."""
         if k <= 0:
             return  # no evidence: the estimates stay as they were
+        h = self.hazard
+        tried = min(accepted + 1, k, self.max_k)
+        carry = h  # the chance the text changed this cycle, as the shallower depths tell it
         for d in range(self.max_k):
-            self.hits[d] *= self.decay
-            self.tries[d] *= self.decay
-        for d in range(min(accepted + 1, k, self.max_k)):
+            target = FLAT if d == 0 else self._post[d - 1]
+            if self.tries[d] == 0:  # never tried: the depth above's, as rates() reports it
+                self._post[d] = list(target)
+            else:
+                w = max(h, carry)
+                self._post[d] = [
+                    (1 - w) * p + w * q for p, q in zip(self._post[d], target, strict=True)
+                ]
+            if d >= tried:
+                continue
+            hit = d < accepted
+            like = [a if hit else 1.0 - a for a in LEVELS]
+            now = sum(p * x for p, x in zip(self._post[d], like, strict=True))
+            fresh = sum(q * x for q, x in zip(target, like, strict=True))
+            # Bayes on "changed just now": a miss after a run of hits is far likelier from
+            # fresh text than from the current level; the deeper depths, tried only when
+            # this one hits, take it as their own reason to start over.
+            carry = max(carry, h * fresh / ((1 - h) * now + h * fresh))
+            weighted = [p * x for p, x in zip(self._post[d], like, strict=True)]
+            self._post[d] = [x / now for x in weighted]
             self.tries[d] += 1.0
-            self.hits[d] += 1.0 if d < accepted else 0.0
 
     def rates(self) -> list[float]:
-        out, above = [], self.prior
-        for hits, tries in zip(self.hits, self.tries, strict=True):
-            above = (hits + self.prior_weight * above) / (tries + self.prior_weight)
-            out.append(above)
+        out: list[float] = []
+        for d, post in enumerate(self._post):
+            if self.tries[d] == 0 and d > 0:
+                out.append(out[-1])  # never tried: accepts like the depth above
+            else:
+                out.append(sum(p * a for p, a in zip(post, LEVELS, strict=True)))
         return out
 
 
