@@ -13,6 +13,7 @@ import statistics
 import pytest
 
 from node.inference.mtp.kpolicy import (
+    PAID_PROBE_BUDGET,
     PRIOR_ACCEPTANCE,
     PROBE_BUDGET,
     AcceptanceEstimate,
@@ -114,7 +115,9 @@ def test_changing_acceptance_is_followed_within_a_few_cycles() -> None:
     assert 0 in ks[100:108]  # drafts stopped matching: K falls to 0 within 8 cycles
     assert ks[150:300].count(0) > 0.85 * 150
     back = next(i for i in range(300, 400) if ks[i] >= MAX_K - 1)
-    assert back - 300 <= probe_interval_cap(costs) + 8  # one probe interval, then a few cycles
+    # One probe interval, then the climb: after 200 hard cycles depth 1 believes the text
+    # is hard, and depths 2+ follow depth 1 up one K at a time (~13 cycles here).
+    assert back - 300 <= probe_interval_cap(costs) + 14
     # Beats every fixed K on this text (the steady halves each favour a different K).
     best = max(fixed_speed(costs, k, acceptance, 400) for k in range(MAX_K + 1))
     assert tokens / seconds >= 1.2 * best
@@ -261,3 +264,21 @@ def test_load_time_outliers_are_capped_by_longer_shapes() -> None:
     # T=5 measured while another process held the core: capped by T=6's cost.
     assert no_dearer_than_longer([1.0, 1.1, 1.2, 3.5, 1.4, 1.5]) == [1.0, 1.1, 1.2, 1.4, 1.4, 1.5]
     assert no_dearer_than_longer([0.0, 0.1, 0.2]) == [0.0, 0.1, 0.2]
+
+
+def test_probes_come_sooner_in_a_request_whose_drafts_have_paid() -> None:
+    # The same hard stretch, after 60 always-accepted cycles vs from the start: the text was
+    # easy before, so it probably becomes easy again, and the probes come more often.
+    costs = cpu_like()
+    easy_first = KPolicy(max_k=MAX_K, start_k=2)
+    ks, _, _ = simulate(easy_first, costs, lambda c: 1.0 if c < 60 else 0.0, 100)
+    never = KPolicy(max_k=MAX_K, start_k=2)
+    never_ks, _, _ = simulate(never, costs, lambda c: 0.0, 100)
+    assert never.probe.budget == pytest.approx(PROBE_BUDGET, abs=1e-3)
+    assert ks[70:].count(1) > never_ks[70:].count(1)  # 10-40 cycles into the hard stretch
+    # ... and still cost at most the larger budget.
+    extra = ks[70:].count(1) * (costs.cycle_s(1, 1) - costs.cycle_s(1, 0))
+    assert extra <= 1.1 * PAID_PROBE_BUDGET * 30 * costs.cycle_s(1, 0)
+    # Once the hard stretch has lasted, the budget falls back toward PROBE_BUDGET.
+    simulate(easy_first, costs, lambda c: 0.0, 400)
+    assert easy_first.probe.budget < 1.5 * PROBE_BUDGET

@@ -48,6 +48,10 @@ HAZARD = 0.05
 MIN_PROBE_INTERVAL = 2
 MAX_PROBE_INTERVAL = 32
 PROBE_BUDGET = 0.02  # share of a K = 0 stretch's time that probes may cost
+# ... rising to PAID_PROBE_BUDGET when all of the request's recent drafting cycles had a draft
+# accepted (PAID_MEMORY: the weight of the older ones per drafting cycle).
+PAID_PROBE_BUDGET = 0.1
+PAID_MEMORY = 0.9
 # Live cycle timings: the newest one's share when it is below the running ratio, and when it is
 # above.  Other processes only ever add time, so a slow cycle moves the estimate little; a
 # real, lasting slowdown (longer context, a loaded machine) still gets through in ~20 cycles.
@@ -233,6 +237,14 @@ class Prober:
     cap: int = MAX_PROBE_INTERVAL
     zero_run: int = 0
     probing: bool = False
+    paid: float = 0.0  # decayed share of drafting cycles that had a draft accepted
+
+    @property
+    def budget(self) -> float:
+        """The share of a K = 0 stretch's time probes may cost: ``PROBE_BUDGET`` for a text
+        whose drafts never pass, more where drafting has paid in this request (the text was
+        easy before, so it likely becomes easy again: finding that out late costs more)."""
+        return PROBE_BUDGET + (PAID_PROBE_BUDGET - PROBE_BUDGET) * self.paid
 
     def after_choice(self, k: int, bound: int) -> int:
         """The policy chose ``k``: the K to run (1 when a probe is due)."""
@@ -246,6 +258,8 @@ class Prober:
         return k
 
     def after_cycle(self, accepted: bool) -> None:
+        """A drafting cycle ended; ``accepted``: some draft passed."""
+        self.paid = PAID_MEMORY * self.paid + (1 - PAID_MEMORY) * (1.0 if accepted else 0.0)
         if not self.probing:
             return
         self.zero_run = 0
@@ -288,7 +302,7 @@ class KPolicy:
     def next_k(self, costs: CostTable | None, limit: int | None = None, batch: int = 1) -> int:
         """K for the next cycle; ``limit`` caps it (tokens the request may still emit)."""
         if costs is not None:
-            self.probe.cap = probe_interval_cap(costs, batch)
+            self.probe.cap = probe_interval_cap(costs, batch, self.probe.budget)
         bound = self.max_k if limit is None else max(0, min(self.max_k, limit))
         if self.pin is not None:
             k = min(self.pin, bound)
@@ -304,7 +318,8 @@ class KPolicy:
     def observe(self, k: int, accepted: int) -> None:
         self._started = True
         self.estimate.observe(k, accepted)
-        self.probe.after_cycle(accepted > 0)
+        if k > 0:
+            self.probe.after_cycle(accepted > 0)
 
 
 @dataclass
@@ -326,7 +341,7 @@ class BatchKPolicy:
         self, estimates: Sequence[AcceptanceEstimate], costs: CostTable, bound: int, batch: int
     ) -> int:
         """K for the batch's next cycle; ``bound`` caps it (the most any row may still use)."""
-        self.probe.cap = probe_interval_cap(costs, batch)
+        self.probe.cap = probe_interval_cap(costs, batch, self.probe.budget)
         bound = max(0, min(self.max_k, bound))
         if not any(sum(e.tries) > 0 for e in estimates):
             # No evidence yet: the card's default, unless the costs at this batch size say
@@ -345,9 +360,9 @@ class BatchKPolicy:
         return not self.probe.probe_due_next()
 
 
-def probe_interval_cap(costs: CostTable, batch: int = 1) -> int:
-    """The longest wait between K = 1 probes: probes cost ``PROBE_BUDGET`` of the time."""
+def probe_interval_cap(costs: CostTable, batch: int = 1, budget: float = PROBE_BUDGET) -> int:
+    """The longest wait between K = 1 probes: probes cost ``budget`` of the time."""
     zero = costs.cycle_s(batch, 0)
     extra = max(costs.cycle_s(batch, 1) - zero, 0.0) / zero if zero > 0 else 1.0
-    cap = math.ceil(extra / PROBE_BUDGET)
+    cap = math.ceil(extra / budget)
     return max(MIN_PROBE_INTERVAL, min(cap, MAX_PROBE_INTERVAL))
