@@ -27,6 +27,9 @@ verify position).  A rejected probe doubles the interval, up to the interval at 
 cost ``PROBE_BUDGET`` of the time (from the cost table: a probe costs
 ``seconds(B, 1) - seconds(B, 0)``), so a text the head never matches loses at most ~2% to
 probing, and cheap probes (Metal, where one more verify position is nearly free) come often.
+The budget rises toward ``PAID_PROBE_BUDGET`` with the share of the request's recent drafting
+cycles that had a draft accepted: text that was easy before likely becomes easy again, and
+finding that out a probe interval late costs that many cycles of drafting.
 An accepted probe is followed by another at once, so a run of good drafts lifts the estimate
 past the break-even point in a few cycles instead of one probe per interval.
 """
