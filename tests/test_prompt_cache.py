@@ -15,7 +15,7 @@ import pytest
 from node.checkpoints import PRESETS, ensure_checkpoint
 from node.inference import forward
 from node.inference.loading import load_checkpoint
-from node.inference.prompt_cache import PromptCache, Snapshot, freeze, thaw
+from node.inference.prompt_cache import PromptCache, Snapshot, freeze, thaw, thaw_extras
 
 
 def snap(label: str, nbytes: int = 10, trimmable: bool = False) -> Snapshot:
@@ -66,6 +66,20 @@ def test_the_deeper_of_a_whole_prefix_and_a_trimmed_one_wins() -> None:
     store.insert([1, 2, 3, 4, 5], snap("kv", trimmable=True))
     assert (label(h := store.lookup([1, 2, 3, 4, 0])), h.length) == ("kv", 4)
     assert (label(h := store.lookup([1, 2, 0, 0])), h.length) == ("short", 2)
+
+
+def test_an_owner_finds_only_the_snapshots_it_can_use() -> None:
+    """Native MTP needs the head's state with the caches; the local engine can use any."""
+    store = PromptCache(budget_bytes=1000)
+    with_head = Snapshot(caches=["mtp"], nbytes=10, trimmable=False, extras={"mtp_cache": 1})
+    store.insert([1, 2, 3], with_head)
+    store.insert([1, 2, 3, 4, 5], snap("local"))
+    store.insert([7, 8, 9, 10], snap("kv", trimmable=True))
+    mtp = lambda s: "mtp_cache" in s.extras  # noqa: E731
+    assert label(store.lookup([1, 2, 3, 4, 5, 6])) == "local"
+    assert (label(h := store.lookup([1, 2, 3, 4, 5, 6], usable=mtp)), h.length) == ("mtp", 3)
+    assert store.lookup([7, 8, 9, 0], usable=mtp) is None  # a trimmable one is skipped too
+    assert label(store.lookup([7, 8, 9, 0])) == "kv"
 
 
 def test_budget_evicts_least_recently_used_first() -> None:
@@ -211,6 +225,18 @@ def test_extras_are_copied_counted_and_make_a_snapshot_exact_only(model) -> None
     assert frozen.nbytes == sum(c.nbytes for c in frozen.caches) + hidden.nbytes > hidden.nbytes
     assert frozen.extras["hidden"] is not hidden
     assert mx.array_equal(frozen.extras["hidden"], hidden).item()
+    # A cache among the extras (the MTP head's) is frozen like the others and thaws fresh.
+    head = kv_only[0]
+    with_head = freeze(kv_only, extras={"mtp_cache": head, "hidden": hidden})
+    assert with_head is not None
+    frozen_head = with_head.extras["mtp_cache"]
+    assert frozen_head is not head and frozen_head.keys.shape[2] == 30  # a copy of its entries
+    assert with_head.nbytes == frozen.nbytes + frozen_head.nbytes > frozen.nbytes
+    thawed = thaw_extras(with_head)
+    assert thawed["mtp_cache"] is not with_head.extras["mtp_cache"]
+    assert thawed["mtp_cache"].offset == head.offset == 30
+    assert mx.array_equal(thawed["mtp_cache"].keys, head.keys[..., :30, :]).item()
+    assert thawed["hidden"] is with_head.extras["hidden"]  # arrays are shared, never written
 
 
 def _arrays(c):

@@ -1,11 +1,13 @@
 """The prompt cache across turns, through real daemons and the gRPC API.
 
 Three ``macmesh run`` processes serve the same tiny dense and MoE checkpoints (qwen3_5:
-GatedDeltaNet and full-attention layers, ``local`` engine): ``cached`` with the default budget,
-``plain`` with the cache off (``--prompt-cache-mb 0``), and ``small`` with a 1 MiB budget.
-Every turn of a multi-turn chat gets the same tokens from all of them and from mlx-lm's own
-``generate_step`` on the whole prompt; the cached daemon's final stats say how many prompt
-tokens its cache served, and the number is the one the snapshot rule predicts.
+GatedDeltaNet and full-attention layers): ``cached`` with the default budget, ``plain`` with
+the cache off (``--prompt-cache-mb 0``), and ``small`` with a 1 MiB budget. The stripped
+checkpoints run the ``local`` engine, the ones with an MTP head (``*-partial``: the head
+accepts some drafts and rejects others) ``native_mtp``. Every turn of a multi-turn chat gets
+the same tokens from all of them and from mlx-lm's own ``generate_step`` on the whole prompt;
+the cached daemon's final stats say how many prompt tokens its cache served, and the number
+is the one the snapshot rule predicts.
 """
 
 from __future__ import annotations
@@ -140,31 +142,95 @@ def test_every_turn_of_a_chat_equals_mlx_lm_and_reuses_the_previous_turn(
     assert cached_tokens == len(branch) - 1
 
 
-@pytest.mark.parametrize("preset", ["dense-stripped", "moe-stripped"])
+@pytest.mark.parametrize(
+    ("preset", "engine"),
+    [
+        ("dense-stripped", "local"),
+        ("moe-stripped", "local"),
+        ("dense-partial", "native_mtp"),
+        ("moe-partial", "native_mtp"),
+    ],
+)
 def test_sampled_chat_turns_with_a_seed_are_the_same_with_and_without_the_cache(
-    daemons, preset: str
+    daemons, preset: str, engine: str
 ) -> None:
     """Through the chat template (messages), sampling with penalties and a seed: the cached
-    daemon draws the same tokens as the one without a cache, turn after turn."""
+    daemon draws the same tokens as the one without a cache, turn after turn. Native MTP
+    drafts (pinned K) and each of its draws is the target's own (the coupled rule)."""
     cached, plain = daemons("cached", preset), daemons("plain", preset)
     sampling = pb.SamplingParams(
         temperature=0.9, top_p=0.95, repetition_penalty=1.2, presence_penalty=0.2, seed=11
     )
+    drafting = {"mtp_k": 2} if engine == "native_mtp" else {}
     messages = [pb.ChatMessage(role="system", content="You answer briefly. " * 20)]
     hits = []
     for i, question in enumerate(["How do I open a file?", "And close it?", "In Rust?"]):
         messages.append(pb.ChatMessage(role="user", content=f"{question} " * (4 + i)))
         request = dict(
-            messages=pb.ChatMessages(messages=messages), sampling=sampling, max_tokens=16
+            messages=pb.ChatMessages(messages=messages),
+            sampling=sampling,
+            max_tokens=16,
+            **drafting,
         )
         got, final = run(cached, **request)
         reference, plain_final = run(plain, **request)
+        assert final.engine == plain_final.engine == engine
+        assert final.proposed_draft_tokens > 0 or engine == "local"
         assert got == reference, f"turn {i}"
         assert final.prompt_tokens == plain_final.prompt_tokens
         hits.append(final.cached_prompt_tokens)
         messages.append(pb.ChatMessage(role="assistant", content=_decode(preset, got)))
     # Later turns start from an earlier turn's snapshot: at least the previous prompt's.
     assert hits[0] == 0 and all(h > 0 for h in hits[1:]), hits
+
+
+@pytest.mark.parametrize(
+    ("preset", "mtp_k"), [("dense-partial", 2), ("dense-partial", None), ("moe-partial", 3)]
+)
+def test_native_mtp_turns_equal_mlx_lm_and_reuse_the_heads_state(
+    daemons, models, preset: str, mtp_k: int | None
+) -> None:
+    """Native MTP (drafting at a pinned K, or at the K its policy picks) continues each turn
+    from the previous generation's snapshot: the model's caches, the head's cache and the
+    hidden states of its pending pairs. The snapshot holds all of the answer but its newest
+    token (the caches have not seen it yet), and every turn equals mlx-lm's and the uncached
+    daemon's tokens."""
+    rng = random.Random(f"{preset}-{mtp_k}")
+    cached, plain = daemons("cached", preset), daemons("plain", preset)
+    model = models(preset)
+    options = {} if mtp_k is None else {"mtp_k": mtp_k}
+
+    def turn(prompt: list[int]) -> int:
+        got, final = run(cached, prompt_ids=pb.TokenIds(ids=prompt), max_tokens=12, **options)
+        reference, plain_final = run(
+            plain, prompt_ids=pb.TokenIds(ids=prompt), max_tokens=12, **options
+        )
+        assert final.engine == plain_final.engine == "native_mtp"
+        expected = mlx_lm_greedy(model, prompt, 12)
+        assert got == reference == expected, f"{len(prompt)} tokens"
+        if mtp_k is not None:
+            assert final.proposed_draft_tokens > 0
+        assert plain_final.cached_prompt_tokens == 0
+        hit = final.cached_prompt_tokens
+        # The output depends on the cached part (see the local test's negative control).
+        changed = prompt[: hit - 8] + [(t + 1) % 500 for t in prompt[hit - 8 : hit]]
+        assert mlx_lm_greedy(model, changed + prompt[hit:], 12) != expected
+        return hit
+
+    history = tokens(300, rng)
+    answer, _ = run(cached, prompt_ids=pb.TokenIds(ids=history), max_tokens=12, **options)
+    for _ in range(3):
+        previous = history + answer
+        history = previous + tokens(1, rng)  # 2 tokens to compute: the newest answer's and it
+        assert turn(history) == len(previous) - 1
+        answer, _ = run(cached, prompt_ids=pb.TokenIds(ids=history), max_tokens=12, **options)
+    # The same prompt again: the snapshot at its end (all but its last token) serves it.
+    assert turn(history) == len(history) - 1
+    # A local request on the same instance starts from native MTP's snapshot (the model's
+    # caches are the same); native MTP cannot start from a local one (no head state).
+    got, final = run(cached, prompt_ids=pb.TokenIds(ids=history), engine="local")
+    assert final.engine == "local" and final.cached_prompt_tokens == len(history) - 1
+    assert got == mlx_lm_greedy(model, history)
 
 
 def _decode(preset: str, ids: list[int]) -> str:

@@ -80,6 +80,10 @@ class _Node:
     entry: Snapshot | None = None
 
 
+def _any(_: Snapshot) -> bool:
+    return True
+
+
 def _common(edge: tuple[int, ...], tokens: Sequence[int], start: int) -> int:
     """How many leading tokens of ``edge`` equal ``tokens[start:]``."""
     n = min(len(edge), len(tokens) - start)
@@ -134,25 +138,31 @@ class PromptCache:
 
     # -- lookup ------------------------------------------------------------------------------
 
-    def lookup(self, tokens: Sequence[int]) -> Hit | None:
-        """The snapshot covering the longest prefix of ``tokens`` (at most ``len - 1``)."""
+    def lookup(
+        self, tokens: Sequence[int], usable: Callable[[Snapshot], bool] | None = None
+    ) -> Hit | None:
+        """The snapshot covering the longest prefix of ``tokens`` (at most ``len - 1``).
+
+        ``usable`` narrows it to the snapshots an owner can continue from: native MTP needs
+        the head's state in ``extras``, which the local engine's snapshots lack (while the
+        local engine can use native MTP's: the model's caches are the same)."""
         with self._lock:
             self._lookups += 1
-            hit = self._find(tokens)
+            hit = self._find(tokens, usable or _any)
             if hit is None:
                 return None
             self._hits += 1
             self._hit_tokens += hit.length
             return hit
 
-    def _find(self, tokens: Sequence[int]) -> Hit | None:
+    def _find(self, tokens: Sequence[int], usable: Callable[[Snapshot], bool]) -> Hit | None:
         limit = len(tokens) - 1  # the last prompt token is always computed
         if limit < 1:
             return None
         node, depth = self._root, 0
         full: _Node | None = None  # the deepest entry that is a whole prefix of tokens
         while True:
-            if node.entry is not None and 0 < depth <= limit:
+            if node.entry is not None and 0 < depth <= limit and usable(node.entry):
                 full = node
             if depth >= len(tokens):
                 below, common = node, depth
@@ -167,7 +177,7 @@ class PromptCache:
                 break
             node, depth = child, depth + m
         best = full.depth if full is not None else 0
-        trimmed = self._trimmed(below, common, limit, best) if self._trimmable else None
+        trimmed = self._trimmed(below, common, limit, best, usable) if self._trimmable else None
         if trimmed is not None:
             return trimmed
         if full is None:
@@ -176,7 +186,14 @@ class PromptCache:
         assert full.entry is not None
         return Hit(full.depth, full.entry, full.depth)
 
-    def _trimmed(self, below: _Node, common: int, limit: int, best: int) -> Hit | None:
+    def _trimmed(
+        self,
+        below: _Node,
+        common: int,
+        limit: int,
+        best: int,
+        usable: Callable[[Snapshot], bool],
+    ) -> Hit | None:
         """The trimmable snapshot sharing the most tokens with the prompt, if that beats
         ``best``: entries under ``below`` share ``common`` tokens; going up the path, the
         rest of an ancestor's subtree shares the ancestor's depth."""
@@ -184,15 +201,15 @@ class PromptCache:
         searched: _Node | None = None
         shared = common
         while node is not None:
-            usable = min(shared, limit)
-            if usable <= best:
+            length = min(shared, limit)
+            if length <= best:
                 return None
             stack = [node]
             while stack:
                 n = stack.pop()
-                if n.entry is not None and n.entry.trimmable:
+                if n.entry is not None and n.entry.trimmable and usable(n.entry):
                     self._lru.move_to_end(n)
-                    return Hit(usable, n.entry, n.depth)
+                    return Hit(length, n.entry, n.depth)
                 stack.extend(c for c in n.children.values() if c is not searched)
             searched, node = node, node.parent
             shared = node.depth if node is not None else 0
@@ -280,35 +297,62 @@ def freeze(caches: list[Any], extras: dict[str, Any] | None = None) -> Snapshot 
     """A detached copy of one sequence's caches (batch size 1) as they are now.
 
     Copies, so the snapshot keeps no batch buffer alive and no later forward can change it.
-    ``extras`` (arrays) are copied too and count in the snapshot's bytes. None for a cache
-    type the store cannot restore exactly (rotating windows, quantized KV)."""
+    ``extras`` (arrays, or caches of their own such as the MTP head's) are copied too and
+    count in the snapshot's bytes. None for a cache type the store cannot restore exactly
+    (rotating windows, quantized KV)."""
     import mlx.core as mx
-    from mlx_lm.models.cache import ArraysCache, KVCache
 
-    frozen: list[Any] = []
-    for c in caches:
-        if type(c) is KVCache:
-            copy = KVCache()
-            if c.keys is not None:
-                copy.keys = mx.array(c.keys[..., : c.offset, :])
-                copy.values = mx.array(c.values[..., : c.offset, :])
-                copy.offset = c.offset
-            frozen.append(copy)
-        elif type(c) is ArraysCache:
-            copy = ArraysCache(len(c.cache))
-            copy.cache = [mx.array(a) if a is not None else None for a in c.cache]
-            frozen.append(copy)
-        else:
-            return None
-    kept = {name: mx.array(a) for name, a in (extras or {}).items()}
-    mx.eval([c.state for c in frozen], list(kept.values()))
+    frozen = [_frozen(c) for c in caches]
+    kept = {
+        name: mx.array(a) if isinstance(a, mx.array) else _frozen(a)
+        for name, a in (extras or {}).items()
+    }
+    if any(c is None for c in [*frozen, *kept.values()]):
+        return None
+    mx.eval([c.state for c in frozen], [getattr(a, "state", a) for a in kept.values()])
     return Snapshot(
         caches=frozen,
-        nbytes=sum(c.nbytes for c in frozen) + sum(a.nbytes for a in kept.values()),
+        nbytes=sum(c.nbytes for c in [*frozen, *kept.values()]),
         # A snapshot with extras (a hidden state at its last position) cannot be cut back.
         trimmable=all(c.is_trimmable() for c in frozen) and not kept,
         extras=kept,
     )
+
+
+def store_snapshot(
+    store: PromptCache,
+    tokens: Sequence[int],
+    caches: list[Any],
+    extras: dict[str, Any] | None = None,
+) -> None:
+    """Freeze ``caches`` (and ``extras``) and store them under ``tokens``. A snapshot is an
+    optimisation: a failure is logged, never raised into the batch that took it."""
+    try:
+        snapshot = freeze(caches, extras)
+        if snapshot is not None:
+            store.insert(list(tokens), snapshot)
+    except Exception:
+        from node.logging import get_logger
+
+        get_logger(__name__).exception("storing a prompt-cache snapshot failed", tokens=len(tokens))
+
+
+def _frozen(c: Any) -> Any | None:
+    import mlx.core as mx
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    if type(c) is KVCache:
+        copy = KVCache()
+        if c.keys is not None:
+            copy.keys = mx.array(c.keys[..., : c.offset, :])
+            copy.values = mx.array(c.values[..., : c.offset, :])
+            copy.offset = c.offset
+        return copy
+    if type(c) is ArraysCache:
+        copy = ArraysCache(len(c.cache))
+        copy.cache = [mx.array(a) if a is not None else None for a in c.cache]
+        return copy
+    return None
 
 
 def thaw(hit: Hit) -> list[Any]:
@@ -316,23 +360,36 @@ def thaw(hit: Hit) -> list[Any]:
 
     New cache objects and new array objects: what the sequence's forwards write (KV slice
     updates, re-bound recurrent states) never reaches the stored snapshot."""
-    from mlx_lm.models.cache import ArraysCache, KVCache
-
     trim = hit.stored_length - hit.length
     if trim and not hit.snapshot.trimmable:
         raise ValueError(f"cannot trim {trim} tokens from a snapshot with recurrent state")
-    fresh: list[Any] = []
-    for c in hit.snapshot.caches:
-        if isinstance(c, KVCache):
-            copy = KVCache()
-            if c.keys is not None:
-                copy.keys = c.keys[..., : hit.length, :]
-                copy.values = c.values[..., : hit.length, :]
-                copy.offset = hit.length
-            fresh.append(copy)
-        else:
-            assert isinstance(c, ArraysCache)
-            copy = ArraysCache(len(c.cache))
-            copy.cache = list(c.cache)
-            fresh.append(copy)
-    return fresh
+    return [_fresh(c, hit.length) for c in hit.snapshot.caches]
+
+
+def thaw_extras(snapshot: Snapshot) -> dict[str, Any]:
+    """``snapshot.extras`` for a new sequence: caches among them fresh (as ``thaw`` makes
+    them, whole: a snapshot with extras is never trimmed), arrays shared."""
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    return {
+        name: _fresh(a, a.offset if isinstance(a, KVCache) else 0)
+        if isinstance(a, KVCache | ArraysCache)
+        else a
+        for name, a in snapshot.extras.items()
+    }
+
+
+def _fresh(c: Any, length: int) -> Any:
+    from mlx_lm.models.cache import ArraysCache, KVCache
+
+    if isinstance(c, KVCache):
+        copy = KVCache()
+        if c.keys is not None:
+            copy.keys = c.keys[..., :length, :]
+            copy.values = c.values[..., :length, :]
+            copy.offset = length
+        return copy
+    assert isinstance(c, ArraysCache)
+    copy = ArraysCache(len(c.cache))
+    copy.cache = list(c.cache)
+    return copy

@@ -113,7 +113,11 @@ class LocalRunner:
                         # The head loads when the first native-MTP request joins (select
                         # recovered it by then); instances that never select MTP never do.
                         "native_mtp": MtpBatchStep(
-                            self.loaded, None, self.max_batch, context_tokens=self.context_tokens
+                            self.loaded,
+                            None,
+                            self.max_batch,
+                            context_tokens=self.context_tokens,
+                            prompt_cache=self.prompt_cache,
                         ),
                     },
                     max_batch=self.max_batch,

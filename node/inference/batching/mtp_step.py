@@ -84,6 +84,13 @@ from node.inference.mtp.engine import PENDING_LIMIT, mean_k
 from node.inference.mtp.gdn import verify_forward
 from node.inference.mtp.head import MtpHead
 from node.inference.mtp.kpolicy import AcceptanceEstimate, BatchKPolicy, CostTable
+from node.inference.prompt_cache import (
+    PromptCache,
+    Snapshot,
+    store_snapshot,
+    thaw,
+    thaw_extras,
+)
 from node.inference.sampling import (
     KeyStream,
     SamplingParams,
@@ -92,6 +99,9 @@ from node.inference.sampling import (
     processed_logprobs,
     sample_tokens,
 )
+from node.logging import get_logger
+
+log = get_logger(__name__)
 
 
 @dataclass(eq=False)
@@ -109,6 +119,10 @@ class _Row:
     cache: list[Any] | None = None
     mtp_cache: KVCache | None = None
     prefilled: int = 0
+    # Hidden states of prompt positions whose pair waits for the next token (the last
+    # chunk's last position, or a prompt-cache snapshot's pending ones): [m, D].
+    carry: mx.array | None = None
+    cached: int = 0  # prompt tokens seeded from the prompt cache
     # Pairs (h_j, x_{j+1}) not yet in the head's cache: hidden [m, D], tokens (m ints).
     pending_hidden: mx.array | None = None
     pending_tokens: list[int] = field(default_factory=list)
@@ -194,8 +208,10 @@ class MtpBatchStep:
         costs: CostTable | None = None,
         fixed_k: int | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        prompt_cache: PromptCache | None = None,
     ) -> None:
         self.loaded = loaded
+        self.prompt_cache = prompt_cache
         self.model = loaded.model
         self._head = head  # None: the checkpoint's, loaded when the first request joins
         self.max_batch = max_batch
@@ -263,7 +279,25 @@ class MtpBatchStep:
         )
         if pin is None:
             self.cost_table()  # measured before the first unpinned request runs
+        if self.prompt_cache is not None:
+            self._seed(row)
         self._prefilling.append(row)
+
+    def _seed(self, row: _Row) -> None:
+        """Start ``row`` from the longest cached prefix of its prompt that holds the head's
+        state too: the model's caches, the head's cache and the hidden states whose pairs the
+        head has not seen (``_store_finished``); its prefill computes only the rest."""
+        assert self.prompt_cache is not None
+        ids = row.prepared.prompt_ids
+        try:
+            hit = self.prompt_cache.lookup(ids, usable=_has_head)
+            if hit is None:
+                return
+            extras = thaw_extras(hit.snapshot)
+            row.cache, row.mtp_cache, row.carry = thaw(hit), extras["mtp_cache"], extras["hidden"]
+            row.prefilled = row.cached = hit.length
+        except Exception:  # the request runs without the cache rather than not at all
+            log.exception("seeding from the prompt cache failed", tokens=len(ids))
 
     def leave(self, seq: Sequence) -> None:
         for i, row in enumerate(self._prefilling):
@@ -348,6 +382,7 @@ class MtpBatchStep:
                 draft_k_histogram=row.k_counts,
                 proposed=row.proposed,
                 accepted=row.accepted,
+                cached_prompt_tokens=row.cached,
             ),
         )
 
@@ -359,21 +394,35 @@ class MtpBatchStep:
         n = len(ids)
         start = row.prefilled
         end = min(start + self.prefill_chunk, n)
-        prompt = mx.array(ids[start : min(end + 1, n)])[None]
-        hidden = forward.hidden_states(self.model, prompt[:, : end - start], row.cache)
-        # Pairs (h_i, x_{i+1}) for the positions whose next token is in the prompt.
-        stop = min(end, n - 1)
-        if stop > start:
+        if self.prompt_cache is not None and start < n - 1:
+            end = min(end, n - 1)  # a chunk ends there: the prompt-end snapshot
+        hidden = forward.hidden_states(self.model, mx.array(ids[start:end])[None], row.cache)
+        # Pairs (h_j, x_{j+1}) whose next token is in this chunk: the carried positions' and
+        # this chunk's but its last, which waits for the next token (next chunk or generated).
+        carried = 0 if row.carry is None else row.carry.shape[0]
+        pairs = [row.carry[None]] if row.carry is not None else []
+        if end - start > 1:
+            pairs.append(hidden[:, :-1])
+        if pairs:
             self.head(
-                forward.embed(self.model, prompt[:, 1 : stop - start + 1]),
-                hidden[:, : stop - start],
+                forward.embed(self.model, mx.array(ids[start - carried + 1 : end])[None]),
+                mx.concatenate(pairs, axis=1),
                 row.mtp_cache,
             )
+        row.carry = hidden[0, -1:]
         row.prefilled = end
         if end < n:
-            mx.eval([c.state for c in row.cache], row.mtp_cache.state)
+            mx.eval([c.state for c in row.cache], row.mtp_cache.state, row.carry)
+            if self.prompt_cache is not None and end == n - 1:
+                store_snapshot(
+                    self.prompt_cache,
+                    ids[:end],
+                    row.cache,
+                    {"mtp_cache": row.mtp_cache, "hidden": row.carry},
+                )
             return
         self._prefilling.remove(row)
+        row.carry = None
         last = hidden[:, -1:, :]
         logits = forward.logits(self.model, last[:, -1, :])
         token = next_token(logits, row.params, row.tail(), row.keys)
@@ -486,7 +535,43 @@ class MtpBatchStep:
         if self._costs is not None:
             self._costs.observe(batch, k, self.clock() - start)
         if finished:
+            if self.prompt_cache is not None:
+                for i in finished:
+                    self._store_finished(i)
             self._remove(finished)
+
+    def _store_finished(self, i: int) -> None:
+        """Snapshot row ``i`` as it finishes, under its history but the newest token (what
+        its caches hold): the model's caches, the head's, and the hidden states of the
+        pending pairs (the head has seen the pairs before them). A queued K = 0 step has
+        advanced the model's caches by one more token: its entry is left out, and the linear
+        layers' states are the ones saved before it."""
+        assert self.prompt_cache is not None
+        assert self._cache is not None and self._mtp_cache is not None
+        row = self._rows[i]
+        assert row.pending_hidden is not None
+        tokens = row.history[:-1]
+        caches: list[Any] = []
+        for c, saved in zip(self._cache, self._saved or [None] * len(self._cache), strict=True):
+            if saved is not None:
+                one = ArraysCache(len(saved))
+                one.cache = [a[i : i + 1] for a in saved]
+            else:
+                one = c.extract(i)
+                if self._queued is not None and isinstance(one, KVCache):
+                    one.trim(1)
+            caches.append(one)
+        head = self._mtp_cache.extract(i)
+        offsets = {c.offset for c in caches if isinstance(c, KVCache)}
+        if offsets - {len(tokens)} or head.offset + row.pending_hidden.shape[0] != len(tokens):
+            log.error("a finished row's caches do not match its tokens; not stored")
+            return
+        store_snapshot(
+            self.prompt_cache,
+            tokens,
+            caches,
+            {"mtp_cache": head, "hidden": row.pending_hidden},
+        )
 
     # -- K = 0: plain batched decode, pipelined -------------------------------------------
 
@@ -541,14 +626,14 @@ class MtpBatchStep:
         values = tokens.tolist()
         finished = []
         for i, (row, token) in enumerate(zip(rows, values, strict=True)):
+            assert row.pending_hidden is not None
+            row.pending_hidden = mx.concatenate([row.pending_hidden, hidden[i]], axis=0)
+            row.pending_tokens.append(token)
             if self._emit(row, [token], out):
                 finished.append(i)
                 continue
             if row.coupled:
                 row.keys.forget_before(row.position)
-            assert row.pending_hidden is not None
-            row.pending_hidden = mx.concatenate([row.pending_hidden, hidden[i]], axis=0)
-            row.pending_tokens.append(token)
         return finished
 
     def _flush_queued(self) -> None:
@@ -722,6 +807,11 @@ class MtpBatchStep:
             ns.append(n[0].astype(mx.int32))
             nxts.append(t[0].astype(mx.int32))
         return mx.stack(ns), mx.stack(nxts)
+
+
+def _has_head(snapshot: Snapshot) -> bool:
+    """A snapshot native MTP can continue from (the local engine's have no head state)."""
+    return "mtp_cache" in snapshot.extras
 
 
 def commit_rows(cache: ArraysCache, pending: Any, n_accepted: list[int]) -> None:

@@ -39,7 +39,7 @@ from node.inference.engine import (
 )
 from node.inference.events import GenerationDone
 from node.inference.loading import LoadedModel
-from node.inference.prompt_cache import PromptCache, freeze, thaw
+from node.inference.prompt_cache import PromptCache, store_snapshot, thaw
 from node.inference.sampling import (
     KeyStream,
     SamplingParams,
@@ -221,12 +221,7 @@ class LocalBatchStep:
 
     def _store(self, tokens: list[int], cache: list[Any]) -> None:
         assert self.prompt_cache is not None
-        try:
-            snapshot = freeze(cache)
-            if snapshot is not None:
-                self.prompt_cache.insert(list(tokens), snapshot)
-        except Exception:  # a snapshot is an optimisation: it never fails the batch
-            log.exception("storing a prompt-cache snapshot failed", tokens=len(tokens))
+        store_snapshot(self.prompt_cache, tokens, cache)
 
     def _done(self, slot: _Slot) -> GenerationDone:
         output = slot.prepared.output
