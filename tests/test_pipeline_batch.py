@@ -463,3 +463,17 @@ def test_batch_caches_step_rows_exactly_like_their_own_caches() -> None:
     assert caches.groups() == []  # "c" alone again, on its own caches
     h = shard.forward(mx.array([[current["c"]]]), caches.solo((1, "c")))
     assert int(mx.argmax(shard.logits(h[:, -1:, :])[0], -1).item()) == step_alone("c", current["c"])
+
+
+def test_a_prompt_cache_snapshot_waits_for_the_pieces_before_it() -> None:
+    """A ``snapshot`` job copies its request's caches as the jobs before it left them: when
+    its prompt's last piece runs in this drain's waves, the snapshot (and the sampled row
+    after it) wait for the next drain; with nothing of its request pending it runs now."""
+    piece, last = _rows_job(1, "s", 64, False), _rows_job(1, "s", 1, True)
+    snapshot = Job("snapshot", 1, "s")
+    plan = plan_drain([Job("open", 1, "s"), piece, snapshot, last, Job("snapshot", 1, "idle")])
+    assert [(j.kind, j.rid) for j in plan.now] == [("open", "s"), ("snapshot", "idle")]
+    assert [e.job for w in plan.prefill for e in w] == [piece]
+    assert plan.requeue == [snapshot, last]
+    after = plan_drain(plan.requeue)
+    assert after.now == [snapshot] and [[e.row.rid for e in b] for b in after.batches] == [["s"]]

@@ -172,6 +172,63 @@ def test_malformed_frames_are_invalid_argument_and_the_stage_keeps_serving(clust
         stream.close()
 
 
+def test_prompt_cache_frames_keep_resume_and_forget_a_stages_snapshot(cluster) -> None:
+    """The coordinator names snapshots; a stage keeps its layers' payload, resumes a request
+    from it exactly (the token equals the one computed from scratch), forgets it when told,
+    and refuses a resume it cannot serve with the request's own error."""
+    engine, nodes = cluster
+    stream = Stream(nodes[0].address, engine.instance_id)
+    act = pb.Activation
+    try:
+        stream.send("nameless", open=pb.OpenRequest(resume_length=5))
+        expect_invalid(stream, "nameless", "resumes 5 positions but names no snapshot")
+        stream.send("ghost", snapshot=pb.SnapshotRequest(id=3))
+        expect_invalid(stream, "ghost", "unknown request id 'ghost'")
+
+        first = load_shard(ensure_checkpoint(PRESETS[PRESET]), 0, 2)
+        cache = first.make_cache()
+        head = first.forward(mx.array([PROMPT[:-1]]), cache)
+        last = first.forward(mx.array([PROMPT[-1:]]), cache)
+        stream.send("take", open=pb.OpenRequest())
+        stream.send(
+            "take",
+            activation=act(start_position=0, token_ids=PROMPT[:-1], hidden=encode_tensor(head)[0]),
+        )
+        stream.send("take", snapshot=pb.SnapshotRequest(id=7))
+        stream.send("take", release=pb.ReleaseRequest())
+        assert stream.reply().WhichOneof("kind") == "released"
+
+        stream.send("resume", open=pb.OpenRequest(resume_snapshot=7, resume_length=5))
+        position = len(PROMPT) - 1
+        tail = act(
+            start_position=position,
+            token_ids=PROMPT[-1:],
+            hidden=encode_tensor(last)[0],
+            sample=True,
+        )
+        stream.send("resume", activation=tail)
+        reply = stream.reply()
+        assert reply.WhichOneof("kind") == "token", reply
+        expected = list(
+            engine.generate(GenerateRequest(prompt_ids=PROMPT, max_tokens=1, ignore_eos=True))
+        )[-1]
+        assert (reply.token.position, [reply.token.token_id]) == (len(PROMPT), expected.token_ids)
+        stream.send("resume", release=pb.ReleaseRequest())
+        assert stream.reply().WhichOneof("kind") == "released"
+
+        stream.send("", forget=pb.ForgetSnapshots(ids=[7]))
+        assert stream.quiet()
+        stream.send("gone", open=pb.OpenRequest(resume_snapshot=7, resume_length=5))
+        reply = stream.reply()
+        assert reply.WhichOneof("kind") == "error" and reply.request_id == "gone"
+        assert reply.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
+        assert "holds no prompt-cache snapshot 7 of 5 positions" in reply.error.message
+        stream.send("gone", release=pb.ReleaseRequest())
+        wait_for(lambda: engine.cached_requests() == [0, 0, 0], 10, what="caches freed")
+    finally:
+        stream.close()
+
+
 def test_a_message_beyond_the_grpc_limit_fails_that_stream_only(cluster) -> None:
     engine, nodes = cluster
     stream = Stream(nodes[0].address, engine.instance_id, max_send_bytes=2 * rpc.MAX_MESSAGE_BYTES)

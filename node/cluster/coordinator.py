@@ -433,6 +433,7 @@ class Coordinator:
             # What the plan budgeted on every stage: max_batch sequences of context_tokens.
             max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
             context_tokens=context_tokens,
+            prompt_cache_bytes=int(getattr(self.daemon.settings, "prompt_cache_mb", 0)) * 2**20,
         )
         if instance.choice.engine == "pipeline_mtp":
             spec = located.card.native_mtp

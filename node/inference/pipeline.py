@@ -41,6 +41,7 @@ rejected frame, UNAVAILABLE when a stage is unreachable or died mid-request).
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 import uuid
@@ -59,6 +60,7 @@ from node.inference.codec import DEFAULT_CHUNK_BYTES
 from node.inference.engine import OutputTracker
 from node.inference.events import GenerationDone, GenerationEvent
 from node.inference.link import ForwardLink, stage_channel
+from node.inference.prompt_cache import PromptCache, Snapshot
 from node.inference.requests import GenerateRequest, check_against_model, prompt_token_ids
 from node.inference.shard import load_shard
 from node.inference.stage_runtime import StageRuntime
@@ -143,6 +145,15 @@ class _Active:
     generated: int = 0
     admitted: bool = False  # holds one of the engine's max_batch places
     released: bool = False
+    # Prompt cache: the tokens the stages' caches hold once the frames sent have run, whether
+    # the generation ended (not cancelled: its caches are worth keeping), the prompt tokens
+    # served from a snapshot, and the prompt-end snapshot the stages took but the store has
+    # not taken in yet (its id and tokens: stored once the first token shows every stage ran
+    # the prompt).
+    history: list[int] = field(default_factory=list)
+    finished: bool = False
+    cached: int = 0
+    prompt_end: tuple[int, list[int]] | None = None
 
     def stats(self) -> dict[str, Any]:
         """The engine-specific fields of the request's final stats."""
@@ -194,6 +205,7 @@ class PipelineEngine:
         instance_record: Any = None,
         max_batch: int = DEFAULT_MAX_BATCH,
         context_tokens: int | None = None,
+        prompt_cache_bytes: int = 0,
     ) -> None:
         self.model_path = Path(model).expanduser()
         self.config = load_config(self.model_path)
@@ -244,6 +256,30 @@ class PipelineEngine:
         self._lock = threading.Lock()
         self._loaded = False
         self.mtp_head_on_last = False  # pipeline_mtp: the last stage also loads the MTP head
+        # The prompt cache: which prefixes are cached is decided here, the payloads live on
+        # the stages (node.inference.stage_cache), each its own layers'. The store's entries
+        # hold only a snapshot id and count the bytes every stage holds for it.
+        self.prompt_cache = self._make_prompt_cache(prompt_cache_bytes)
+        self._snapshot_ids = itertools.count(1)
+        self._evicted: list[int] = []  # snapshot ids the stages should forget (store's lock)
+        self._cache_lock = threading.RLock()  # a lookup and its open frame go out together
+
+    def _make_prompt_cache(self, budget: int) -> PromptCache | None:
+        if budget <= 0 or self.kind != "pipeline":  # pipeline_mtp: its head state is not kept
+            return None
+        try:
+            from node.placement.checkpoint import card_from_checkpoint
+
+            card = card_from_checkpoint(self.model_path)
+        except Exception as exc:  # no sizes, no budget to keep: run without the cache
+            log.warning(
+                "prompt cache off: no model card", path=str(self.model_path), error=str(exc)
+            )
+            return None
+        self._snapshot_bytes = lambda tokens: (
+            card.kv_bytes_per_token * tokens + card.linear_state_bytes
+        )
+        return PromptCache(budget, on_evict=lambda s: self._evicted.append(s.caches[0]))
 
     # ---- lifecycle ----
 
@@ -427,9 +463,16 @@ class PipelineEngine:
             self._active.pop(request.request_id, None)
             admitted, request.admitted = request.admitted, False
         if admitted:  # a request still waiting for a place has nothing on the stages
-            self._send(
-                [pb.ForwardRequest(request_id=request.request_id, release=pb.ReleaseRequest())]
-            )
+            with self._cache_lock:
+                release = pb.ReleaseRequest()
+                if self.prompt_cache is not None:
+                    if request.prompt_end is not None:  # never stored: the request failed
+                        self._evicted.append(request.prompt_end[0])
+                    if request.finished:  # the stages keep the state after all it fed
+                        release.snapshot = next(self._snapshot_ids)
+                        self._keep_snapshot(release.snapshot, request.history)
+                frame = pb.ForwardRequest(request_id=request.request_id, release=release)
+                self._send([frame, *self._forget_frames()])
             self._places.release()
 
     def _admit(self, request: _Active) -> bool:
@@ -494,9 +537,17 @@ class PipelineEngine:
             if request is None or request.released:
                 continue  # a late token of a released request
             request.generated += 1
+            if request.prompt_end is not None:  # every stage ran the prompt: keep its end
+                with self._cache_lock:
+                    self._keep_snapshot(*request.prompt_end)
+                    request.prompt_end = None
+                    if forget := self._forget_frames():
+                        self._send(forget)
             if token.token_id in request.stop_ids or request.generated >= request.max_new:
+                request.finished = True
                 self._release(request)
             else:
+                request.history.append(token.token_id)
                 rows.append(
                     pb.BatchRow(
                         request_id=request_id,
@@ -625,24 +676,67 @@ class PipelineEngine:
     def _first_frames(
         self, active: _Active, request: GenerateRequest, ids: list[int]
     ) -> list[pb.ForwardRequest]:
-        """The request's open frame and its prompt."""
+        """The request's open frame and its prompt (from the prompt cache's hit, if any)."""
+        resume, begin, snapshot = self._use_prompt_cache(active, ids)
         open_frame = pb.ForwardRequest(
             request_id=active.request_id,
             open=pb.OpenRequest(
-                sampling=sampling_to_proto(request.sampling), return_route=self._route
+                sampling=sampling_to_proto(request.sampling),
+                return_route=self._route,
+                resume_snapshot=resume,
+                resume_length=begin,
             ),
         )
-        return [open_frame, *self._prefill_frames(active.request_id, ids)]
+        return [open_frame, *self._prefill_frames(active.request_id, ids, begin, snapshot)]
 
-    def _prefill_frames(self, request_id: str, ids: list[int]) -> list[pb.ForwardRequest]:
+    def _prefill_frames(
+        self, request_id: str, ids: list[int], begin: int = 0, snapshot: int = 0
+    ) -> list[pb.ForwardRequest]:
+        """Positions ``begin`` on: the prompt but its last token in chunks, then a
+        ``SnapshotRequest`` (when ``snapshot``: the stages keep the prompt-end state), then
+        the last token, which samples."""
         frames = []
-        for start in range(0, len(ids) - 1, self.prefill_step_size):
+        for start in range(begin, len(ids) - 1, self.prefill_step_size):
             end = min(start + self.prefill_step_size, len(ids) - 1)
             act = pb.Activation(start_position=start, token_ids=ids[start:end], sample=False)
             frames.append(pb.ForwardRequest(request_id=request_id, activation=act))
+        if snapshot and len(frames):
+            take = pb.SnapshotRequest(id=snapshot)
+            frames.append(pb.ForwardRequest(request_id=request_id, snapshot=take))
         last = pb.Activation(start_position=len(ids) - 1, token_ids=ids[-1:], sample=True)
         frames.append(pb.ForwardRequest(request_id=request_id, activation=last))
         return frames
+
+    # ---- the prompt cache (called with _cache_lock held) ----
+
+    def _use_prompt_cache(self, active: _Active, ids: list[int]) -> tuple[int, int, int]:
+        """(snapshot to resume, its length, prompt-end snapshot to take) for a request."""
+        active.history = list(ids)
+        if self.prompt_cache is None:
+            return 0, 0, 0
+        hit = self.prompt_cache.lookup(ids)
+        resume, begin = (hit.snapshot.caches[0], hit.length) if hit is not None else (0, 0)
+        active.cached = begin
+        snapshot = 0
+        if begin < len(ids) - 1:  # the prompt-end state is new
+            snapshot = next(self._snapshot_ids)
+            active.prompt_end = (snapshot, ids[:-1])
+        return resume, begin, snapshot
+
+    def _keep_snapshot(self, snapshot: int, tokens: list[int]) -> None:
+        """Enter a snapshot the stages took in the store (or have them forget it)."""
+        assert self.prompt_cache is not None
+        entry = Snapshot(
+            caches=[snapshot], nbytes=self._snapshot_bytes(len(tokens)), trimmable=False
+        )
+        if not self.prompt_cache.insert(tokens, entry):
+            self._evicted.append(snapshot)
+
+    def _forget_frames(self) -> list[pb.ForwardRequest]:
+        evicted, self._evicted = self._evicted, []
+        if not evicted:
+            return []
+        return [pb.ForwardRequest(forget=pb.ForgetSnapshots(ids=evicted))]
 
     def generate(
         self,
@@ -687,7 +781,8 @@ class PipelineEngine:
                     if kind == "error":
                         raise payload
                 return
-            self._send(self._first_frames(active, request, ids))
+            with self._cache_lock:  # the snapshot it resumes cannot be forgotten before
+                self._send(self._first_frames(active, request, ids))
             while not output.done:
                 try:
                     kind, payload = active.events.get(timeout=self.token_timeout)
@@ -715,6 +810,7 @@ class PipelineEngine:
                     **active.stats(),
                     engine_reason=reason or self.reason,
                     prompt_tokens=len(ids),
+                    cached_prompt_tokens=active.cached,
                     generation_tokens=output.generated,
                     prompt_tps=rate(len(ids), first - started),
                     generation_tps=rate(max(output.generated - 1, 0), ended - first),

@@ -155,7 +155,9 @@ def plan_drain(jobs: Iterable[Job], prefill_tokens: int = PREFILL_BATCH_TOKENS) 
             held.append(job)
             blocked.update(keys)
             continue
-        if waits:
+        if waits or (job.kind == "snapshot" and any(k in pieces or k in batched for k in keys)):
+            # A prompt-cache snapshot is of the caches after every earlier job of its
+            # request: it waits for the pieces this drain computes.
             held.append(job)
             blocked.update(keys)
             continue
@@ -206,8 +208,18 @@ class BatchCaches:
     def __contains__(self, key: Key) -> bool:
         return key in self._solo or key in self._group
 
-    def open(self, key: Key) -> None:
-        self._solo[key] = self._make_cache()
+    def open(self, key: Key, caches: list[Any] | None = None) -> None:
+        """New caches for ``key``: empty, or ``caches`` (a prompt-cache snapshot's)."""
+        self._solo[key] = caches if caches is not None else self._make_cache()
+
+    def copy_of(self, key: Key) -> list[Any]:
+        """The request's caches as one sequence's (a row of its group extracted, the group
+        left as it is): what a prompt-cache snapshot freezes."""
+        group = self._group.get(key)
+        if group is None:
+            return self._solo[key]
+        index = group.keys.index(key)
+        return [c.extract(index) for c in group.cache]
 
     def solo(self, key: Key) -> list[Any]:
         """The request's own caches (taken out of its group if it is in one)."""

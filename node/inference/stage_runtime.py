@@ -64,7 +64,9 @@ from node.inference.stage_batch import (
     Row,
     plan_drain,
 )
+from node.inference.stage_cache import StageSnapshots
 from node.inference.stage_wire import (
+    FAILED_PRECONDITION,
     INTERNAL,
     INVALID_ARGUMENT,
     RESOURCE_EXHAUSTED,
@@ -142,6 +144,7 @@ class StageRuntime:
         self._worker: threading.Thread | None = None
         self.states: dict[Key, RequestState] = {}
         self.caches = BatchCaches(shard.make_cache)
+        self.snapshots = StageSnapshots()  # this stage's part of the prompt cache (stage_cache)
         self.sessions: set[int] = set()
         self.frames_processed = 0
         self.frames_rejected = 0
@@ -213,6 +216,8 @@ class StageRuntime:
             batched_prefills=self.batched_prefills,
             max_batch=self.max_batch,
             context_tokens=self.context_tokens,
+            prompt_cache_snapshots=len(self.snapshots),
+            prompt_cache_bytes=self.snapshots.nbytes,
         )
 
     def channel(self) -> grpc.Channel:
@@ -319,6 +324,7 @@ class StageRuntime:
     def _clear(self) -> None:
         self.states.clear()
         self.caches.clear()
+        self.snapshots.clear()
 
     def _free_weights_if_unused(self) -> None:
         if self.closed and not self.sessions:
@@ -357,6 +363,23 @@ class StageRuntime:
             keys=None if sampling.is_greedy else KeyStream(sampling.seed),
         )
         self.caches.open(key)
+        if frame.open.resume_snapshot:  # --- prompt cache hook (node.inference.stage_cache) ---
+            resumed = self.snapshots.resume(frame.open.resume_snapshot, frame.open.resume_length)
+            if resumed is None:
+                state.failed = True
+                state.reply(
+                    error_response(
+                        rid,
+                        FAILED_PRECONDITION,
+                        f"stage {self.position} holds no prompt-cache snapshot "
+                        f"{frame.open.resume_snapshot} of {frame.open.resume_length} positions",
+                        self.position,
+                    )
+                )
+            else:
+                caches, history = resumed
+                self.caches.open(key, caches)
+                state.history = history
         if frame.open.mtp:  # --- pipeline_mtp hook (node.inference.stage_mtp) ---
             try:
                 state.mtp = stage_mtp.open_state(self, sampling)
@@ -368,12 +391,34 @@ class StageRuntime:
 
     def release_request(self, session: StageSession, rid: str, frame: pb.ForwardRequest) -> None:
         key = (session.session_id, rid)
+        if frame.release.snapshot:
+            self._store_snapshot(key, frame.release.snapshot)
         state = self.states.pop(key, None)
         self.caches.release(key)
         if self.shard.has_head:
             reply = state.reply if state is not None else session.emit
             reply(pb.ForwardResponse(request_id=rid, released=pb.Released(stages=1)))
         else:
+            session.send_downstream([frame])
+
+    def store_snapshot(self, session: StageSession, rid: str, frame: pb.ForwardRequest) -> None:
+        """--- prompt cache hook: keep the request's caches as they are now (stage_cache) ---"""
+        self._store_snapshot((session.session_id, rid), frame.snapshot.id)
+        if not self.shard.has_head:
+            session.send_downstream([frame])
+
+    def _store_snapshot(self, key: Key, snapshot_id: int) -> None:
+        state = self.states.get(key)
+        if state is None or state.failed or key not in self.caches:
+            return
+        try:
+            self.snapshots.store(snapshot_id, self.caches.copy_of(key), state.history)
+        except Exception:  # a snapshot is an optimisation: the request goes on
+            log.exception("storing a prompt-cache snapshot failed", stage=self.position)
+
+    def forget_snapshots(self, session: StageSession, frame: pb.ForwardRequest) -> None:
+        self.snapshots.forget(frame.forget.ids)
+        if not self.shard.has_head:
             session.send_downstream([frame])
 
     def echo_probe(self, session: StageSession, rid: str, tensor: RawTensor) -> None:

@@ -103,6 +103,10 @@ class StageSession:
         if kind == "batch":
             self._batch(frame.batch)
             return
+        if kind == "forget":  # prompt cache: no request of its own
+            runtime = self.runtime
+            self._submit("forget", "", run=lambda: runtime.forget_snapshots(self, frame))
+            return
         try:
             if not rid:
                 raise FrameError("frame has an empty request_id")
@@ -114,6 +118,10 @@ class StageSession:
                 self._release(rid, frame)
             elif kind == "probe":
                 self._probe(rid, frame.probe)
+            elif kind == "snapshot":
+                self._known(rid)
+                runtime = self.runtime
+                self._submit("snapshot", rid, run=lambda: runtime.store_snapshot(self, rid, frame))
             else:
                 raise FrameError(
                     f"frame for request {rid!r} carries nothing (no open, activation, release or probe)"
@@ -158,7 +166,18 @@ class StageSession:
             if frame.open.HasField("sampling")
             else SamplingParams()
         )
-        self.inbound[rid] = _Inbound(mtp=frame.open.mtp)
+        if frame.open.resume_length and not frame.open.resume_snapshot:
+            raise FrameError(
+                f"open for request {rid!r} resumes {frame.open.resume_length} positions "
+                "but names no snapshot"
+            )
+        if frame.open.resume_length >= self.runtime.context_tokens:
+            raise BudgetError(
+                f"open for request {rid!r} resumes {frame.open.resume_length} positions, beyond "
+                f"the {self.runtime.context_tokens} tokens per sequence this stage budgeted"
+            )
+        # Resuming a prompt-cache snapshot: its positions are cached already.
+        self.inbound[rid] = _Inbound(mtp=frame.open.mtp, position=frame.open.resume_length)
         runtime = self.runtime
         self._submit("open", rid, run=lambda: runtime.open_request(self, rid, sampling, frame))
 

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from node.proto.macmesh.v1 import inference_pb2 as macmesh_dot_v1_dot_inference__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16macmesh/v1/stage.proto\x12\nmacmesh.v1\x1a\x1amacmesh/v1/inference.proto\"b\n\x0bTensorChunk\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xf1\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x01\x12\x1f\n\x17repetition_context_size\x18\x06 \x01(\r\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1c\n\x14penalty_context_size\x18\t \x01(\r\x12>\n\nlogit_bias\x18\n \x03(\x0b\x32*.macmesh.v1.SamplingOptions.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\"\xfb\x01\n\x10LoadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12&\n\x08instance\x18\x08 \x01(\x0b\x32\x14.macmesh.v1.Instance\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\n \x01(\r\x12\x10\n\x08mtp_head\x18\x0b \x01(\x08\"\x86\x03\n\tShardInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x31\n\x10\x61\x63tivation_dtype\x18\n \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\x15\n\rhas_embedding\x18\x0b \x01(\x08\x12\x10\n\x08has_head\x18\x0c \x01(\x08\x12\x14\n\x0cweight_bytes\x18\r \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x0e \x01(\x04\x12\x14\n\x0cload_seconds\x18\x0f \x01(\x01\x12\x14\n\x0chas_mtp_head\x18\x10 \x01(\x08\x12\x16\n\x0emtp_head_bytes\x18\x11 \x01(\x04\"9\n\x11LoadShardResponse\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\")\n\x12UnloadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\'\n\x13UnloadShardResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\")\n\x12StageStatusRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xe9\x02\n\x0bStageStatus\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x02 \x01(\r\x12\x13\n\x0brequest_ids\x18\x03 \x03(\t\x12\x14\n\x0copen_streams\x18\x04 \x01(\r\x12\x18\n\x10\x66rames_processed\x18\x05 \x01(\x04\x12\x17\n\x0f\x66rames_rejected\x18\x06 \x01(\x04\x12\x17\n\x0ftokens_returned\x18\x07 \x01(\x04\x12\x19\n\x11responses_relayed\x18\x08 \x01(\x04\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x16\n\x0emax_batch_seen\x18\n \x01(\r\x12\x18\n\x10\x62\x61tched_forwards\x18\x0b \x01(\x04\x12\x11\n\tmax_batch\x18\x0c \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\r \x01(\r\x12\x18\n\x10\x62\x61tched_prefills\x18\x0e \x01(\x04\">\n\x13StageStatusResponse\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.StageStatus\"_\n\x0bOpenRequest\x12-\n\x08sampling\x18\x01 \x01(\x0b\x32\x1b.macmesh.v1.SamplingOptions\x12\x14\n\x0creturn_route\x18\x02 \x01(\t\x12\x0b\n\x03mtp\x18\x03 \x01(\x08\"\x94\x01\n\nActivation\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\'\n\x06hidden\x18\x03 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\"\n\x06verify\x18\x05 \x01(\x0b\x32\x12.macmesh.v1.Verify\"0\n\x06Verify\x12\x15\n\rkeep_previous\x18\x01 \x01(\r\x12\x0f\n\x07\x64raft_k\x18\x02 \x01(\r\"}\n\x08\x42\x61tchRow\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\"\n\x06verify\x18\x05 \x01(\x0b\x32\x12.macmesh.v1.Verify\"^\n\x0f\x41\x63tivationBatch\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.macmesh.v1.BatchRow\x12\'\n\x06hidden\x18\x02 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\"\x10\n\x0eReleaseRequest\"0\n\x05Probe\x12\'\n\x06tensor\x18\x01 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\"\x84\x02\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x04open\x18\x02 \x01(\x0b\x32\x17.macmesh.v1.OpenRequestH\x00\x12,\n\nactivation\x18\x03 \x01(\x0b\x32\x16.macmesh.v1.ActivationH\x00\x12-\n\x07release\x18\x04 \x01(\x0b\x32\x1a.macmesh.v1.ReleaseRequestH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x12,\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x1b.macmesh.v1.ActivationBatchH\x00\x42\x06\n\x04kind\"C\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"P\n\x07Verdict\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06\x64rafts\x18\x03 \x03(\r\x12\x10\n\x08position\x18\x04 \x01(\r\"\x1a\n\x08Released\x12\x0e\n\x06stages\x18\x01 \x01(\r\"o\n\nBatchToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x18.macmesh.v1.SampledToken\x12$\n\x07verdict\x18\x03 \x01(\x0b\x32\x13.macmesh.v1.Verdict\"4\n\nTokenBatch\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.macmesh.v1.BatchToken\"=\n\nStageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\r\"\xa1\x02\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.macmesh.v1.SampledTokenH\x00\x12(\n\x08released\x18\x03 \x01(\x0b\x32\x14.macmesh.v1.ReleasedH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.macmesh.v1.StageErrorH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x12(\n\x06tokens\x18\x06 \x01(\x0b\x32\x16.macmesh.v1.TokenBatchH\x00\x12&\n\x07verdict\x18\x07 \x01(\x0b\x32\x13.macmesh.v1.VerdictH\x00\x42\x06\n\x04kind*z\n\x0bTensorDType\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x32\xbb\x02\n\x0cStageService\x12H\n\tLoadShard\x12\x1c.macmesh.v1.LoadShardRequest\x1a\x1d.macmesh.v1.LoadShardResponse\x12N\n\x0bUnloadShard\x12\x1e.macmesh.v1.UnloadShardRequest\x1a\x1f.macmesh.v1.UnloadShardResponse\x12I\n\x06Status\x12\x1e.macmesh.v1.StageStatusRequest\x1a\x1f.macmesh.v1.StageStatusResponse\x12\x46\n\x07\x46orward\x12\x1a.macmesh.v1.ForwardRequest\x1a\x1b.macmesh.v1.ForwardResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16macmesh/v1/stage.proto\x12\nmacmesh.v1\x1a\x1amacmesh/v1/inference.proto\"b\n\x0bTensorChunk\x12&\n\x05\x64type\x18\x01 \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\r\n\x05shape\x18\x02 \x03(\x04\x12\x0e\n\x06offset\x18\x03 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"\xf1\x02\n\x0fSamplingOptions\x12\x13\n\x0btemperature\x18\x01 \x01(\x01\x12\r\n\x05top_p\x18\x02 \x01(\x01\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\r\n\x05min_p\x18\x04 \x01(\x01\x12\x1a\n\x12repetition_penalty\x18\x05 \x01(\x01\x12\x1f\n\x17repetition_context_size\x18\x06 \x01(\r\x12\x18\n\x10presence_penalty\x18\x07 \x01(\x01\x12\x19\n\x11\x66requency_penalty\x18\x08 \x01(\x01\x12\x1c\n\x14penalty_context_size\x18\t \x01(\r\x12>\n\nlogit_bias\x18\n \x03(\x0b\x32*.macmesh.v1.SamplingOptions.LogitBiasEntry\x12\x11\n\x04seed\x18\x0b \x01(\x04H\x00\x88\x01\x01\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\x07\n\x05_seed\"\xfb\x01\n\x10LoadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12&\n\x08instance\x18\x08 \x01(\x0b\x32\x14.macmesh.v1.Instance\x12\x11\n\tmax_batch\x18\t \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\n \x01(\r\x12\x10\n\x08mtp_head\x18\x0b \x01(\x08\"\x86\x03\n\tShardInfo\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x13\n\x0bstart_layer\x18\x03 \x01(\r\x12\x11\n\tend_layer\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\r\x12\x12\n\nnum_stages\x18\x06 \x01(\r\x12\x10\n\x08next_hop\x18\x07 \x01(\t\x12\x12\n\nnum_layers\x18\x08 \x01(\r\x12\x13\n\x0bhidden_size\x18\t \x01(\r\x12\x31\n\x10\x61\x63tivation_dtype\x18\n \x01(\x0e\x32\x17.macmesh.v1.TensorDType\x12\x15\n\rhas_embedding\x18\x0b \x01(\x08\x12\x10\n\x08has_head\x18\x0c \x01(\x08\x12\x14\n\x0cweight_bytes\x18\r \x01(\x04\x12\x16\n\x0eresident_bytes\x18\x0e \x01(\x04\x12\x14\n\x0cload_seconds\x18\x0f \x01(\x01\x12\x14\n\x0chas_mtp_head\x18\x10 \x01(\x08\x12\x16\n\x0emtp_head_bytes\x18\x11 \x01(\x04\"9\n\x11LoadShardResponse\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\")\n\x12UnloadShardRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\'\n\x13UnloadShardResponse\x12\x10\n\x08unloaded\x18\x01 \x01(\x08\")\n\x12StageStatusRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"\xa5\x03\n\x0bStageStatus\x12$\n\x05shard\x18\x01 \x01(\x0b\x32\x15.macmesh.v1.ShardInfo\x12\x17\n\x0f\x63\x61\x63hed_requests\x18\x02 \x01(\r\x12\x13\n\x0brequest_ids\x18\x03 \x03(\t\x12\x14\n\x0copen_streams\x18\x04 \x01(\r\x12\x18\n\x10\x66rames_processed\x18\x05 \x01(\x04\x12\x17\n\x0f\x66rames_rejected\x18\x06 \x01(\x04\x12\x17\n\x0ftokens_returned\x18\x07 \x01(\x04\x12\x19\n\x11responses_relayed\x18\x08 \x01(\x04\x12\x12\n\nbatch_size\x18\t \x01(\r\x12\x16\n\x0emax_batch_seen\x18\n \x01(\r\x12\x18\n\x10\x62\x61tched_forwards\x18\x0b \x01(\x04\x12\x11\n\tmax_batch\x18\x0c \x01(\r\x12\x16\n\x0e\x63ontext_tokens\x18\r \x01(\r\x12\x18\n\x10\x62\x61tched_prefills\x18\x0e \x01(\x04\x12\x1e\n\x16prompt_cache_snapshots\x18\x0f \x01(\r\x12\x1a\n\x12prompt_cache_bytes\x18\x10 \x01(\x04\">\n\x13StageStatusResponse\x12\'\n\x06stages\x18\x01 \x03(\x0b\x32\x17.macmesh.v1.StageStatus\"\x8f\x01\n\x0bOpenRequest\x12-\n\x08sampling\x18\x01 \x01(\x0b\x32\x1b.macmesh.v1.SamplingOptions\x12\x14\n\x0creturn_route\x18\x02 \x01(\t\x12\x0b\n\x03mtp\x18\x03 \x01(\x08\x12\x17\n\x0fresume_snapshot\x18\x04 \x01(\x04\x12\x15\n\rresume_length\x18\x05 \x01(\r\"\x94\x01\n\nActivation\x12\x16\n\x0estart_position\x18\x01 \x01(\r\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\'\n\x06hidden\x18\x03 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\"\n\x06verify\x18\x05 \x01(\x0b\x32\x12.macmesh.v1.Verify\"0\n\x06Verify\x12\x15\n\rkeep_previous\x18\x01 \x01(\r\x12\x0f\n\x07\x64raft_k\x18\x02 \x01(\r\"}\n\x08\x42\x61tchRow\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x16\n\x0estart_position\x18\x02 \x01(\r\x12\x11\n\ttoken_ids\x18\x03 \x03(\r\x12\x0e\n\x06sample\x18\x04 \x01(\x08\x12\"\n\x06verify\x18\x05 \x01(\x0b\x32\x12.macmesh.v1.Verify\"^\n\x0f\x41\x63tivationBatch\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.macmesh.v1.BatchRow\x12\'\n\x06hidden\x18\x02 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\"\"\n\x0eReleaseRequest\x12\x10\n\x08snapshot\x18\x01 \x01(\x04\"\x1d\n\x0fSnapshotRequest\x12\n\n\x02id\x18\x01 \x01(\x04\"\x1e\n\x0f\x46orgetSnapshots\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"0\n\x05Probe\x12\'\n\x06tensor\x18\x01 \x01(\x0b\x32\x17.macmesh.v1.TensorChunk\"\xe4\x02\n\x0e\x46orwardRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x04open\x18\x02 \x01(\x0b\x32\x17.macmesh.v1.OpenRequestH\x00\x12,\n\nactivation\x18\x03 \x01(\x0b\x32\x16.macmesh.v1.ActivationH\x00\x12-\n\x07release\x18\x04 \x01(\x0b\x32\x1a.macmesh.v1.ReleaseRequestH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x12,\n\x05\x62\x61tch\x18\x06 \x01(\x0b\x32\x1b.macmesh.v1.ActivationBatchH\x00\x12/\n\x08snapshot\x18\x07 \x01(\x0b\x32\x1b.macmesh.v1.SnapshotRequestH\x00\x12-\n\x06\x66orget\x18\x08 \x01(\x0b\x32\x1b.macmesh.v1.ForgetSnapshotsH\x00\x42\x06\n\x04kind\"C\n\x0cSampledToken\x12\x10\n\x08token_id\x18\x01 \x01(\r\x12\x10\n\x08position\x18\x02 \x01(\r\x12\x0f\n\x07logprob\x18\x03 \x01(\x02\"P\n\x07Verdict\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x02 \x01(\r\x12\x0e\n\x06\x64rafts\x18\x03 \x03(\r\x12\x10\n\x08position\x18\x04 \x01(\r\"\x1a\n\x08Released\x12\x0e\n\x06stages\x18\x01 \x01(\r\"o\n\nBatchToken\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\'\n\x05token\x18\x02 \x01(\x0b\x32\x18.macmesh.v1.SampledToken\x12$\n\x07verdict\x18\x03 \x01(\x0b\x32\x13.macmesh.v1.Verdict\"4\n\nTokenBatch\x12&\n\x06tokens\x18\x01 \x03(\x0b\x32\x16.macmesh.v1.BatchToken\"=\n\nStageError\x12\x0c\n\x04\x63ode\x18\x01 \x01(\r\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x10\n\x08position\x18\x03 \x01(\r\"\xa1\x02\n\x0f\x46orwardResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12)\n\x05token\x18\x02 \x01(\x0b\x32\x18.macmesh.v1.SampledTokenH\x00\x12(\n\x08released\x18\x03 \x01(\x0b\x32\x14.macmesh.v1.ReleasedH\x00\x12\'\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x16.macmesh.v1.StageErrorH\x00\x12\"\n\x05probe\x18\x05 \x01(\x0b\x32\x11.macmesh.v1.ProbeH\x00\x12(\n\x06tokens\x18\x06 \x01(\x0b\x32\x16.macmesh.v1.TokenBatchH\x00\x12&\n\x07verdict\x18\x07 \x01(\x0b\x32\x13.macmesh.v1.VerdictH\x00\x42\x06\n\x04kind*z\n\x0bTensorDType\x12\x1c\n\x18TENSOR_DTYPE_UNSPECIFIED\x10\x00\x12\x18\n\x14TENSOR_DTYPE_FLOAT32\x10\x01\x12\x18\n\x14TENSOR_DTYPE_FLOAT16\x10\x02\x12\x19\n\x15TENSOR_DTYPE_BFLOAT16\x10\x03\x32\xbb\x02\n\x0cStageService\x12H\n\tLoadShard\x12\x1c.macmesh.v1.LoadShardRequest\x1a\x1d.macmesh.v1.LoadShardResponse\x12N\n\x0bUnloadShard\x12\x1e.macmesh.v1.UnloadShardRequest\x1a\x1f.macmesh.v1.UnloadShardResponse\x12I\n\x06Status\x12\x1e.macmesh.v1.StageStatusRequest\x1a\x1f.macmesh.v1.StageStatusResponse\x12\x46\n\x07\x46orward\x12\x1a.macmesh.v1.ForwardRequest\x1a\x1b.macmesh.v1.ForwardResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,8 +34,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._loaded_options = None
   _globals['_SAMPLINGOPTIONS_LOGITBIASENTRY']._serialized_options = b'8\001'
-  _globals['_TENSORDTYPE']._serialized_start=3352
-  _globals['_TENSORDTYPE']._serialized_end=3474
+  _globals['_TENSORDTYPE']._serialized_start=3638
+  _globals['_TENSORDTYPE']._serialized_end=3760
   _globals['_TENSORCHUNK']._serialized_start=66
   _globals['_TENSORCHUNK']._serialized_end=164
   _globals['_SAMPLINGOPTIONS']._serialized_start=167
@@ -55,39 +55,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STAGESTATUSREQUEST']._serialized_start=1328
   _globals['_STAGESTATUSREQUEST']._serialized_end=1369
   _globals['_STAGESTATUS']._serialized_start=1372
-  _globals['_STAGESTATUS']._serialized_end=1733
-  _globals['_STAGESTATUSRESPONSE']._serialized_start=1735
-  _globals['_STAGESTATUSRESPONSE']._serialized_end=1797
-  _globals['_OPENREQUEST']._serialized_start=1799
-  _globals['_OPENREQUEST']._serialized_end=1894
-  _globals['_ACTIVATION']._serialized_start=1897
-  _globals['_ACTIVATION']._serialized_end=2045
-  _globals['_VERIFY']._serialized_start=2047
-  _globals['_VERIFY']._serialized_end=2095
-  _globals['_BATCHROW']._serialized_start=2097
-  _globals['_BATCHROW']._serialized_end=2222
-  _globals['_ACTIVATIONBATCH']._serialized_start=2224
-  _globals['_ACTIVATIONBATCH']._serialized_end=2318
-  _globals['_RELEASEREQUEST']._serialized_start=2320
-  _globals['_RELEASEREQUEST']._serialized_end=2336
-  _globals['_PROBE']._serialized_start=2338
-  _globals['_PROBE']._serialized_end=2386
-  _globals['_FORWARDREQUEST']._serialized_start=2389
-  _globals['_FORWARDREQUEST']._serialized_end=2649
-  _globals['_SAMPLEDTOKEN']._serialized_start=2651
-  _globals['_SAMPLEDTOKEN']._serialized_end=2718
-  _globals['_VERDICT']._serialized_start=2720
-  _globals['_VERDICT']._serialized_end=2800
-  _globals['_RELEASED']._serialized_start=2802
-  _globals['_RELEASED']._serialized_end=2828
-  _globals['_BATCHTOKEN']._serialized_start=2830
-  _globals['_BATCHTOKEN']._serialized_end=2941
-  _globals['_TOKENBATCH']._serialized_start=2943
-  _globals['_TOKENBATCH']._serialized_end=2995
-  _globals['_STAGEERROR']._serialized_start=2997
-  _globals['_STAGEERROR']._serialized_end=3058
-  _globals['_FORWARDRESPONSE']._serialized_start=3061
-  _globals['_FORWARDRESPONSE']._serialized_end=3350
-  _globals['_STAGESERVICE']._serialized_start=3477
-  _globals['_STAGESERVICE']._serialized_end=3792
+  _globals['_STAGESTATUS']._serialized_end=1793
+  _globals['_STAGESTATUSRESPONSE']._serialized_start=1795
+  _globals['_STAGESTATUSRESPONSE']._serialized_end=1857
+  _globals['_OPENREQUEST']._serialized_start=1860
+  _globals['_OPENREQUEST']._serialized_end=2003
+  _globals['_ACTIVATION']._serialized_start=2006
+  _globals['_ACTIVATION']._serialized_end=2154
+  _globals['_VERIFY']._serialized_start=2156
+  _globals['_VERIFY']._serialized_end=2204
+  _globals['_BATCHROW']._serialized_start=2206
+  _globals['_BATCHROW']._serialized_end=2331
+  _globals['_ACTIVATIONBATCH']._serialized_start=2333
+  _globals['_ACTIVATIONBATCH']._serialized_end=2427
+  _globals['_RELEASEREQUEST']._serialized_start=2429
+  _globals['_RELEASEREQUEST']._serialized_end=2463
+  _globals['_SNAPSHOTREQUEST']._serialized_start=2465
+  _globals['_SNAPSHOTREQUEST']._serialized_end=2494
+  _globals['_FORGETSNAPSHOTS']._serialized_start=2496
+  _globals['_FORGETSNAPSHOTS']._serialized_end=2526
+  _globals['_PROBE']._serialized_start=2528
+  _globals['_PROBE']._serialized_end=2576
+  _globals['_FORWARDREQUEST']._serialized_start=2579
+  _globals['_FORWARDREQUEST']._serialized_end=2935
+  _globals['_SAMPLEDTOKEN']._serialized_start=2937
+  _globals['_SAMPLEDTOKEN']._serialized_end=3004
+  _globals['_VERDICT']._serialized_start=3006
+  _globals['_VERDICT']._serialized_end=3086
+  _globals['_RELEASED']._serialized_start=3088
+  _globals['_RELEASED']._serialized_end=3114
+  _globals['_BATCHTOKEN']._serialized_start=3116
+  _globals['_BATCHTOKEN']._serialized_end=3227
+  _globals['_TOKENBATCH']._serialized_start=3229
+  _globals['_TOKENBATCH']._serialized_end=3281
+  _globals['_STAGEERROR']._serialized_start=3283
+  _globals['_STAGEERROR']._serialized_end=3344
+  _globals['_FORWARDRESPONSE']._serialized_start=3347
+  _globals['_FORWARDRESPONSE']._serialized_end=3636
+  _globals['_STAGESERVICE']._serialized_start=3763
+  _globals['_STAGESERVICE']._serialized_end=4078
 # @@protoc_insertion_point(module_scope)

@@ -153,7 +153,7 @@ class StageStatusRequest(_message.Message):
     def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected", "tokens_returned", "responses_relayed", "batch_size", "max_batch_seen", "batched_forwards", "max_batch", "context_tokens", "batched_prefills")
+    __slots__ = ("shard", "cached_requests", "request_ids", "open_streams", "frames_processed", "frames_rejected", "tokens_returned", "responses_relayed", "batch_size", "max_batch_seen", "batched_forwards", "max_batch", "context_tokens", "batched_prefills", "prompt_cache_snapshots", "prompt_cache_bytes")
     SHARD_FIELD_NUMBER: _ClassVar[int]
     CACHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,8 @@ class StageStatus(_message.Message):
     MAX_BATCH_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_PREFILLS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_SNAPSHOTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_CACHE_BYTES_FIELD_NUMBER: _ClassVar[int]
     shard: ShardInfo
     cached_requests: int
     request_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -182,7 +184,9 @@ class StageStatus(_message.Message):
     max_batch: int
     context_tokens: int
     batched_prefills: int
-    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., tokens_returned: _Optional[int] = ..., responses_relayed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., batched_forwards: _Optional[int] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batched_prefills: _Optional[int] = ...) -> None: ...
+    prompt_cache_snapshots: int
+    prompt_cache_bytes: int
+    def __init__(self, shard: _Optional[_Union[ShardInfo, _Mapping]] = ..., cached_requests: _Optional[int] = ..., request_ids: _Optional[_Iterable[str]] = ..., open_streams: _Optional[int] = ..., frames_processed: _Optional[int] = ..., frames_rejected: _Optional[int] = ..., tokens_returned: _Optional[int] = ..., responses_relayed: _Optional[int] = ..., batch_size: _Optional[int] = ..., max_batch_seen: _Optional[int] = ..., batched_forwards: _Optional[int] = ..., max_batch: _Optional[int] = ..., context_tokens: _Optional[int] = ..., batched_prefills: _Optional[int] = ..., prompt_cache_snapshots: _Optional[int] = ..., prompt_cache_bytes: _Optional[int] = ...) -> None: ...
 
 class StageStatusResponse(_message.Message):
     __slots__ = ("stages",)
@@ -191,14 +195,18 @@ class StageStatusResponse(_message.Message):
     def __init__(self, stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ...) -> None: ...
 
 class OpenRequest(_message.Message):
-    __slots__ = ("sampling", "return_route", "mtp")
+    __slots__ = ("sampling", "return_route", "mtp", "resume_snapshot", "resume_length")
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     RETURN_ROUTE_FIELD_NUMBER: _ClassVar[int]
     MTP_FIELD_NUMBER: _ClassVar[int]
+    RESUME_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    RESUME_LENGTH_FIELD_NUMBER: _ClassVar[int]
     sampling: SamplingOptions
     return_route: str
     mtp: bool
-    def __init__(self, sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., return_route: _Optional[str] = ..., mtp: _Optional[bool] = ...) -> None: ...
+    resume_snapshot: int
+    resume_length: int
+    def __init__(self, sampling: _Optional[_Union[SamplingOptions, _Mapping]] = ..., return_route: _Optional[str] = ..., mtp: _Optional[bool] = ..., resume_snapshot: _Optional[int] = ..., resume_length: _Optional[int] = ...) -> None: ...
 
 class Activation(_message.Message):
     __slots__ = ("start_position", "token_ids", "hidden", "sample", "verify")
@@ -245,8 +253,22 @@ class ActivationBatch(_message.Message):
     def __init__(self, rows: _Optional[_Iterable[_Union[BatchRow, _Mapping]]] = ..., hidden: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ReleaseRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("snapshot",)
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    snapshot: int
+    def __init__(self, snapshot: _Optional[int] = ...) -> None: ...
+
+class SnapshotRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class ForgetSnapshots(_message.Message):
+    __slots__ = ("ids",)
+    IDS_FIELD_NUMBER: _ClassVar[int]
+    ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Probe(_message.Message):
     __slots__ = ("tensor",)
@@ -255,20 +277,24 @@ class Probe(_message.Message):
     def __init__(self, tensor: _Optional[_Union[TensorChunk, _Mapping]] = ...) -> None: ...
 
 class ForwardRequest(_message.Message):
-    __slots__ = ("request_id", "open", "activation", "release", "probe", "batch")
+    __slots__ = ("request_id", "open", "activation", "release", "probe", "batch", "snapshot", "forget")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     OPEN_FIELD_NUMBER: _ClassVar[int]
     ACTIVATION_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     PROBE_FIELD_NUMBER: _ClassVar[int]
     BATCH_FIELD_NUMBER: _ClassVar[int]
+    SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    FORGET_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     open: OpenRequest
     activation: Activation
     release: ReleaseRequest
     probe: Probe
     batch: ActivationBatch
-    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenRequest, _Mapping]] = ..., activation: _Optional[_Union[Activation, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., batch: _Optional[_Union[ActivationBatch, _Mapping]] = ...) -> None: ...
+    snapshot: SnapshotRequest
+    forget: ForgetSnapshots
+    def __init__(self, request_id: _Optional[str] = ..., open: _Optional[_Union[OpenRequest, _Mapping]] = ..., activation: _Optional[_Union[Activation, _Mapping]] = ..., release: _Optional[_Union[ReleaseRequest, _Mapping]] = ..., probe: _Optional[_Union[Probe, _Mapping]] = ..., batch: _Optional[_Union[ActivationBatch, _Mapping]] = ..., snapshot: _Optional[_Union[SnapshotRequest, _Mapping]] = ..., forget: _Optional[_Union[ForgetSnapshots, _Mapping]] = ...) -> None: ...
 
 class SampledToken(_message.Message):
     __slots__ = ("token_id", "position", "logprob")
