@@ -139,6 +139,20 @@ def test_placement_budgets_cache_and_state_for_every_sequence_of_a_batch() -> No
         choose_placement(card, nodes(room), "n0", context_length=32768, sequences=8)
 
 
+def test_placement_budgets_the_instances_prompt_cache() -> None:
+    """A launch places the prompt cache too (--prompt-cache-mb): a node with room for the
+    model and its KV but not for 1 GiB more sends a launch elsewhere or onto two nodes."""
+    card = get_card("Qwen3.6-27B-4bit")
+    bare = choose_placement(card, nodes(60), "n0")
+    cached = choose_placement(card, nodes(60), "n0", prompt_cache_bytes=GIB)
+    assert cached.stages[0].prompt_cache_bytes == GIB
+    assert cached.stages[0].bytes == bare.stages[0].bytes + GIB
+    room = bare.stages[0].bytes / 0.9 / GIB + 0.5  # GiB free: the model fits, +1 GiB does not
+    assert choose_placement(card, nodes(room), "n0").single_node
+    with pytest.raises(InsufficientMemoryError, match=r"prompt cache 1\.0 GiB"):
+        choose_placement(card, nodes(room), "n0", prompt_cache_bytes=GIB)
+
+
 # -- stop strings, throughput, cancellation -----------------------------------------------------
 
 

@@ -116,7 +116,9 @@ def check_placement(card: ModelCard, nodes, options: PlanOptions, placement) -> 
         need = stage_need(
             card, s.start_layer, s.end_layer, first, last, tokens, seqs, s.has_mtp_head
         )
-        assert s.bytes == need == s.weight_bytes + s.cache_bytes
+        share = s.prompt_cache_bytes  # its part of the prompt cache (checked on its own)
+        assert share <= options.prompt_cache_bytes
+        assert s.bytes == need + share == s.weight_bytes + s.cache_bytes + share
         assert s.bytes <= usable(by_id[s.node_id], options.headroom_fraction)
         assert (s.has_embedding, s.has_head) == (first, last)
     assert placement.total_bytes == sum(s.bytes for s in stages)
@@ -421,6 +423,40 @@ def test_the_mtp_head_is_left_out_when_only_the_model_fits() -> None:
     assert placement.single_node and not placement.mtp_head_included
     assert placement.stages[0].bytes == whole
     assert "does not fit as well" in placement.explanation
+
+
+def test_the_prompt_cache_budget_counts_in_the_nodes_memory() -> None:
+    """A single node budgets the whole prompt cache on top of weights and KV: the same node
+    that fits without it is one byte short with it, and the plan says what it counted."""
+    card = get_card("Qwen3.6-27B-4bit")
+    cache = 1024 * 2**20
+    options = PlanOptions(headroom_fraction=0.0, include_mtp_head=False, prompt_cache_bytes=cache)
+    need = stage_need(card, 0, 64, True, True, DEFAULT_CONTEXT_TOKENS, 1)
+    fits = plan(card, [NodeCapacity(id="x", available_memory_bytes=need + cache)], options)
+    assert fits.stages[0].prompt_cache_bytes == cache
+    assert fits.stages[0].bytes == need + cache
+    assert "prompt cache 1.0 GiB" in fits.explanation
+    with pytest.raises(InsufficientMemoryError):
+        plan(card, [NodeCapacity(id="x", available_memory_bytes=need + cache - 1)], options)
+    without = options.model_copy(update={"prompt_cache_bytes": 0})
+    assert plan(card, [NodeCapacity(id="x", available_memory_bytes=need)], without).single_node
+
+
+def test_a_pipelines_stages_share_the_prompt_cache_by_the_state_they_hold() -> None:
+    """Each stage keeps its own layers' part of every snapshot: its share of the budget is
+    its share of the per-sequence KV and GatedDeltaNet state, and the shares add up."""
+    card = get_card("Qwen3.6-27B")
+    cache = 4 * GIB
+    options = PlanOptions(min_nodes=3, prompt_cache_bytes=cache)
+    placement = plan(card, HETEROGENEOUS, options)
+    check_placement(card, HETEROGENEOUS, options, placement)
+    stages = placement.stages
+    assert len(stages) == 3
+    total_state = sum(s.cache_bytes for s in stages)
+    for s in stages:
+        assert s.prompt_cache_bytes == cache * s.cache_bytes // total_state
+        assert s.bytes == s.weight_bytes + s.cache_bytes + s.prompt_cache_bytes
+    assert cache - len(stages) < sum(s.prompt_cache_bytes for s in stages) <= cache
 
 
 def test_headroom_is_respected_to_the_byte() -> None:

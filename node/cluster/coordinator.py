@@ -108,6 +108,7 @@ def choose_placement(
     pin_local: bool = False,
     sequences: int = 1,
     mtp_across_pipeline: bool = False,
+    prompt_cache_bytes: int = 0,
 ) -> Placement:
     """Where an instance launched on ``local_id`` goes. Pure.
 
@@ -115,12 +116,14 @@ def choose_placement(
     daemon, native MTP included); otherwise the planner's choice over all live nodes — which
     may be a single other node (the launch is then delegated there) or several. ``pin_local``
     keeps this node in the placement whatever it costs (a delegated launch). Memory is budgeted
-    for ``sequences`` concurrent sequences at the context (the instance's ``max_batch``)."""
+    for ``sequences`` concurrent sequences at the context (the instance's ``max_batch``) and
+    for its prompt cache (``prompt_cache_bytes``, spread over the stages)."""
     base = {
         "min_nodes": max(1, min_nodes),
         "context_length": context_length,
         "max_concurrent_sequences": max(1, sequences),
         "mtp_across_pipeline": mtp_across_pipeline,
+        "prompt_cache_bytes": prompt_cache_bytes,
     }
     if any(n.id == local_id for n in nodes) and (min_nodes <= 1 or pin_local):
         try:
@@ -189,6 +192,11 @@ class Coordinator:
 
     # -- planning --
 
+    @property
+    def _prompt_cache_bytes(self) -> int:
+        """Each instance's prompt-cache budget (--prompt-cache-mb): placed and kept."""
+        return int(getattr(self.daemon.settings, "prompt_cache_mb", 0)) * 2**20
+
     def plan(
         self,
         model: str,
@@ -216,6 +224,7 @@ class Coordinator:
             pin_local=pin_local,
             sequences=int(getattr(self.daemon.settings, "max_batch", 1)),
             mtp_across_pipeline=opted,
+            prompt_cache_bytes=self._prompt_cache_bytes,
         )
         delegate = None
         if placement.single_node and placement.stages[0].node_id != local_id and not pin_local:
@@ -387,7 +396,7 @@ class Coordinator:
             disabled_by=self.disabled_by,
             max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
             context_tokens=context_tokens,  # what the plan budgeted memory for
-            prompt_cache_bytes=int(getattr(self.daemon.settings, "prompt_cache_mb", 0)) * 2**20,
+            prompt_cache_bytes=self._prompt_cache_bytes,
         )
         if instance.choice.engine == "native_mtp":
             # Recover the head now: the first request should not pay for it, and a head that
@@ -433,7 +442,7 @@ class Coordinator:
             # What the plan budgeted on every stage: max_batch sequences of context_tokens.
             max_batch=int(getattr(self.daemon.settings, "max_batch", DEFAULT_MAX_BATCH)),
             context_tokens=context_tokens,
-            prompt_cache_bytes=int(getattr(self.daemon.settings, "prompt_cache_mb", 0)) * 2**20,
+            prompt_cache_bytes=self._prompt_cache_bytes,
         )
         if instance.choice.engine == "pipeline_mtp":
             spec = located.card.native_mtp
@@ -619,6 +628,7 @@ class Coordinator:
                     context_length=info.context_length,
                     sequences=int(getattr(self.daemon.settings, "max_batch", 1)),
                     mtp_across_pipeline=bool(info.mtp_opted_in_by),
+                    prompt_cache_bytes=self._prompt_cache_bytes,
                 )
                 # The launch's opt-in travels with the record: a pipeline_mtp instance stays one.
                 launch_plan = LaunchPlan(

@@ -55,6 +55,7 @@ def replace_missing(
     context_length: int | None = None,
     sequences: int = 1,
     mtp_across_pipeline: bool = False,
+    prompt_cache_bytes: int = 0,
 ) -> Placement:
     """The instance's placement after the ``lost`` nodes went: surviving stages where they
     are, each lost range on a live node without a stage of it (the roomiest first).
@@ -91,5 +92,6 @@ def replace_missing(
         },
         max_concurrent_sequences=max(1, sequences),
         mtp_across_pipeline=mtp_across_pipeline,
+        prompt_cache_bytes=prompt_cache_bytes,
     )
     return plan(card, capacities, options)

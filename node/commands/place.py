@@ -119,6 +119,14 @@ def place(
         int,
         typer.Option("--sequences", help="concurrent sequences to budget KV cache and state for"),
     ] = 1,
+    prompt_cache_mb: Annotated[
+        int,
+        typer.Option(
+            "--prompt-cache-mb",
+            help="MiB of prompt cache to budget, spread over the stages (a launch budgets the "
+            "daemon's --prompt-cache-mb, default 1024)",
+        ),
+    ] = 0,
     node: Annotated[
         str | None,
         typer.Option(
@@ -152,6 +160,10 @@ def place(
         raise typer.BadParameter(f"must be in [0, 1), got {headroom}", param_hint="--headroom")
     if sequences < 1:
         raise typer.BadParameter(f"must be >= 1, got {sequences}", param_hint="--sequences")
+    if prompt_cache_mb < 0:
+        raise typer.BadParameter(
+            f"must be >= 0, got {prompt_cache_mb}", param_hint="--prompt-cache-mb"
+        )
 
     try:
         card = resolve_card(model, models_dir.expanduser() if models_dir else None)
@@ -180,6 +192,7 @@ def place(
         context_length=context,
         headroom_fraction=headroom,
         max_concurrent_sequences=sequences,
+        prompt_cache_bytes=prompt_cache_mb * 2**20,
         mtp_across_pipeline=mtp_across_pipeline,
     )
     try:

@@ -81,6 +81,12 @@ class PlanOptions(BaseModel):
         default=None, description="manual split: node id -> layers, stages in this order"
     )
     max_concurrent_sequences: int = Field(default=1, ge=1)
+    prompt_cache_bytes: int = Field(
+        default=0,
+        ge=0,
+        description="the instance's prompt-cache budget (--prompt-cache-mb); a pipeline's "
+        "stages each hold their layers' part of every snapshot, so each budgets its share",
+    )
     include_mtp_head: bool = Field(
         default=True, description="budget the native-MTP head on a single node when it fits"
     )
@@ -106,6 +112,7 @@ class Stage(BaseModel):
     bytes: int = Field(ge=0, description="weights + KV cache + recurrent state on this node")
     weight_bytes: int = Field(ge=0)
     cache_bytes: int = Field(ge=0, description="KV cache + GatedDeltaNet state at the budget")
+    prompt_cache_bytes: int = Field(default=0, ge=0, description="its share of the prompt cache")
     has_embedding: bool
     has_head: bool
     has_mtp_head: bool = False
@@ -155,9 +162,17 @@ class _Budget:
     kv_per_full_layer: int  # KV bytes one full-attention layer needs at this budget
     state_per_linear_layer: int  # GatedDeltaNet state one linear layer needs at this budget
     mtp_on_last: bool = False  # pipeline_mtp: the last stage of a pipeline holds the MTP head
+    prompt_cache: int = 0  # the instance's prompt-cache budget, over all its stages
 
     @classmethod
-    def of(cls, card: ModelCard, tokens: int, sequences: int, mtp_on_last: bool = False) -> _Budget:
+    def of(
+        cls,
+        card: ModelCard,
+        tokens: int,
+        sequences: int,
+        mtp_on_last: bool = False,
+        prompt_cache: int = 0,
+    ) -> _Budget:
         return cls(
             card,
             tokens,
@@ -168,6 +183,7 @@ class _Budget:
             card.kv_bytes_per_token_per_layer * tokens * sequences,
             card.linear_state_bytes_per_layer * sequences,
             mtp_on_last and card.native_mtp is not None and card.mtp_bytes > 0,
+            prompt_cache,
         )
 
     def mtp_on(self, first: bool, last: bool) -> bool:
@@ -177,7 +193,16 @@ class _Budget:
     def cost(
         self, start: int, end: int, first: bool, last: bool, mtp: bool = False
     ) -> tuple[int, int]:
-        """(weight bytes, cache bytes) of a stage holding layers [start, end)."""
+        """(weight bytes, cache bytes with the prompt-cache share) of layers [start, end)."""
+        weights, cache, share = self.parts(start, end, first, last, mtp)
+        return weights, cache + share
+
+    def parts(
+        self, start: int, end: int, first: bool, last: bool, mtp: bool = False
+    ) -> tuple[int, int, int]:
+        """(weight bytes, KV + GatedDeltaNet bytes, prompt-cache share) of layers [start,
+        end). A snapshot holds every layer's state for its tokens, each stage its own
+        layers': a stage's share of the budget is its share of the per-sequence state."""
         card = self.card
         weights = self.weight_prefix[end] - self.weight_prefix[start]
         if first:
@@ -198,7 +223,12 @@ class _Budget:
         if mtp and card.native_mtp is not None:
             weights += card.native_mtp.head_bytes
             cache += card.native_mtp.num_layers * self.kv_per_full_layer
-        return weights, cache
+        whole = (
+            self.full_prefix[-1] * self.kv_per_full_layer
+            + self.linear_prefix[-1] * self.state_per_linear_layer
+        )
+        share = min(self.prompt_cache, self.prompt_cache * cache // whole) if whole else 0
+        return weights, cache, share
 
     def total(self, start: int, end: int, first: bool, last: bool, mtp: bool = False) -> int:
         return sum(self.cost(start, end, first, last, mtp))
@@ -430,7 +460,11 @@ def plan(
     _validate(card, nodes, options)
     tokens = options.context_length or min(card.context_length, DEFAULT_CONTEXT_TOKENS)
     budget = _Budget.of(
-        card, tokens, options.max_concurrent_sequences, mtp_on_last=options.mtp_across_pipeline
+        card,
+        tokens,
+        options.max_concurrent_sequences,
+        mtp_on_last=options.mtp_across_pipeline,
+        prompt_cache=options.prompt_cache_bytes,
     )
     usable = {node.id: usable_bytes(node, options.headroom_fraction) for node in nodes}
     by_id = {node.id: node for node in nodes}
@@ -559,15 +593,16 @@ def _build(
     n = len(nodes)
     stages = []
     for i, (node, (start, end)) in enumerate(zip(nodes, _ranges(counts), strict=True)):
-        weights, cache = budget.cost(start, end, i == 0, i == n - 1, mtp)
+        weights, cache, share = budget.parts(start, end, i == 0, i == n - 1, mtp)
         stages.append(
             Stage(
                 node_id=node.id,
                 start_layer=start,
                 end_layer=end,
-                bytes=weights + cache,
+                bytes=weights + cache + share,
                 weight_bytes=weights,
                 cache_bytes=cache,
+                prompt_cache_bytes=share,
                 has_embedding=i == 0,
                 has_head=i == n - 1,
                 has_mtp_head=mtp or budget.mtp_on(i == 0, i == n - 1),
@@ -616,6 +651,8 @@ def _budget_words(card: ModelCard, budget: _Budget) -> str:
     ]
     if card.linear_state_bytes:
         parts.append(f"GatedDeltaNet state {format_bytes(card.linear_state_bytes * seqs)}")
+    if budget.prompt_cache:
+        parts.append(f"prompt cache {format_bytes(budget.prompt_cache)}")
     return ", ".join(parts)
 
 
