@@ -13,7 +13,8 @@ the previous answer (``--answer-tokens`` generated) and a new user message
 (``--message-tokens``): turn 5's prompt carries ~``--history-tokens`` of history. Every turn
 runs through an instance's batch scheduler (``LocalRunner.submit``, what a daemon instance
 runs), and TTFT is what the request's final stats report (arrival at the instance to the
-first token).
+first token). ``--engine native_mtp`` runs every turn on batched native MTP at K = 2 (the
+model's MTP head; the snapshots carry the head's cache and pending hidden states).
 
 - ``cached``: a runner with the prompt cache (default budget) plays turns 1-4, then turn 5
   starts from the snapshot the end of turn 4's generation left.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import subprocess
@@ -38,7 +38,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bench_batch import OPENBLAS, _cpu_model
+from _benchinfo import machine_info
+from bench_batch import OPENBLAS
 
 
 def conversation(seed: int, history: int, turns: int, message: int, answer: int) -> dict:
@@ -50,15 +51,61 @@ def conversation(seed: int, history: int, turns: int, message: int, answer: int)
     }
 
 
-def earlier_turns(runner: Any, chat: dict, answer: int) -> list[int]:
-    """Turns 1..n-1 on ``runner``; returns turn n's prompt."""
+def request(prompt: list[int], max_tokens: int, engine: str) -> Any:
+    """Greedy, EOS ignored; native MTP at a pinned K = 2 (it drafts, and no cost table needs
+    measuring first)."""
     from node.inference.requests import GenerateRequest
 
+    mtp = {"engine": "native_mtp", "mtp_k": 2} if engine == "native_mtp" else {}
+    return GenerateRequest(prompt_ids=prompt, max_tokens=max_tokens, ignore_eos=True, **mtp)
+
+
+class PipelineRunner:
+    """A 2-stage pipeline instance as the bench drives it: stage 0 in this process, stage 1
+    a stage server process; ``submit`` is the engine's ``generate``, with the time to first
+    token measured here (from the call to the first token, as the runner's stats do)."""
+
+    def __init__(self, checkpoint: Path, address: str, prompt_cache_bytes: int) -> None:
+        from node.inference.pipeline import PipelineEngine, SimplePlacement
+        from node.inference.prompt_cache import DEFAULT_PROMPT_CACHE_MB
+
+        layers = json.loads((checkpoint / "config.json").read_text())
+        layers = layers.get("text_config", layers)["num_hidden_layers"]
+        self.engine = PipelineEngine(
+            checkpoint,
+            SimplePlacement.even(layers, ["here", "stage1"]),
+            {"stage1": address},
+            local_node_id="here",
+            prompt_cache_bytes=(
+                DEFAULT_PROMPT_CACHE_MB * 2**20 if prompt_cache_bytes < 0 else prompt_cache_bytes
+            ),
+        )
+        self.engine.load()
+        self.prompt_cache = self.engine.prompt_cache
+
+    def submit(self, request: Any) -> list[Any]:
+        import time
+
+        started = time.perf_counter()
+        first = None
+        events = []
+        for event in self.engine.generate(request):
+            if first is None:
+                first = time.perf_counter() - started
+            events.append(event)
+        stats = events[-1].stats.model_copy(update={"time_to_first_token_seconds": first})
+        events[-1] = events[-1].model_copy(update={"stats": stats})
+        return events
+
+    def close(self) -> None:
+        self.engine.close()
+
+
+def earlier_turns(runner: Any, chat: dict, answer: int, engine: str) -> list[int]:
+    """Turns 1..n-1 on ``runner``; returns turn n's prompt."""
     prompt = list(chat["first"])
     for message in chat["messages"]:
-        done = list(
-            runner.submit(GenerateRequest(prompt_ids=prompt, max_tokens=answer, ignore_eos=True))
-        )[-1]
+        done = list(runner.submit(request(prompt, answer, engine)))[-1]
         prompt = prompt + done.token_ids + message
     return prompt
 
@@ -72,6 +119,13 @@ def main() -> None:
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--last-tokens", type=int, default=8, help="generated in the last turn")
     parser.add_argument("--repeats", type=int, default=3, help="interleaved rounds")
+    parser.add_argument(
+        "--engine",
+        choices=["local", "native_mtp", "pipeline"],
+        default="local",
+        help="the instance's engine (native_mtp: the head's state is cached too; pipeline: "
+        "2 stages, the second in a stage server process)",
+    )
     parser.add_argument("--json", type=Path, default=Path("bench_prompt_cache.json"))
     parser.add_argument("--no-preload", action="store_true", help="do not re-exec with OpenBLAS")
     args = parser.parse_args()
@@ -88,11 +142,8 @@ def main() -> None:
         env.setdefault("OPENBLAS_NUM_THREADS", "1")
         sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
 
-    import mlx.core as mx
-
     from node.checkpoints import bench_spec, count_parameters, ensure_checkpoint
     from node.inference.loading import load_checkpoint
-    from node.inference.requests import GenerateRequest
     from node.inference.runner import LocalRunner
 
     spec = bench_spec(params=args.params)
@@ -102,11 +153,22 @@ def main() -> None:
         flush=True,
     )
     loaded = load_checkpoint(ensure_checkpoint(spec))
-    cached = LocalRunner(loaded, native_mtp_enabled=False)
-    uncached = LocalRunner(loaded, native_mtp_enabled=False, prompt_cache_bytes=0)
+    mtp = args.engine == "native_mtp"
+    if args.engine == "pipeline":
+        import tempfile
+
+        from bench_pipeline import start_stage_servers
+
+        workdir = Path(tempfile.mkdtemp(prefix="bench-prompt-cache-"))
+        ((server, address),) = start_stage_servers(1, [None, None], workdir)
+        cached: Any = PipelineRunner(loaded.path, address, -1)
+        uncached: Any = PipelineRunner(loaded.path, address, 0)
+    else:
+        cached = LocalRunner(loaded, native_mtp_enabled=mtp)
+        uncached = LocalRunner(loaded, native_mtp_enabled=mtp, prompt_cache_bytes=0)
     assert cached.prompt_cache is not None
     for runner in (cached, uncached):  # warm-up: kernels, allocator
-        list(runner.submit(GenerateRequest(prompt_ids=list(range(300)), max_tokens=2)))
+        list(runner.submit(request(list(range(300)), 2, args.engine)))
     cached.prompt_cache.clear()
 
     rounds: list[dict[str, Any]] = []
@@ -116,14 +178,12 @@ def main() -> None:
         )
         # Turns 1-4 on the cached runner (the uncached one would give the same greedy
         # answers): they leave the snapshots turn 5 starts from.
-        prompt = earlier_turns(cached, chat, args.answer_tokens)
+        prompt = earlier_turns(cached, chat, args.answer_tokens, args.engine)
         result: dict[str, Any] = {}
         order = (cached, uncached) if r % 2 == 0 else (uncached, cached)
         for runner in order:
-            request = GenerateRequest(
-                prompt_ids=prompt, max_tokens=args.last_tokens, ignore_eos=True
-            )
-            last = list(runner.submit(request))[-1]
+            last = list(runner.submit(request(prompt, args.last_tokens, args.engine)))[-1]
+            assert last.stats.engine == args.engine, last.stats.engine
             result["cached" if runner is cached else "uncached"] = {
                 "ttft_s": last.stats.time_to_first_token_seconds,
                 "cached_prompt_tokens": last.stats.cached_prompt_tokens,
@@ -147,6 +207,8 @@ def main() -> None:
     stats = cached.prompt_cache.stats()
     cached.close()
     uncached.close()
+    if args.engine == "pipeline":
+        server.terminate()
 
     with_cache = statistics.median(r["ttft_cached_s"] for r in rounds)
     without = statistics.median(r["ttft_uncached_s"] for r in rounds)
@@ -177,16 +239,7 @@ def main() -> None:
         f"(budget {stats.budget_bytes / 2**20:.0f} MiB)"
     )
     report = {
-        "machine": {
-            "platform": platform.platform(),
-            "processor": _cpu_model(),
-            "cpus": os.cpu_count(),
-            "mlx": mx.__version__,
-            "device": str(mx.default_device()),
-            "blas_preload": os.environ.get("LD_PRELOAD", ""),
-            "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
-            "load_average": os.getloadavg(),
-        },
+        "machine": {**machine_info(), "load_average": os.getloadavg()},
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "model": {
             "name": spec.name(),
@@ -196,6 +249,8 @@ def main() -> None:
         "settings": {
             k: getattr(args, k)
             for k in (
+                "engine",
+                "params",
                 "history_tokens",
                 "turns",
                 "message_tokens",
