@@ -17,7 +17,7 @@ import random
 import mlx.core as mx
 import numpy as np
 import pytest
-from mlx_lm.generate import generate_step
+from helpers.mlx_lm_reference import mlx_lm_greedy
 from test_batching import loaded
 
 from node.inference.batching.mtp_step import MtpBatchStep
@@ -73,15 +73,6 @@ def drive(step: MtpBatchStep, prompt: list[int], max_tokens: int = 12) -> Genera
             assert not isinstance(event, Exception), event
             if isinstance(event, GenerationDone):
                 return event
-
-
-def mlx_lm_greedy(model, prompt: list[int], max_tokens: int) -> list[int]:
-    return [
-        int(t)
-        for t, _ in generate_step(
-            mx.array(prompt), model, max_tokens=max_tokens, sampler=lambda x: mx.argmax(x, -1)
-        )
-    ]
 
 
 def far(a: tuple, b: tuple) -> float:
