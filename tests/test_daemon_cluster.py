@@ -100,12 +100,22 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         reader = threading.Thread(target=lambda: streamed.extend(watch.stdout), daemon=True)
         reader.start()
 
-        # SIGKILL: no goodbye; silence makes it suspect at 3 s and down at 5 s.
+        def watched_states() -> list[str | None]:
+            views = [json.loads(line) for line in list(streamed)]
+            return [{n["id"]: n["state"] for n in v["nodes"]}.get(old_id) for v in views]
+
+        # The watcher is a new process (seconds to start under load): it must have shown the
+        # node up before the kill, or its first view may already be the kill's aftermath.
         old_id = c.node_id
+        wait_for(lambda: "up" in watched_states(), timeout=PATIENCE_S, what="watch showing up")
+
+        # SIGKILL: no goodbye; silence makes it suspect at 3 s and down at 5 s.
         c.kill()
         killed_at = time.monotonic()
+        # Suspect lasts 2 s, too short to be sure a poll sees it on a loaded machine: the
+        # node's log records the transition whenever it happens.
         wait_for(
-            lambda: a.states().get(old_id) is PeerState.SUSPECT,
+            lambda: _count_lines(a.log_text(), "peer suspect", old_id),
             timeout=PATIENCE_S,
             what="killed node suspect",
         )
@@ -134,10 +144,8 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         )
         assert get_info(a.address).node_id == a.node_id
         wait_for(lambda: "peer down" in a.log_text(), timeout=PATIENCE_S, what="down event logged")
-
-        def watched_states() -> list[str | None]:
-            views = [json.loads(line) for line in list(streamed)]
-            return [{n["id"]: n["state"] for n in v["nodes"]}.get(old_id) for v in views]
+        log_a = a.log_text()
+        assert log_a.index("peer suspect") < log_a.index("peer down"), "suspect before down"
 
         wait_for(lambda: "down" in watched_states(), timeout=PATIENCE_S, what="watch showing down")
         watch.send_signal(signal.SIGINT)
@@ -145,7 +153,9 @@ def test_cluster_lifecycle_join_status_kill_restart_leave(tmp_path: Path) -> Non
         reader.join(timeout=5)
         states = watched_states()
         assert states[0] == "up" and states[-1] == "down", states
-        assert states.index("suspect") < states.index("down"), states
+        # One view a second samples the 2 s suspect window; a loaded machine can skip it (the
+        # node's own view went through suspect: waited for above), but never show it late.
+        assert set(states[states.index("down") :]) == {"down"}, states
 
         # A restart (same state dir, new process and port) comes back as the same node.
         restarted_at = time.monotonic()
