@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import random
 import statistics
+from collections.abc import Callable
 
 import pytest
 
+from node.inference.mtp.costs import fastest_interleaved
 from node.inference.mtp.kpolicy import (
     PAID_PROBE_BUDGET,
     PRIOR_ACCEPTANCE,
@@ -282,3 +284,35 @@ def test_probes_come_sooner_in_a_request_whose_drafts_have_paid() -> None:
     # Once the hard stretch has lasted, the budget falls back toward PROBE_BUDGET.
     simulate(easy_first, costs, lambda c: 0.0, 400)
     assert easy_first.probe.budget < 1.5 * PROBE_BUDGET
+
+
+def test_cost_shapes_are_timed_in_rounds_so_a_burst_of_load_skews_no_ratio() -> None:
+    """measure_costs times every shape once per round: a burst of another process's work that
+    starts mid-measurement slows later samples of every shape, and each shape's fastest sample
+    is still its own cost. Timed one shape after another (the negative control), the burst
+    covers every sample of the shapes measured during it."""
+    now = [0.0]
+    burst_starts = 6.5  # fake seconds; from then on every run costs 10x
+
+    def run_costing(seconds: float) -> Callable[[], None]:
+        def run() -> None:
+            now[0] += seconds * (10.0 if now[0] >= burst_starts else 1.0)
+
+        return run
+
+    true_costs = [1.0, 1.2, 1.5]
+    got = fastest_interleaved([run_costing(c) for c in true_costs], repeats=5, clock=lambda: now[0])
+    assert got == pytest.approx(true_costs)
+
+    now[0] = 0.0
+    one_after_another = []
+    for cost in true_costs:
+        run = run_costing(cost)
+        run()
+        samples = []
+        for _ in range(5):
+            start = now[0]
+            run()
+            samples.append(now[0] - start)
+        one_after_another.append(min(samples))
+    assert one_after_another[1] / one_after_another[0] > 5  # the skew the rounds avoid

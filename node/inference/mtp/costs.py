@@ -5,8 +5,9 @@ T = 1..max_k+1 positions (T = 1 is the K = 0 cycle: a plain decode step; T > 1 t
 pass that keeps each position's GatedDeltaNet state), and the head drafting k = 1..max_k
 tokens from two pending pairs (the usual n + 1 = 2 after a cycle that accepted one draft).
 K = 0 drafts nothing and defers the head's pairs to the next drafting cycle, so its draft
-cost is 0.  Each shape runs once to warm up, then ``repeats`` times; the fastest counts (other
-processes only ever add time).  ``clock`` is ``time.perf_counter``; a benchmark on a shared
+cost is 0.  Each shape runs once to warm up, then ``repeats`` rounds run every shape once each
+(interleaved, so a burst of load hits all shapes alike); each shape's fastest sample counts
+(other processes only ever add time).  ``clock`` is ``time.perf_counter``; a benchmark on a shared
 machine may pass ``time.process_time`` (the work this process did, on MLX's CPU backend).
 
 ``batch_sizes`` says which batch sizes to measure (the single-sequence engine: 1; the batched
@@ -32,14 +33,23 @@ CONTEXT_TOKENS = 32  # cache length the timings run at: short, so loading stays 
 REPEATS = 5
 
 
-def _seconds(fn: Callable[[], None], repeats: int, clock: Callable[[], float]) -> float:
-    fn()  # warm-up: kernels, allocator
-    samples = []
+def fastest_interleaved(
+    runs: Sequence[Callable[[], None]], repeats: int, clock: Callable[[], float]
+) -> list[float]:
+    """The fastest of ``repeats`` samples of each run, taken in rounds that run every shape once.
+
+    Interleaved, a burst of another process's work slows one sample of every shape instead of
+    all the samples of whichever shape was being measured: the K policy compares the shapes
+    with each other, so their ratios are what must survive a loaded machine."""
+    for run in runs:
+        run()  # warm-up: kernels, allocator
+    best = [float("inf")] * len(runs)
     for _ in range(repeats):
-        start = clock()
-        fn()
-        samples.append(clock() - start)
-    return min(samples)
+        for i, run in enumerate(runs):
+            start = clock()
+            run()
+            best[i] = min(best[i], clock() - start)
+    return best
 
 
 def measure_costs(
@@ -113,8 +123,9 @@ def _measure_batch(
 
         return run
 
-    verify_s = [_seconds(verify(t), repeats, clock) for t in range(1, max_k + 2)]
-    draft_s = [0.0] + [_seconds(draft(k), repeats, clock) for k in range(1, max_k + 1)]
+    runs = [verify(t) for t in range(1, max_k + 2)] + [draft(k) for k in range(1, max_k + 1)]
+    seconds = fastest_interleaved(runs, repeats, clock)
+    verify_s, draft_s = seconds[: max_k + 1], [0.0, *seconds[max_k + 1 :]]
     return no_dearer_than_longer(verify_s), no_dearer_than_longer(draft_s)
 
 
