@@ -174,28 +174,38 @@ class Clock:
         self.end = time.perf_counter()
 
 
-def build_stats(
-    *,
+def mean_k(counts: list[int]) -> float:
+    """The mean K of a K histogram (``counts[k]``: cycles that drafted k)."""
+    cycles = sum(counts)
+    return sum(k * c for k, c in enumerate(counts)) / cycles if cycles else 0.0
+
+
+def generation_done(
     engine: str,
     reason: str,
     loaded: LoadedModel,
     prepared: PreparedRequest,
     clock: Clock,
-    num_draft_tokens: float = 0,
-    draft_k_histogram: list[int] | None = None,
+    *,
+    k_counts: list[int] | None = None,
     proposed: int = 0,
     accepted: int = 0,
     cached_prompt_tokens: int = 0,
-) -> GenerationStats:
+) -> GenerationDone:
+    """The final event of a finished request: its output and stats. Every local engine,
+    batched or not, ends here. ``k_counts``: native MTP's K histogram (its mean is
+    ``num_draft_tokens``); ``proposed``/``accepted``: its draft counts."""
+    output = prepared.output
+    assert output.finish_reason is not None
     first = clock.first_token or clock.start
     end = clock.end or first
-    generated = prepared.output.generated
-    return GenerationStats(
+    generated = output.generated
+    stats = GenerationStats(
         engine=engine,  # type: ignore[arg-type]
         engine_reason=reason,
         drafter_kind="native_mtp" if engine == "native_mtp" else None,
-        num_draft_tokens=num_draft_tokens,
-        draft_k_histogram=draft_k_histogram or [],
+        num_draft_tokens=mean_k(k_counts or []),
+        draft_k_histogram=k_counts or [],
         proposed_draft_tokens=proposed,
         accepted_draft_tokens=accepted,
         acceptance_rate=acceptance_rate(accepted, proposed),
@@ -206,6 +216,9 @@ def build_stats(
         # The first token comes out of prefill; decode speed counts the ones after it.
         generation_tps=rate(max(generated - 1, 0), end - first),
         stages=[StageStats(node_id="local", start_layer=0, end_layer=loaded.num_layers)],
+    )
+    return GenerationDone(
+        text=output.text, token_ids=output.tokens, finish_reason=output.finish_reason, stats=stats
     )
 
 
@@ -262,15 +275,4 @@ class LocalEngine:
         if output.finish_reason is None:
             output.finish_reason = "length"
         clock.mark_end()
-        yield GenerationDone(
-            text=output.text,
-            token_ids=output.tokens,
-            finish_reason=output.finish_reason,
-            stats=build_stats(
-                engine="local",
-                reason=reason or self.reason,
-                loaded=loaded,
-                prepared=prepared,
-                clock=clock,
-            ),
-        )
+        yield generation_done("local", reason or self.reason, loaded, prepared, clock)

@@ -72,15 +72,14 @@ from node.inference.batching.steps import BATCH_PREFILL_CHUNK
 from node.inference.engine import (
     Clock,
     PreparedRequest,
-    build_stats,
+    generation_done,
     history_tail,
     next_token,
     prepare_request,
 )
-from node.inference.events import GenerationDone
 from node.inference.loading import LoadedModel
 from node.inference.mtp.costs import measure_costs
-from node.inference.mtp.engine import PENDING_LIMIT, mean_k
+from node.inference.mtp.engine import PENDING_LIMIT
 from node.inference.mtp.gdn import verify_forward
 from node.inference.mtp.head import MtpHead
 from node.inference.mtp.kpolicy import AcceptanceEstimate, BatchKPolicy, CostTable
@@ -362,29 +361,19 @@ class MtpBatchStep:
         if not output.done:
             return False
         row.clock.mark_end()
-        out.append((row.seq, self._done(row)))
-        return True
-
-    def _done(self, row: _Row) -> GenerationDone:
-        output = row.prepared.output
-        assert output.finish_reason is not None
-        return GenerationDone(
-            text=output.text,
-            token_ids=output.tokens,
-            finish_reason=output.finish_reason,
-            stats=build_stats(
-                engine="native_mtp",
-                reason=row.seq.reason,
-                loaded=self.loaded,
-                prepared=row.prepared,
-                clock=row.clock,
-                num_draft_tokens=mean_k(row.k_counts),
-                draft_k_histogram=row.k_counts,
-                proposed=row.proposed,
-                accepted=row.accepted,
-                cached_prompt_tokens=row.cached,
-            ),
+        done = generation_done(
+            "native_mtp",
+            row.seq.reason,
+            self.loaded,
+            row.prepared,
+            row.clock,
+            k_counts=row.k_counts,
+            proposed=row.proposed,
+            accepted=row.accepted,
+            cached_prompt_tokens=row.cached,
         )
+        out.append((row.seq, done))
+        return True
 
     def _prefill_chunk(self, row: _Row, out: StepOutput) -> None:
         """One chunk of ``row``'s prompt through the target and the head; after the last one,

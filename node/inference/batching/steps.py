@@ -34,10 +34,9 @@ from node.inference.engine import (
     PREFILL_CHUNK,
     Clock,
     PreparedRequest,
-    build_stats,
+    generation_done,
     prepare_request,
 )
-from node.inference.events import GenerationDone
 from node.inference.loading import LoadedModel
 from node.inference.prompt_cache import PromptCache, store_snapshot, thaw
 from node.inference.sampling import (
@@ -192,7 +191,15 @@ class LocalBatchStep:
                 slot.clock.mark_end()
                 if self.prompt_cache is not None:
                     self._store_generation_end(slot, response)
-                out.append((slot.seq, self._done(slot)))
+                done = generation_done(
+                    "local",
+                    slot.seq.reason,
+                    self.loaded,
+                    slot.prepared,
+                    slot.clock,
+                    cached_prompt_tokens=slot.cached,
+                )
+                out.append((slot.seq, done))
         return out
 
     def _store_prompt_ends(self, responses: list[Any]) -> None:
@@ -222,23 +229,6 @@ class LocalBatchStep:
     def _store(self, tokens: list[int], cache: list[Any]) -> None:
         assert self.prompt_cache is not None
         store_snapshot(self.prompt_cache, tokens, cache)
-
-    def _done(self, slot: _Slot) -> GenerationDone:
-        output = slot.prepared.output
-        assert output.finish_reason is not None
-        return GenerationDone(
-            text=output.text,
-            token_ids=output.tokens,
-            finish_reason=output.finish_reason,
-            stats=build_stats(
-                engine="local",
-                reason=slot.seq.reason,
-                loaded=self.loaded,
-                prepared=slot.prepared,
-                clock=slot.clock,
-                cached_prompt_tokens=slot.cached,
-            ),
-        )
 
     def reset(self) -> None:
         generator, self._generator = self._generator, None

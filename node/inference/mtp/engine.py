@@ -59,13 +59,13 @@ from node.inference.acceptance import (
 )
 from node.inference.engine import (
     Clock,
-    build_stats,
+    generation_done,
     history_tail,
     next_token,
     prefill,
     prepare_request,
 )
-from node.inference.events import GenerationDone, GenerationEvent
+from node.inference.events import GenerationEvent
 from node.inference.loading import LoadedModel
 from node.inference.mtp.costs import measure_costs
 from node.inference.mtp.gdn import commit_verified, verify_forward
@@ -159,22 +159,15 @@ class MtpEngine:
             if delta is not None:
                 yield delta
         clock.mark_end()
-        assert output.finish_reason is not None
-        yield GenerationDone(
-            text=output.text,
-            token_ids=output.tokens,
-            finish_reason=output.finish_reason,
-            stats=build_stats(
-                engine="native_mtp",
-                reason=reason or self.reason,
-                loaded=loaded,
-                prepared=prepared,
-                clock=clock,
-                num_draft_tokens=mean_k(k_counts),
-                draft_k_histogram=k_counts,
-                proposed=run.proposed,
-                accepted=run.accepted,
-            ),
+        yield generation_done(
+            "native_mtp",
+            reason or self.reason,
+            loaded,
+            prepared,
+            clock,
+            k_counts=k_counts,
+            proposed=run.proposed,
+            accepted=run.accepted,
         )
 
 
@@ -328,11 +321,6 @@ class _MtpRun:
         if self.params.is_greedy:
             return None
         return self.keys.at(position) if self.seeded else self.keys.next()
-
-
-def mean_k(counts: list[int]) -> float:
-    cycles = sum(counts)
-    return sum(k * c for k, c in enumerate(counts)) / cycles if cycles else 0.0
 
 
 def _snapshot_linear(cache: list[Any]) -> list[list[Any] | None]:
