@@ -17,6 +17,7 @@ from __future__ import annotations
 import mlx.core as mx
 import pytest
 from helpers.mlx_lm_reference import PENALTIES
+from mlx_lm.models.cache import BatchKVCache
 from test_batching import ids, loaded, reference  # the same references
 
 from node.cluster.live import CancelToken
@@ -200,9 +201,44 @@ def test_a_wrong_per_row_rollback_is_caught(monkeypatch, broken: str) -> None:
     assert any(done.token_ids != expected for expected, done in results)
 
 
-def head_cache_error(broken: bool) -> float:
+_original_compact = mtp_step._drop_common_padding
+
+
+def _compact_wrong_end(caches) -> None:
+    # wrong: the shared padding count comes off the newest end (the rows' latest entries)
+    least = min(caches[0].left_padding.tolist())
+    if least >= mtp_step.COMPACT_PADDING:
+        for c in caches:
+            c._idx -= least
+            c.left_padding = c.left_padding - least
+
+
+@pytest.mark.parametrize("broken", [False, True], ids=["exact", "negative-control"])
+def test_padding_every_row_shares_is_dropped(monkeypatch, broken: bool) -> None:
+    """Rows that keep the longest prefix in different cycles all gain left padding; the
+    columns every row pads are dropped (here as soon as there is one), and every sequence is
+    still its output alone. Dropping them from the wrong end is caught by the same comparison."""
+    monkeypatch.setattr(mtp_step, "COMPACT_PADDING", 1)
+    dropped: list[int] = []
+    compact = _compact_wrong_end if broken else _original_compact
+
+    def counting(caches) -> None:
+        before = caches[0]._idx
+        compact(caches)
+        dropped.append(before - caches[0]._idx)
+
+    monkeypatch.setattr(mtp_step, "_drop_common_padding", counting)
+    results, _ = run_batch("dense-partial", "K3")
+    assert sum(dropped) > 0  # it really compacted
+    same = [done.token_ids == expected for expected, done in results]
+    assert not all(same) if broken else all(same)
+
+
+def head_cache_error(compacted: bool = False) -> float:
     """Largest difference between each row's head cache (its valid entries) and the head run
-    afresh over that row's true pairs ``(h_j, x_{j+1})`` (target hiddens of its own tokens)."""
+    afresh over that row's true pairs ``(h_j, x_{j+1})`` (target hiddens of its own tokens);
+    inf when a row's target or head cache holds the wrong number of entries, or (``compacted``)
+    when both still carry padding every row shares."""
     lm = loaded("dense-partial")
     model, head = lm.model, lm.mtp_head()
     step = MtpBatchStep(lm, head, 3, prefill_chunk=64, fixed_k=3)
@@ -214,8 +250,14 @@ def head_cache_error(broken: bool) -> float:
     cache = step._mtp_cache
     assert cache is not None and len(step._rows) == 3
     padding = cache.left_padding.tolist()
+    target = next(c for c in step._cache if isinstance(c, BatchKVCache))
+    target_padding = target.left_padding.tolist()
+    if compacted and min(padding) + min(target_padding) > 0:
+        return float("inf")  # the padding every row shares should be gone
     worst = 0.0
     for r, row in enumerate(step._rows):
+        if target._idx - target_padding[r] != len(row.history) - 1:  # all but the newest token
+            return float("inf")
         fed = cache._idx - padding[r]
         if fed + len(row.pending_tokens) != len(row.history) - 1:  # every pair, once
             return float("inf")
@@ -228,14 +270,22 @@ def head_cache_error(broken: bool) -> float:
     return worst
 
 
-@pytest.mark.parametrize("broken", [False, True], ids=["rolled", "negative-control"])
-def test_each_rows_head_cache_holds_its_true_pairs(monkeypatch, broken: bool) -> None:
+@pytest.mark.parametrize(
+    ("broken", "compacted"),
+    [(False, False), (False, True), (True, False)],
+    ids=["rolled", "rolled-compacted", "negative-control"],
+)
+def test_each_rows_head_cache_holds_its_true_pairs(
+    monkeypatch, broken: bool, compacted: bool
+) -> None:
     """The head's cache only shapes the drafts (a wrong one keeps the output exact and costs
     acceptance), so it is checked directly: rows whose pending pairs were padded to the
-    longest must drop the padding."""
+    longest must drop the padding, and so must the padding every row shares."""
     if broken:
         monkeypatch.setattr(mtp_step, "_drop_tail", _head_uniform_trim)
-    error = head_cache_error(broken)
+    if compacted:
+        monkeypatch.setattr(mtp_step, "COMPACT_PADDING", 1)
+    error = head_cache_error(compacted)
     if broken:
         assert error > 1e-2
     else:
