@@ -30,6 +30,12 @@ that over every mode. Peak memory (MLX's allocator) is recorded per round.
   one thread each through ``PipelineEngine.generate`` (``max_batch`` = the largest S); its
   scaling is against its own one stream.
 
+Forward costs (the anchor of the scaling targets): at the start of each round, the CPU time
+of a [S, 1] forward (one decode step of S streams), a [S, 3] verify forward and a 2-token draft
+for S rows, relative to a [1, 1] forward, measured in the same process
+(``node.inference.mtp.costs.measure_costs``). S / cost([S, 1]) is the ceiling of plain batching
+on this machine at this load; the table reports each scaling against it.
+
 Time to first token of a newcomer: a request with a ``--newcomer-tokens`` prompt submitted to
 an idle instance, and the same request submitted while 8 other streams are decoding (it joins
 their batch: ``max_batch`` 16), interleaved, medians of the TTFT its final stats report.
@@ -232,6 +238,28 @@ def newcomer_ttft(runner: Any, prompt: list[int], background: int) -> float:
             time.sleep(0.01)
 
 
+def forward_costs(loaded: Any, counts: list[int]) -> dict[int, dict[str, float]]:
+    """This machine's batching costs now, in CPU seconds (``mtp.costs.measure_costs``: the
+    fastest of a few timed forwards at a 32-token context), relative to a [1, 1] forward:
+    ``decode`` = a [S, 1] forward (S streams' decode step; S over it is the throughput
+    ceiling of plain batching), ``verify_k2`` = a [S, 3] verify forward and ``draft_k2`` =
+    drafting 2 tokens for S rows (a K = 2 cycle costs their sum)."""
+    from node.inference.mtp.costs import measure_costs
+
+    table = measure_costs(
+        loaded, loaded.mtp_head(), 2, repeats=3, clock=time.process_time, batch_sizes=counts
+    )
+    unit = table.verify[1][0]
+    out = {}
+    for s in counts:
+        out[s] = {
+            "decode": table.verify[s][0] / unit,
+            "verify_k2": table.verify[s][2] / unit,
+            "draft_k2": table.draft[s][2] / unit,
+        }
+    return out
+
+
 def _pipeline_row(
     results: dict[tuple[str, int], list[dict[str, Any]]],
     s: int,
@@ -270,6 +298,18 @@ def print_table(rows: list[dict[str, Any]], ttft: dict[str, Any]) -> None:
             f"{r['vs_mlx_lm']:>7.2f}x | {r['cpu_scaling']:>7.2f}x | {r['cpu_vs_mlx_lm']:>9.2f}x | "
             f"{r['macmesh']['peak_memory_bytes'] / 2**20:>8.0f} | "
             f"{r['exact_streams']}/{r['streams']}"
+        )
+    print()
+    print(
+        f"{'streams':>7} | {'[S,1] x [1,1]':>13} | {'ceiling':>7} | {'cpu: x 1 / ceiling':>18} | "
+        f"{'K=2 cycle in steps':>18}"
+    )
+    print("-" * 75)
+    for r in rows:
+        c = r["forward_cost"]
+        print(
+            f"{r['streams']:>7} | {c['decode']:>12.2f}x | {c['ceiling']:>6.2f}x | "
+            f"{r['cpu_scaling'] / c['ceiling']:>18.2f} | {c['k2_cycle_in_steps']:>17.2f}x"
         )
     print()
     print(
@@ -326,6 +366,13 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.plot(streams, [r["macmesh"]["aggregate_tps"] for r in rows], "o-", label="macmesh")
     ax.plot(streams, [r["mlx_lm"]["aggregate_tps"] for r in rows], "s--", label="mlx-lm")
     ax.plot(streams, [r["native_mtp"]["aggregate_tps"] for r in rows], "^-", label="native MTP")
+    one = rows[0]["macmesh"]["aggregate_tps"]
+    ax.plot(
+        streams,
+        [one * r["forward_cost"]["ceiling"] for r in rows],
+        "k:",
+        label="ceiling (1 stream x S / cost of [S,1])",
+    )
     ax.plot(
         streams,
         [r["macmesh"]["per_stream_tps"] for r in rows],
@@ -423,7 +470,14 @@ def main() -> None:
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
     newcomer = prompts_for(1, args.newcomer_tokens, seed=5)[0]
     ttfts: dict[str, list[float]] = {"alone": [], "into_batch": []}
+    costs: list[dict[int, dict[str, float]]] = []
     for round_ in range(args.repeats):
+        costs.append(forward_costs(loaded, sorted({1, *counts})))
+        print(
+            f"  round {round_ + 1} forward costs (x [1,1]): "
+            + ", ".join(f"[{s},1] {c['decode']:.2f}" for s, c in costs[-1].items()),
+            flush=True,
+        )
         for s in counts:
             prompts = prompts_for(s, args.prompt_tokens, seed=s)
             for mode in modes:
@@ -491,9 +545,18 @@ def main() -> None:
         exact = sum(
             a == b for a, b in zip(results[("macmesh", s)][0]["tokens"], reference, strict=True)
         )
+        cost = {
+            key: statistics.median(c[s][key] for c in costs)
+            for key in ("decode", "verify_k2", "draft_k2")
+        }
+        # Plain batching's ceiling: S streams for the price of one [S, 1] forward (per [1, 1]).
+        cost["ceiling"] = s / cost["decode"]
+        # A K = 2 cycle's price in [S, 1] decode steps (verify + draft), as measured here.
+        cost["k2_cycle_in_steps"] = (cost["verify_k2"] + cost["draft_k2"]) / cost["decode"]
         rows.append(
             {
                 "streams": s,
+                "forward_cost": cost,
                 "macmesh": ours,
                 "native_mtp": mtp,
                 "mlx_lm": anchor,
