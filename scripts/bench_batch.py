@@ -468,7 +468,6 @@ def main() -> None:
         if pipeline is not None:
             run_pipeline(pipeline, prompts_for(s, args.prompt_tokens), 4, stage_proc.pid)
     results: dict[tuple[str, int], list[dict[str, Any]]] = {}
-    newcomer = prompts_for(1, args.newcomer_tokens, seed=5)[0]
     ttfts: dict[str, list[float]] = {"alone": [], "into_batch": []}
     costs: list[dict[int, dict[str, float]]] = []
     for round_ in range(args.repeats):
@@ -495,8 +494,10 @@ def main() -> None:
                     f"tok/s aggregate, {result['per_stream_tps']:6.1f} per stream",
                     flush=True,
                 )
-        ttfts["alone"].append(newcomer_ttft(runner, newcomer, 0))
-        ttfts["into_batch"].append(newcomer_ttft(runner, newcomer, 8))
+        # A prompt of its own each time: the instance's prompt cache would serve a repeat.
+        alone, into = prompts_for(2, args.newcomer_tokens, seed=100 + round_)
+        ttfts["alone"].append(newcomer_ttft(runner, alone, 0))
+        ttfts["into_batch"].append(newcomer_ttft(runner, into, 8))
         print(
             f"  round {round_ + 1} newcomer TTFT: alone {ttfts['alone'][-1] * 1e3:.0f} ms, "
             f"into 8 {ttfts['into_batch'][-1] * 1e3:.0f} ms",
