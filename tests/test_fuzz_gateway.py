@@ -62,7 +62,7 @@ def test_the_schema_covers_every_endpoint():
     assert ("get", "/api/tags") in paths
 
 
-@settings(max_examples=120, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(case=CASES, name_the_model=st.booleans())
 def test_gateway_never_answers_500(gateway, case, name_the_model):
     if isinstance(case.body, dict) and name_the_model:

@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -46,6 +48,9 @@ def test_soak_smoke(tmp_path):
     assert result["burst"]["outcomes"].get("resource exhausted", 0) > 0
 
 
+# test_failover and test_faults check each kill on its own in the default run; this soak of
+# both under traffic (~30 s idle) is in the long tier (./scripts/test --full).
+@pytest.mark.slow
 def test_soak_smoke_with_a_stage_and_the_coordinator_killed(tmp_path):
     result = _soak(tmp_path, "--failover", timeout=600)
     failover = result["failover"]
