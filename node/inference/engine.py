@@ -28,7 +28,7 @@ from node.inference.sampling import (
     processed_logprobs,
     sample_tokens,
 )
-from node.inference.stats import GenerationStats, StageStats, acceptance_rate, rate
+from node.inference.stats import GenerationStats, StageStats, acceptance_rate, mean_k, rate
 
 # Prompt tokens per prefill forward: bounds activation memory and graph size.
 PREFILL_CHUNK = 512
@@ -172,12 +172,6 @@ class Clock:
 
     def mark_end(self) -> None:
         self.end = time.perf_counter()
-
-
-def mean_k(counts: list[int]) -> float:
-    """The mean K of a K histogram (``counts[k]``: cycles that drafted k)."""
-    cycles = sum(counts)
-    return sum(k * c for k, c in enumerate(counts)) / cycles if cycles else 0.0
 
 
 def generation_done(

@@ -48,7 +48,7 @@ from node.inference.mtp.gdn import commit_verified, verify_forward
 from node.inference.mtp.kpolicy import CostTable, KPolicy
 from node.inference.pipeline import PipelineEngine, _Active
 from node.inference.requests import GenerateRequest, check_against_model, prompt_token_ids
-from node.inference.stats import acceptance_rate
+from node.inference.stats import acceptance_rate, mean_k
 from node.logging import get_logger
 from node.proto.macmesh.v1 import stage_pb2 as pb
 
@@ -76,12 +76,10 @@ class _MtpActive(_Active):
     sent_batch: int = 1  # ... when the frame in flight was sent
 
     def stats(self) -> dict[str, Any]:
-        cycles = sum(self.k_counts)
-        mean_k = sum(k * c for k, c in enumerate(self.k_counts)) / cycles if cycles else 0.0
         return {
             "engine": "pipeline_mtp",
             "drafter_kind": "native_mtp",
-            "num_draft_tokens": mean_k,
+            "num_draft_tokens": mean_k(self.k_counts),
             "draft_k_histogram": self.k_counts,
             "proposed_draft_tokens": self.proposed,
             "accepted_draft_tokens": self.accepted,

@@ -84,3 +84,9 @@ def rate(count: int, seconds: float) -> float:
 
 def acceptance_rate(accepted: int, proposed: int) -> float | None:
     return accepted / proposed if proposed else None
+
+
+def mean_k(counts: list[int]) -> float:
+    """The mean K of a K histogram (``counts[k]``: cycles that drafted k)."""
+    cycles = sum(counts)
+    return sum(k * c for k, c in enumerate(counts)) / cycles if cycles else 0.0
