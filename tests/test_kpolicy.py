@@ -15,10 +15,12 @@ import pytest
 
 from node.inference.mtp.costs import fastest_interleaved
 from node.inference.mtp.kpolicy import (
+    LEAVE_ZERO_MARGIN,
     PAID_PROBE_BUDGET,
     PRIOR_ACCEPTANCE,
     PROBE_BUDGET,
     AcceptanceEstimate,
+    BatchKPolicy,
     CostTable,
     KPolicy,
     choose_k,
@@ -316,3 +318,26 @@ def test_cost_shapes_are_timed_in_rounds_so_a_burst_of_load_skews_no_ratio() -> 
             samples.append(now[0] - start)
         one_after_another.append(min(samples))
     assert one_after_another[1] / one_after_another[0] > 5  # the skew the rounds avoid
+
+
+def test_leaving_k_zero_must_pay_for_the_queued_step() -> None:
+    # K = 1 here is 2% faster than K = 0: within the margin, a batch that has already queued
+    # its next K = 0 step keeps it; one that has not (or a clear gain) drafts.
+    costs = CostTable(verify={4: [1.0, 1.2]}, draft={4: [0.0, 0.0]}, ewma_weight=0.0)
+    rate = 1.02 * 1.2 - 1.0  # tokens(1) / seconds(1) = 1.02 x tokens(0) / seconds(0)
+    assert choose_k([[rate]] * 4, costs, 1) == 1  # negative control: no margin asked
+    assert choose_k([[rate]] * 4, costs, 1, leave_zero_margin=LEAVE_ZERO_MARGIN) == 0
+    assert choose_k([[0.5]] * 4, costs, 1, leave_zero_margin=LEAVE_ZERO_MARGIN) == 1  # 1.25x
+
+    def estimate(level: float) -> AcceptanceEstimate:
+        e = AcceptanceEstimate(1)
+        for i in range(200):  # a long, steady history at ``level``
+            e.observe(1, 1 if (i * level) % 1 + level >= 1 else 0)
+        return e
+
+    near = [estimate(rate)] * 4
+    assert abs(near[0].rates()[0] - rate) < 0.03
+    margin_rate = (1 + LEAVE_ZERO_MARGIN) * 1.2 - 1.0
+    assert near[0].rates()[0] < margin_rate
+    assert BatchKPolicy(max_k=1, start_k=1).next_k(near, costs, 1, 4) == 1
+    assert BatchKPolicy(max_k=1, start_k=1).next_k(near, costs, 1, 4, zero_queued=True) == 0

@@ -35,16 +35,17 @@ mask and a compaction pass anyway. Padding every row shares is dropped from the 
 (``_drop_common_padding``), so the cache stays as long as its longest row. The head's
 cache uses the same roll for the rows whose pending pairs were fewer than the longest.
 
-Newcomers join between cycles: their prompt runs alone through fresh single-sequence caches
-(target and head, in the same pass), one chunk of ``prefill_chunk`` tokens per step, so the
-running rows wait at most one chunk; the prefilled caches are then merged into the batch
-(``BatchKVCache.merge`` / ``extend``, ``ArraysCache.extend``). Leavers free their rows
-(``filter``).
+Newcomers join between cycles. Newcomers whose whole prompt fits one chunk prefill together
+in one right-padded forward (``_prefill_together``); a longer prompt runs alone through fresh
+single-sequence caches (target and head, in the same pass), one chunk of ``prefill_chunk``
+tokens per step, so the running rows wait at most one chunk. The prefilled caches are then
+merged into the batch (``BatchKVCache.merge`` / ``extend``, ``ArraysCache.extend``). Leavers
+free their rows (``filter``).
 
 K per cycle: one K serves the whole batch (it shares the verify forward). Unpinned rows let
 ``kpolicy.BatchKPolicy`` choose it from every row's acceptance estimate and the cost table's
-[B, K+1] costs (measured at load for batch sizes up to ``max_batch``, refreshed from every
-cycle's seconds); K falls to 0 where drafting stops paying. A request's explicit ``mtp_k``
+[B, K+1] costs (measured on the first unpinned request for batch sizes up to ``max_batch``,
+refreshed from every cycle's seconds); K falls to 0 where drafting stops paying. A request's explicit ``mtp_k``
 pins its own K: the batch runs at the largest K any row wants (pinned rows' pins and the
 policy's K for the rest) and each pinned row accepts at most its own K (its extra drafts cost
 it nothing it would not pay anyway, they are simply not looked at). Every row also drafts at
@@ -518,7 +519,10 @@ class MtpBatchStep:
         if unpinned:
             bound = max(r.prepared.output.remaining - 1 for r in unpinned)
             estimates = [r.estimate for r in unpinned if r.estimate is not None]
-            want = max(want, self.policy.next_k(estimates, self.cost_table(), bound, len(rows)))
+            k = self.policy.next_k(
+                estimates, self.cost_table(), bound, len(rows), zero_queued=self._queued is not None
+            )
+            want = max(want, k)
         caps = []
         for r in rows:
             # An unpinned row takes whatever the batch drafts: accepting more costs it nothing.

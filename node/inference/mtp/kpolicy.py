@@ -1,7 +1,8 @@
 """Choosing K, the drafts per native-MTP cycle, from running acceptance and measured costs.
 
 Pure code: no model, no clock.  The engine feeds it what each cycle did and the seconds it
-took; ``node.inference.mtp.costs`` measures the cost table at load.
+took; ``node.inference.mtp.costs`` measures the cost table (on an instance's first unpinned
+request; pipeline_mtp's stage 0 at load).
 
 Model of one cycle at batch size B with K drafts (K = 0: plain decode, nothing drafted):
 
@@ -60,6 +61,11 @@ PAID_MEMORY = 0.9
 # real, lasting slowdown (longer context, a loaded machine) still gets through in ~20 cycles.
 EWMA_DOWN = 0.3
 EWMA_UP = 0.05
+# After a K = 0 cycle the batched engine has already queued the next K = 0 step; drafting
+# throws it away (a whole [B, 1] forward).  Near break-even, where estimates and live costs
+# flip the best K between 0 and 1 from cycle to cycle, each flip paid that.  Leaving K = 0
+# must promise this much more speed: below it, staying loses less than the thrown-away step.
+LEAVE_ZERO_MARGIN = 0.05
 
 
 def expected_tokens(rates: Sequence[float], k: int) -> float:
@@ -74,7 +80,8 @@ def expected_tokens(rates: Sequence[float], k: int) -> float:
 
 @dataclass
 class CostTable:
-    """Seconds of a cycle's parts by batch size, measured at load and refreshed live.
+    """Seconds of a cycle's parts by batch size, measured once (``costs.measure_costs``) and
+    refreshed live.
 
     ``verify[B][t - 1]``: one target forward over ``t`` positions for each of ``B`` sequences
     (t = 1..max_k + 1); ``draft[B][k]``: drafting ``k`` tokens for ``B`` sequences
@@ -146,21 +153,31 @@ class CostTable:
 
 
 def choose_k(
-    rates: Sequence[Sequence[float]], costs: CostTable, max_k: int, batch: int | None = None
+    rates: Sequence[Sequence[float]],
+    costs: CostTable,
+    max_k: int,
+    batch: int | None = None,
+    leave_zero_margin: float = 0.0,
 ) -> int:
     """The K in 0..max_k maximising the batch's expected tokens per second.
 
     ``rates[i]`` is sequence i's per-depth acceptance estimate; the batch drafts and
-    verifies together, so one K serves all of it.
+    verifies together, so one K serves all of it.  A K > 0 must beat K = 0 by
+    ``leave_zero_margin`` (a share of K = 0's speed) to be chosen: the batched engine passes
+    it after a K = 0 cycle, whose queued next step a drafting cycle throws away.
     """
     batch = batch if batch is not None else max(len(rates), 1)
     max_k = max(0, min(max_k, costs.max_k))
-    best_k, best = 0, -1.0
+    best_k, best, zero = 0, -1.0, 0.0
     for k in range(max_k + 1):
         tokens = sum(expected_tokens(r, k) for r in rates) if rates else 1.0
         speed = tokens / costs.cycle_s(batch, k)
+        if k == 0:
+            zero = speed
         if speed > best * (1 + 1e-9):  # ties go to the smaller K
             best_k, best = k, speed
+    if best_k > 0 and best < zero * (1 + leave_zero_margin):
+        return 0
     return best_k
 
 
@@ -168,18 +185,20 @@ def choose_k(
 class AcceptanceEstimate:
     """Per-depth acceptance given the shallower depths accepted: a filter over levels.
 
-        Each depth holds a distribution over acceptance levels (``LEVELS``).  Every drafting cycle
-        first lets the text change (a ``hazard`` share of the mass moves to the prior: for depth 1
-        the flat prior, mean ``PRIOR_ACCEPTANCE``; for deeper depths the depth above's
-        distribution, so a rarely tried depth accepts like the one before it; a larger share when
-    a shallower depth's observation this cycle says the text probably just changed), then weighs each
-        level by how likely it makes what the cycle saw (a hit: the level; a miss: 1 - level).
-        Why not decayed counts: they weigh every observation alike, so one window length must be
-        both short enough to follow a change and long enough to average out a steady 0.5, and no
-        length is (decay 0.7: ~3 cycles of memory, the estimate of a steady 0.5 swings by +-0.25,
-        and leaving an always-accepted stretch still took ~7 cycles).  Here steady evidence
-        averages over ~1 / hazard cycles, while evidence the current level makes unlikely (misses
-        after a run of hits) moves the estimate within one or two cycles.
+    Each depth holds a distribution over acceptance levels (``LEVELS``).  Every drafting cycle
+    first lets the text change (a ``hazard`` share of the mass moves to the prior: for depth 1
+    the flat prior, mean ``PRIOR_ACCEPTANCE``; for deeper depths the depth above's
+    distribution, so a rarely tried depth accepts like the one before it; a larger share when
+    a shallower depth's observation this cycle says the text probably just changed), then
+    weighs each level by how likely it makes what the cycle saw (a hit: the level; a miss:
+    1 - level).
+
+    Why not decayed counts: they weigh every observation alike, so one window length must be
+    both short enough to follow a change and long enough to average out a steady 0.5, and no
+    length is (decay 0.7: ~3 cycles of memory, the estimate of a steady 0.5 swings by +-0.25,
+    and leaving an always-accepted stretch still took ~7 cycles).  Here steady evidence
+    averages over ~1 / hazard cycles, while evidence the current level makes unlikely (misses
+    after a run of hits) moves the estimate within one or two cycles.
     """
 
     max_k: int
@@ -341,9 +360,17 @@ class BatchKPolicy:
     probe: Prober = field(default_factory=Prober)
 
     def next_k(
-        self, estimates: Sequence[AcceptanceEstimate], costs: CostTable, bound: int, batch: int
+        self,
+        estimates: Sequence[AcceptanceEstimate],
+        costs: CostTable,
+        bound: int,
+        batch: int,
+        zero_queued: bool = False,
     ) -> int:
-        """K for the batch's next cycle; ``bound`` caps it (the most any row may still use)."""
+        """K for the batch's next cycle; ``bound`` caps it (the most any row may still use).
+
+        ``zero_queued``: the engine has already queued a K = 0 step, which drafting would
+        throw away, so K > 0 must beat K = 0 by ``LEAVE_ZERO_MARGIN`` (probes still run)."""
         self.probe.cap = probe_interval_cap(costs, batch, self.probe.budget)
         bound = max(0, min(self.max_k, bound))
         if not any(sum(e.tries) > 0 for e in estimates):
@@ -351,7 +378,9 @@ class BatchKPolicy:
             # drafting does not pay even at the prior acceptance (a large batch).
             bound = min(self.start_k, bound)
         rates = [e.rates() for e in estimates]
-        return self.probe.after_choice(choose_k(rates, costs, bound, batch=batch), bound)
+        margin = LEAVE_ZERO_MARGIN if zero_queued else 0.0
+        k = choose_k(rates, costs, bound, batch=batch, leave_zero_margin=margin)
+        return self.probe.after_choice(k, bound)
 
     def observe(self, k: int, rows: Sequence[tuple[int, int]]) -> None:
         """A cycle ran at ``k``; ``rows``: each unpinned row's (drafts it tried, accepted)."""
