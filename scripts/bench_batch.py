@@ -461,7 +461,9 @@ def main() -> None:
         )
         pipeline.load()
     modes = ("macmesh", "native-mtp", "mlx-lm", *(("pipeline",) if pipeline is not None else ()))
-    for s in (1, max(counts)):  # warm-up: kernels, allocator (and MTP's cost table)
+    # Warm-up at every stream count: MLX's CPU backend builds kernels for each new shape (the
+    # first [8, 1] forward took seconds more than the next), the allocator, MTP's cost table.
+    for s in counts:
         run_macmesh(runner, prompts_for(s, args.prompt_tokens), 4)
         run_macmesh(mtp_runner, prompts_for(s, args.prompt_tokens), 4, "native_mtp")
         run_mlx_lm(loaded.model, prompts_for(s, args.prompt_tokens), 4)
@@ -478,7 +480,9 @@ def main() -> None:
             flush=True,
         )
         for s in counts:
-            prompts = prompts_for(s, args.prompt_tokens, seed=s)
+            # Prompts of their own each round: the instances' prompt caches would serve the
+            # macmesh columns a repeat's prefill (mlx-lm's anchor has no cache).
+            prompts = prompts_for(s, args.prompt_tokens, seed=1000 * (round_ + 1) + s)
             for mode in modes:
                 if mode == "macmesh":
                     result = run_macmesh(runner, prompts, args.tokens)
