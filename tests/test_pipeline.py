@@ -10,13 +10,11 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
-import mlx.core as mx
 import pytest
 from helpers.daemons import wait_for
+from helpers.mlx_lm_reference import checkpoint_greedy
 from helpers.pipeline_faults import cancelling_frees_caches, dead_stage_fails_with_unavailable
 from helpers.stage_nodes import StageNodes
-from mlx_lm import load as mlx_lm_load
-from mlx_lm.generate import stream_generate
 
 from node import rpc
 from node.checkpoints import PRESETS, ensure_checkpoint
@@ -53,20 +51,8 @@ def _path(arch: str) -> Path:
     return ensure_checkpoint(PRESETS[MODELS[arch]])
 
 
-_REFERENCE: dict[tuple[str, tuple[int, ...], int], list[int]] = {}
-
-
 def mlx_lm_greedy(arch: str, prompt: list[int], n: int) -> list[int]:
-    key = (arch, tuple(prompt), n)
-    if key not in _REFERENCE:
-        model, tokenizer = mlx_lm_load(str(_path(arch)))
-        _REFERENCE[key] = [
-            r.token
-            for r in stream_generate(
-                model, tokenizer, mx.array(prompt), max_tokens=n, prefill_step_size=PREFILL_STEP
-            )
-        ]
-    return _REFERENCE[key]
+    return checkpoint_greedy(_path(arch), prompt, n, PREFILL_STEP)
 
 
 def engine_for(arch: str, node_ids: list[str], nodes: StageNodes, **kwargs) -> PipelineEngine:

@@ -12,21 +12,18 @@ for the head on the last stage are pure and tested directly.
 
 from __future__ import annotations
 
-import functools
 import json
 import threading
 from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
-import mlx.core as mx
 import pytest
 from helpers import mlx_lm_reference
 from helpers.daemons import wait_for
+from helpers.mlx_lm_reference import checkpoint_greedy, mlx_lm_model
 from helpers.pipeline_faults import cancelling_frees_caches, dead_stage_fails_with_unavailable
 from helpers.stage_nodes import StageNodes
-from mlx_lm import load as mlx_lm_load
-from mlx_lm.generate import stream_generate
 
 from node.checkpoints import PRESETS, ensure_checkpoint
 from node.cluster.selector import choose_instance_engine, compatible, request_engine
@@ -62,20 +59,8 @@ def _path(arch: str) -> Path:
     return ensure_checkpoint(PRESETS[MODELS[arch]])
 
 
-_REFERENCE: dict[tuple, list[int]] = {}
-
-
 def mlx_lm_greedy(arch: str, prompt: list[int], n: int) -> list[int]:
-    key = (arch, tuple(prompt), n)
-    if key not in _REFERENCE:
-        model, tokenizer = mlx_lm_load(str(_path(arch)))
-        _REFERENCE[key] = [
-            r.token
-            for r in stream_generate(
-                model, tokenizer, mx.array(prompt), max_tokens=n, prefill_step_size=PREFILL_STEP
-            )
-        ]
-    return _REFERENCE[key]
+    return checkpoint_greedy(_path(arch), prompt, n, PREFILL_STEP)
 
 
 def engine_for(arch: str, node_ids: list[str], nodes: StageNodes, **kwargs) -> PipelineMtpEngine:
@@ -139,13 +124,7 @@ def test_greedy_equals_mlx_lm_at_every_k(arch: str, count: int, nodes: StageNode
 def test_a_head_that_never_agrees_is_still_exact(nodes: StageNodes) -> None:
     """Every draft rejected: each frame commits one position of K+1 on every stage."""
     path = ensure_checkpoint(PRESETS["dense-none"])
-    model, tokenizer = mlx_lm_load(str(path))
-    expected = [
-        r.token
-        for r in stream_generate(
-            model, tokenizer, mx.array(PROMPT), max_tokens=16, prefill_step_size=PREFILL_STEP
-        )
-    ]
+    expected = checkpoint_greedy(path, PROMPT, 16, PREFILL_STEP)
     placement = SimplePlacement.even(PRESETS["dense-none"].num_hidden_layers, topology(nodes, 3))
     engine = PipelineMtpEngine(
         path,
@@ -166,9 +145,8 @@ def test_a_head_that_never_agrees_is_still_exact(nodes: StageNodes) -> None:
 
 def test_penalties_condition_each_verified_position(nodes: StageNodes) -> None:
     params = mlx_lm_reference.WINDOWED_PENALTIES
-    model, _ = mlx_lm_load(str(_path("dense")))
     expected = mlx_lm_reference.mlx_lm_greedy(
-        model, PROMPT, 32, params, prefill_step_size=PREFILL_STEP
+        mlx_lm_model(_path("dense")), PROMPT, 32, params, prefill_step_size=PREFILL_STEP
     )
     engine = engine_for("dense", topology(nodes, 3), nodes)
     try:
@@ -252,15 +230,10 @@ PENALTIES = SamplingParams(**mlx_lm_reference.PENALTIES)
 SEEDED = SamplingParams(temperature=2.0, top_p=0.95, seed=99)
 
 
-@functools.cache
-def _mlx_lm_model(arch: str):
-    return mlx_lm_load(str(_path(arch)))[0]
-
-
 def reference(arch: str, prompt: list[int], n: int, params: SamplingParams) -> list[int]:
     """mlx-lm alone, target only, greedy with the request's processors."""
     return mlx_lm_reference.mlx_lm_greedy(
-        _mlx_lm_model(arch), prompt, n, params, prefill_step_size=PREFILL_STEP
+        mlx_lm_model(_path(arch)), prompt, n, params, prefill_step_size=PREFILL_STEP
     )
 
 

@@ -2,14 +2,18 @@
 
 ``mlx_lm_processors`` maps our ``SamplingParams`` onto mlx-lm's ``make_logits_processors``
 (penalties, their context sizes, logit bias); ``mlx_lm_greedy`` is ``generate_step`` with an
-argmax sampler, on the prompt alone."""
+argmax sampler, on the prompt alone; ``checkpoint_greedy`` loads a checkpoint with mlx-lm's
+own ``load`` and remembers each answer for the test process."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import mlx.core as mx
+from mlx_lm import load as mlx_lm_load
 from mlx_lm.generate import generate_step
 from mlx_lm.sample_utils import make_logits_processors
 
@@ -61,3 +65,20 @@ def mlx_lm_greedy(
         **generate_step_options,
     )
     return [int(t) for t, _ in steps]
+
+
+@functools.cache
+def mlx_lm_model(path: str | Path) -> Any:
+    """The checkpoint at ``path`` as mlx-lm's own ``load`` builds it (once per process)."""
+    return mlx_lm_load(str(path))[0]
+
+
+@functools.cache
+def _checkpoint_greedy(path: str, prompt: tuple[int, ...], n: int, prefill_step: int) -> list[int]:
+    return mlx_lm_greedy(mlx_lm_model(path), prompt, n, prefill_step_size=prefill_step)
+
+
+def checkpoint_greedy(path: Path, prompt: Sequence[int], n: int, prefill_step: int) -> list[int]:
+    """mlx-lm's greedy ``n`` tokens after ``prompt`` from the checkpoint at ``path`` (loaded by
+    mlx-lm itself), prefilling ``prefill_step`` tokens at a time; computed once per process."""
+    return list(_checkpoint_greedy(str(path), tuple(prompt), n, prefill_step))
