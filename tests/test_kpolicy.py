@@ -15,6 +15,7 @@ import pytest
 
 from node.inference.mtp.costs import fastest_interleaved
 from node.inference.mtp.kpolicy import (
+    EWMA_UP,
     LEAVE_ZERO_MARGIN,
     PAID_PROBE_BUDGET,
     PRIOR_ACCEPTANCE,
@@ -186,8 +187,12 @@ def test_live_timings_refresh_the_table() -> None:
     for _ in range(150):
         costs.observe(1, 2, 2 * modelled)  # K=2 cycles really take twice the model
     assert costs.cycle_s(1, 2) == pytest.approx(2 * modelled, rel=0.01)
-    # Ks that have not run yet follow the overall ratio.
+    # Ks that have not run yet follow the overall ratio, except that K = 0 is never guessed
+    # dearer than its model (drafting's overheads are not plain decode's).
     assert costs.cycle_s(1, 3) == pytest.approx(2 * costs.modelled_s(1, 3), rel=0.01)
+    assert costs.cycle_s(1, 0) == costs.modelled_s(1, 0)
+    # A K that ran at another batch size: that K's ratio.
+    assert costs.cycle_s(4, 2) == pytest.approx(2 * costs.modelled_s(4, 2), rel=0.01)
     # Overheads measured live move the choice: K=2 wins on the load-time table, but not
     # once its cycles are measured at twice the model while K=0 cycles match it.
     assert choose_k([[0.8] * 4], cpu_like(max_k=4), max_k=2) == 2
@@ -341,3 +346,27 @@ def test_leaving_k_zero_must_pay_for_the_queued_step() -> None:
     assert near[0].rates()[0] < margin_rate
     assert BatchKPolicy(max_k=1, start_k=1).next_k(near, costs, 1, 4) == 1
     assert BatchKPolicy(max_k=1, start_k=1).next_k(near, costs, 1, 4, zero_queued=True) == 0
+
+
+@pytest.mark.parametrize("plain_ratio", [1.0, 2.0])
+def test_drafting_overheads_do_not_hide_plain_decode(plain_ratio: float) -> None:
+    """Live K = 2 cycles at B = 8 take 1.6x the table (overheads the load-time timings do not
+    see); plain steps take ``plain_ratio`` x the table.  The table alone favours K = 2, so the
+    batch starts drafting; it must try K = 0 and keep it when that is really faster (1.0), and
+    go back to drafting when plain steps are as dear as the drafts (2.0: the control)."""
+    costs = CostTable(verify={8: [1.0, 1.3, 1.6]}, draft={8: [0.0, 0.1, 0.2]}, ewma_weight=EWMA_UP)
+    truth = {0: plain_ratio, 1: 1.6, 2: 1.6}
+    rates = [[0.8, 0.8]] * 8
+    assert choose_k(rates, costs, 2) == 2  # the table alone: drafting pays
+    chosen = []
+    for _ in range(40):
+        k = choose_k(rates, costs, 2)
+        chosen.append(k)
+        costs.observe(8, k, truth[k] * costs.modelled_s(8, k))
+    true_speed = {
+        k: sum(expected_tokens(r, k) for r in rates) / (truth[k] * costs.modelled_s(8, k))
+        for k in truth
+    }
+    best = max(true_speed, key=true_speed.__getitem__)
+    assert best == (0 if plain_ratio == 1.0 else 2)
+    assert chosen[-20:] == [best] * 20

@@ -89,11 +89,16 @@ class CostTable:
     Batch sizes between measured ones interpolate linearly, beyond them the nearest is used.
 
     Live refresh: ``observe(B, K, seconds)`` keeps an EWMA of measured / modelled cycle time per
-    (B, K) and over all cycles (asymmetric: faster cycles count more than slower ones, which
-    are mostly another process holding the core); ``cycle_s`` scales the model by the (B, K) ratio once that K
-    has run, by the overall ratio before.  The ratios absorb what isolated timings miss (host
-    syncs, Python, rollback) and follow the machine's load.  ``ewma_weight=0`` freezes the
-    table (tests that must not depend on timing).
+    (B, K), per K over every batch size, and over all cycles (asymmetric: faster cycles count
+    more than slower ones, which are mostly another process holding the core).  The ratios
+    absorb what isolated timings miss (host syncs, Python, the head's pending pairs, rollback)
+    and follow the machine's load.  ``cycle_s`` scales the model by the (B, K) ratio once that
+    shape has run, else by K's ratio at other batch sizes, else by the overall ratio — but
+    never above 1 for K = 0: drafting cycles carry overheads plain decode steps do not, so an
+    overall ratio learnt from drafting alone would price a never-tried K = 0 as dear as them
+    and keep the policy from ever trying it (at B = 8 it kept drafting at 0.6x plain speed).
+    An optimistic guess costs one plain step to correct.  ``ewma_weight=0`` freezes the table
+    (tests that must not depend on timing).
     """
 
     verify: dict[int, list[float]]
@@ -101,6 +106,7 @@ class CostTable:
     ewma_weight: float = EWMA_UP  # the weight of a slower-than-expected cycle; 0 freezes
     ewma_down: float = EWMA_DOWN
     _ratio: dict[tuple[int, int], float] = field(default_factory=dict)
+    _ratio_k: dict[int, float] = field(default_factory=dict)
     _overall: float | None = None
 
     def __post_init__(self) -> None:
@@ -134,7 +140,11 @@ class CostTable:
         return self._at(self.verify, batch, k) + self._at(self.draft, batch, k)
 
     def cycle_s(self, batch: int, k: int) -> float:
-        ratio = self._ratio.get((batch, k), self._overall or 1.0)
+        ratio = self._ratio.get((batch, k), self._ratio_k.get(k))
+        if ratio is None:
+            ratio = self._overall or 1.0
+            if k == 0:
+                ratio = min(ratio, 1.0)
         return self.modelled_s(batch, k) * ratio
 
     def observe(self, batch: int, k: int, seconds: float) -> None:
@@ -143,6 +153,7 @@ class CostTable:
             return
         ratio = seconds / modelled
         self._ratio[(batch, k)] = self._mix(self._ratio.get((batch, k)), ratio)
+        self._ratio_k[k] = self._mix(self._ratio_k.get(k), ratio)
         self._overall = self._mix(self._overall, ratio)
 
     def _mix(self, old: float | None, new: float) -> float:
