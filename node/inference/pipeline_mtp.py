@@ -43,7 +43,7 @@ from typing import Any
 import mlx.core as mx
 
 from node.inference.batching.mtp_step import batch_sizes_to_measure
-from node.inference.mtp.costs import CONTEXT_TOKENS, no_dearer_than_longer
+from node.inference.mtp.costs import CONTEXT_TOKENS, fastest_interleaved, no_dearer_than_longer
 from node.inference.mtp.gdn import commit_verified, verify_forward
 from node.inference.mtp.kpolicy import CostTable, KPolicy
 from node.inference.pipeline import PipelineEngine, _Active
@@ -104,16 +104,6 @@ def pipeline_cost_table(
     }
     draft = {b: [b * k * 2 * layer_s for k in range(len(costs))] for b, costs in by_batch.items()}
     return CostTable(verify=verify, draft=draft)
-
-
-def _min_seconds(fn: Callable[[], None], repeats: int) -> float:
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        began = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - began)
-    return min(samples)
 
 
 class PipelineMtpEngine(PipelineEngine):
@@ -179,9 +169,10 @@ class PipelineMtpEngine(PipelineEngine):
             context = mx.array([ids[:CONTEXT_TOKENS]] * batch)
             mx.eval(shard.forward(context, cache), [c.state for c in cache])
             n = repeats if batch == 1 else max(2, repeats // 2)
-            stage_s[batch] = [
-                _min_seconds(verify(t, batch, cache), n) for t in range(1, self.max_k + 2)
-            ]
+            # Interleaved rounds, as on a single node: a burst of load slows one sample of
+            # every T instead of all of one T's (the policy compares T with T).
+            runs = [verify(t, batch, cache) for t in range(1, self.max_k + 2)]
+            stage_s[batch] = fastest_interleaved(runs, n, time.perf_counter)
         address = self.addresses[self.stages[1].node_id]
         probe = mx.zeros((1, 1, shard.hidden_size), dtype=shard.activation_dtype)
         hop_s = min(probe_round_trips(address, self.instance_id, probe, 2 * repeats)) / 2
