@@ -20,6 +20,11 @@ greedy requests with different prompts, all submitted at once, through
 
 Aggregate tok/s = generated tokens of all streams / wall time from submission to the last
 token; per-stream tok/s = the median over streams of tokens / that stream's own wall time.
+Decode tok/s = the sum over streams of each stream's tokens after its first / its time after
+its first token (the engine's ``generation_tps``): the rate of the decode steps alone, which
+is what the [S, 1] forward-cost ceiling below speaks of. The aggregate includes the prompts'
+prefill, a compute-bound forward that costs about S times one prompt's whether batched or not
+(S 32-token prompts = one [S, 32] forward), so it scales less than decode does.
 Modes and stream counts are interleaved across ``--repeats`` rounds and medians are reported:
 the machine is shared, other processes only ever slow a round down, and interleaving spreads
 that over every mode. Peak memory (MLX's allocator) is recorded per round.
@@ -81,6 +86,7 @@ def run_macmesh(
         for p in prompts
     ]
     finished: list[float] = []
+    decode: list[float] = []
     outputs: list[list[int]] = []
     mean_k: list[float] = []
     for stream in streams:  # the worker never waits for a reader: reading in turn is fair
@@ -88,10 +94,13 @@ def run_macmesh(
         finished.append(time.perf_counter())
         outputs.append(done.token_ids)
         mean_k.append(done.stats.num_draft_tokens)
+        # The engine's own clock: tokens after the first over the time after the first.
+        decode.append(done.stats.generation_tps)
     wall = max(finished) - began
     # A stream's own rate: its tokens over the time from submission to its last token.
     per_stream = [len(o) / (t - began) for o, t in zip(outputs, finished, strict=True)]
-    result = _result(outputs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory())
+    cpu_s = time.process_time() - cpu
+    result = _result(outputs, wall, cpu_s, per_stream, mx.get_peak_memory(), decode)
     result["mean_k"] = statistics.mean(mean_k)
     return result
 
@@ -112,16 +121,19 @@ def run_mlx_lm(model: Any, prompts: list[list[int]], tokens: int) -> dict[str, A
     uids = generator.insert(prompts, max_tokens=[tokens] * len(prompts))
     outputs: dict[int, list[int]] = {u: [] for u in uids}
     finished: dict[int, float] = {}
+    firsts: dict[int, float] = {}
     while len(finished) < len(uids):
         for response in generator.next_generated():
             outputs[response.uid].append(response.token)
+            firsts.setdefault(response.uid, time.perf_counter())
             if response.finish_reason is not None:
                 finished[response.uid] = time.perf_counter()
     generator.close()
     wall = max(finished.values()) - began
     per_stream = [len(outputs[u]) / (finished[u] - began) for u in uids]
     outs = [outputs[u] for u in uids]
-    return _result(outs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory())
+    decode = decode_rates(outs, [firsts[u] for u in uids], [finished[u] for u in uids])
+    return _result(outs, wall, time.process_time() - cpu, per_stream, mx.get_peak_memory(), decode)
 
 
 def start_stage_server(workdir: Path) -> tuple[subprocess.Popen, str]:
@@ -171,6 +183,7 @@ def run_pipeline(
     mx.reset_peak_memory()
     outs: list[list[int]] = [[] for _ in prompts]
     walls = [0.0] * len(prompts)
+    firsts = [0.0] * len(prompts)
     before = [(st.frames_processed, st.batched_forwards) for st in engine.status()]
     began, cpu = time.perf_counter(), cpu_now()
 
@@ -178,6 +191,8 @@ def run_pipeline(
         request = GenerateRequest(prompt_ids=prompts[i], max_tokens=tokens, ignore_eos=True)
         for event in engine.generate(request):
             if isinstance(event, TokenDelta):
+                if not outs[i]:
+                    firsts[i] = time.perf_counter()
                 outs[i] += event.token_ids
         walls[i] = time.perf_counter() - began
 
@@ -188,7 +203,9 @@ def run_pipeline(
         t.join()
     wall = time.perf_counter() - began
     per_stream = [len(o) / w for o, w in zip(outs, walls, strict=True)]
-    result = _result(outs, wall, cpu_now() - cpu, per_stream, mx.get_peak_memory())
+    ends = [began + w for w in walls]
+    decode = decode_rates(outs, firsts, ends)
+    result = _result(outs, wall, cpu_now() - cpu, per_stream, mx.get_peak_memory(), decode)
     # What each stage computed: forwards (prefill chunks included) and how many were batched.
     result["stage_forwards"] = [
         {"forwards": st.frames_processed - f, "batched": st.batched_forwards - b}
@@ -197,14 +214,31 @@ def run_pipeline(
     return result
 
 
+def decode_rates(outputs: list[list[int]], firsts: list[float], ends: list[float]) -> list[float]:
+    """Each stream's decode rate: the tokens after its first over the time after its first
+    (prefill left out: a prompt's forward is compute-bound and does not batch like decode)."""
+    return [
+        (len(o) - 1) / (e - f) if len(o) > 1 and e > f else 0.0
+        for o, f, e in zip(outputs, firsts, ends, strict=True)
+    ]
+
+
 def _result(
-    outputs: list[list[int]], wall: float, cpu: float, per_stream: list[float], peak: int
+    outputs: list[list[int]],
+    wall: float,
+    cpu: float,
+    per_stream: list[float],
+    peak: int,
+    decode: list[float],
 ) -> dict[str, Any]:
     """CPU time (this process, every thread) is the cross-check on a shared machine: it
-    counts the work done, not the moments other processes held the cores."""
+    counts the work done, not the moments other processes held the cores.  ``decode_tps``:
+    the sum of the streams' decode rates (they decode at the same time), the figure the
+    [S, 1] forward-cost ceiling speaks of."""
     total = sum(len(o) for o in outputs)
     return {
         "tokens": outputs,
+        "decode_tps": sum(decode),
         "aggregate_tps": total / wall,
         "aggregate_cpu_tps": total / cpu,
         "per_stream_tps": statistics.median(per_stream),
@@ -271,8 +305,10 @@ def _pipeline_row(
     def median(n: int, key: str) -> float:
         return statistics.median(r[key] for r in results[("pipeline", n)])
 
-    ours = {k: median(s, k) for k in ("aggregate_tps", "aggregate_cpu_tps", "per_stream_tps")}
+    keys = ("aggregate_tps", "aggregate_cpu_tps", "per_stream_tps", "decode_tps")
+    ours = {k: median(s, k) for k in keys}
     ours["scaling"] = ours["aggregate_tps"] / median(first, "aggregate_tps")
+    ours["decode_scaling"] = ours["decode_tps"] / median(first, "decode_tps")
     ours["cpu_scaling"] = ours["aggregate_cpu_tps"] / median(first, "aggregate_cpu_tps")
     ours["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("pipeline", s)])
     ours["stage_forwards"] = results[("pipeline", s)][0]["stage_forwards"]  # the first round's
@@ -325,6 +361,25 @@ def print_table(rows: list[dict[str, Any]], ttft: dict[str, Any]) -> None:
             f"{m['cpu_vs_local']:>11.2f}x | {m['mean_k']:>6.2f} | "
             f"{m['peak_memory_bytes'] / 2**20:>8.0f} | {m['exact_streams']}/{r['streams']}"
         )
+    print()
+    print(
+        f"{'streams':>7} | {'decode tok/s: local':>19} | {'x 1 stream':>10} | {'/ ceiling':>9} | "
+        f"{'mlx-lm':>7} | {'x mlx-lm':>8} | {'native MTP':>10} | {'x local':>7}"
+        + (f" | {'pipeline':>8} | {'x 1 stream':>10}" if "pipeline" in rows[0] else "")
+    )
+    print("-" * 120)
+    for r in rows:
+        m, c = r["native_mtp"], r["forward_cost"]
+        line = (
+            f"{r['streams']:>7} | {r['macmesh']['decode_tps']:>19.1f} | "
+            f"{r['decode_scaling']:>9.2f}x | {r['decode_scaling'] / c['ceiling']:>9.2f} | "
+            f"{r['mlx_lm']['decode_tps']:>7.1f} | {r['decode_vs_mlx_lm']:>7.2f}x | "
+            f"{m['decode_tps']:>10.1f} | {m['decode_vs_local']:>6.2f}x"
+        )
+        if "pipeline" in r:
+            p = r["pipeline"]
+            line += f" | {p['decode_tps']:>8.1f} | {p['decode_scaling']:>9.2f}x"
+        print(line)
     print()
     print(
         f"newcomer TTFT ({ttft['prompt_tokens']}-token prompt): alone "
@@ -520,12 +575,19 @@ def main() -> None:
 
     rows = []
     base = median("macmesh", counts[0], "aggregate_tps")
+    decode_base = median("macmesh", counts[0], "decode_tps")
     cpu_base = median("macmesh", counts[0], "aggregate_cpu_tps")
     for s in counts:
         ours, anchor = (
             {
                 k: median(mode, s, k)
-                for k in ("aggregate_tps", "aggregate_cpu_tps", "per_stream_tps", "wall_s")
+                for k in (
+                    "aggregate_tps",
+                    "aggregate_cpu_tps",
+                    "per_stream_tps",
+                    "wall_s",
+                    "decode_tps",
+                )
             }
             for mode in ("macmesh", "mlx-lm")
         )
@@ -533,7 +595,14 @@ def main() -> None:
         anchor["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("mlx-lm", s)])
         mtp = {
             k: median("native-mtp", s, k)
-            for k in ("aggregate_tps", "aggregate_cpu_tps", "per_stream_tps", "wall_s", "mean_k")
+            for k in (
+                "aggregate_tps",
+                "aggregate_cpu_tps",
+                "per_stream_tps",
+                "wall_s",
+                "mean_k",
+                "decode_tps",
+            )
         }
         mtp["peak_memory_bytes"] = max(r["peak_memory_bytes"] for r in results[("native-mtp", s)])
         reference = results[("mlx-lm", s)][0]["tokens"]
@@ -542,6 +611,10 @@ def main() -> None:
         )
         mtp["vs_local"] = mtp["aggregate_tps"] / ours["aggregate_tps"]
         mtp["cpu_vs_local"] = mtp["aggregate_cpu_tps"] / ours["aggregate_cpu_tps"]
+        mtp["decode_vs_local"] = statistics.median(
+            m["decode_tps"] / loc["decode_tps"]
+            for m, loc in zip(results[("native-mtp", s)], results[("macmesh", s)], strict=True)
+        )
         # Per round (interleaved, so both saw the same load): the median of the ratios.
         mtp["vs_local_rounds"] = statistics.median(
             m["aggregate_tps"] / loc["aggregate_tps"]
@@ -566,6 +639,8 @@ def main() -> None:
                 "native_mtp": mtp,
                 "mlx_lm": anchor,
                 "scaling": ours["aggregate_tps"] / base,
+                "decode_scaling": ours["decode_tps"] / decode_base,
+                "decode_vs_mlx_lm": ours["decode_tps"] / anchor["decode_tps"],
                 "cpu_scaling": ours["aggregate_cpu_tps"] / cpu_base,
                 "vs_mlx_lm": ours["aggregate_tps"] / anchor["aggregate_tps"],
                 "cpu_vs_mlx_lm": ours["aggregate_cpu_tps"] / anchor["aggregate_cpu_tps"],
