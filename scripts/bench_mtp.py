@@ -133,10 +133,10 @@ def tracing_policy(step: Any, trace: list[dict[str, Any]]) -> None:
     from node.inference.mtp.kpolicy import BatchKPolicy
 
     class Traced(BatchKPolicy):
-        def next_k(self, estimates: Any, costs: Any, bound: int, batch: int) -> int:
-            k = super().next_k(estimates, costs, bound, batch)
+        def next_k(self, estimates: Any, costs: Any, bound: int, batch: int, **kw: Any) -> int:
+            k = super().next_k(estimates, costs, bound, batch, **kw)
             rates = [round(r, 3) for r in estimates[0].rates()] if estimates else []
-            trace.append({"k": k, "rates": rates, "probe_interval": self.probe.interval})
+            trace.append({"k": k, "rates": rates, "probe_interval": self.probe.interval, **kw})
             return k
 
         def observe(self, k: int, rows: Any) -> None:
