@@ -386,28 +386,3 @@ def test_the_batch_policy_follows_the_batch_size_and_acceptance() -> None:
     for k in ks:
         never.observe(k, [(k, 0)] * 4)
     assert ks[:1] == [0] and 1 in ks  # K = 0, with a K = 1 probe after a K = 0 stretch
-
-
-@pytest.mark.parametrize("pooled", [True, False], ids=["pooled", "negative-control"])
-def test_a_newcomer_starts_from_the_instances_acceptance(monkeypatch, pooled: bool) -> None:
-    """A head that never agrees: after one request has shown it, the next request's first
-    cycle is plain decode (K = 0) instead of drafting from the flat prior; the control gives
-    every newcomer a fresh estimate and sees it draft first. Both outputs equal mlx-lm's."""
-    name = "dense-none"
-    lm = loaded(name)
-    step = RecordingStep(lm, lm.mtp_head(), 1, prefill_chunk=64, costs=frozen_costs(4))
-    if not pooled:
-        monkeypatch.setattr(AcceptanceEstimate, "copy", lambda self: AcceptanceEstimate(self.max_k))
-    scheduler = BatchScheduler({"native_mtp": step}, max_batch=1)
-    prompts = [ids(12, 40), ids(12, 41)]
-    expected = [reference(name, tuple(p), 24, False) for p in prompts]
-    try:
-        first = list(scheduler.submit(request(prompts[0], 24, False, None), "native_mtp", "x"))
-        cycles_before = len(step.cycles)
-        second = list(scheduler.submit(request(prompts[1], 24, False, None), "native_mtp", "x"))
-    finally:
-        scheduler.close()
-    assert first[-1].token_ids == expected[0] and second[-1].token_ids == expected[1]
-    assert step.cycles[0][1] > 0  # the first request drafts from the prior
-    newcomer_first_k = step.cycles[cycles_before][1]
-    assert (newcomer_first_k == 0) == pooled

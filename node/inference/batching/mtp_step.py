@@ -45,8 +45,7 @@ free their rows (``filter``).
 K per cycle: one K serves the whole batch (it shares the verify forward). Unpinned rows let
 ``kpolicy.BatchKPolicy`` choose it from every row's acceptance estimate and the cost table's
 [B, K+1] costs (measured on the first unpinned request for batch sizes up to ``max_batch``,
-refreshed from every cycle's seconds); K falls to 0 where drafting stops paying. A newcomer's acceptance estimate
-starts from the instance's (every unpinned row's cycles, pooled), not from the flat prior. A request's explicit ``mtp_k``
+refreshed from every cycle's seconds); K falls to 0 where drafting stops paying. A request's explicit ``mtp_k``
 pins its own K: the batch runs at the largest K any row wants (pinned rows' pins and the
 policy's K for the rest) and each pinned row accepts at most its own K (its extra drafts cost
 it nothing it would not pay anyway, they are simply not looked at). Every row also drafts at
@@ -245,12 +244,6 @@ class MtpBatchStep:
         self.default_k, self.max_k = loaded.mtp_k_limits
         self._costs = costs
         self.policy = BatchKPolicy(max_k=self.max_k, start_k=self.default_k)
-        # Every unpinned row's cycles, pooled: a newcomer's estimate starts from it instead of
-        # the flat prior. A request lasts tens of cycles, and from the prior (0.5) a head that
-        # rarely agrees was drafted with for most of each request (at 25% agreement the policy
-        # ran K ~ 1 at 0.74x plain decode); the instance's requests mostly look alike, and a
-        # request whose text differs moves its own estimate within a few cycles.
-        self.instance_estimate = AcceptanceEstimate(self.max_k)
         self.current_k: int | None = None  # the latest cycle's K (status shows it)
         self._prefilling: list[_Row] = []
         self._rows: list[_Row] = []  # batch order = row order of the caches
@@ -301,7 +294,7 @@ class MtpBatchStep:
             pin=pin,
             keys=KeyStream(prepared.params.seed),
             history=list(prepared.prompt_ids),
-            estimate=self.instance_estimate.copy() if pin is None else None,
+            estimate=AcceptanceEstimate(self.max_k) if pin is None else None,
             cache=self.model.make_cache(),
             mtp_cache=self.head.make_cache(),
             k_counts=[0] * (self.max_k + 1),
@@ -747,7 +740,6 @@ class MtpBatchStep:
             row.accepted += n
             if row.estimate is not None:
                 row.estimate.observe(caps[i], n)
-                self.instance_estimate.observe(caps[i], n)
                 observed.append((caps[i], n))
             emitted = [*proposed[:n], correction]
             if row.coupled:

@@ -252,13 +252,6 @@ class AcceptanceEstimate:
             self._post[d] = [x / now for x in weighted]
             self.tries[d] += 1.0
 
-    def copy(self) -> AcceptanceEstimate:
-        """An independent estimate that starts where this one is (a newcomer's start from the
-        instance's recent acceptance, ``MtpBatchStep``)."""
-        return AcceptanceEstimate(
-            self.max_k, self.hazard, list(self.tries), [list(p) for p in self._post]
-        )
-
     def rates(self) -> list[float]:
         out: list[float] = []
         for d, post in enumerate(self._post):
