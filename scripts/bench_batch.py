@@ -177,13 +177,13 @@ def run_pipeline(
         times = stage.cpu_times()
         return time.process_time() + times.user + times.system
 
-    from node.inference.events import TokenDelta
+    from node.inference.events import GenerationDone, TokenDelta
     from node.inference.requests import GenerateRequest
 
     mx.reset_peak_memory()
     outs: list[list[int]] = [[] for _ in prompts]
     walls = [0.0] * len(prompts)
-    firsts = [0.0] * len(prompts)
+    decode = [0.0] * len(prompts)
     before = [(st.frames_processed, st.batched_forwards) for st in engine.status()]
     began, cpu = time.perf_counter(), cpu_now()
 
@@ -191,9 +191,9 @@ def run_pipeline(
         request = GenerateRequest(prompt_ids=prompts[i], max_tokens=tokens, ignore_eos=True)
         for event in engine.generate(request):
             if isinstance(event, TokenDelta):
-                if not outs[i]:
-                    firsts[i] = time.perf_counter()
                 outs[i] += event.token_ids
+            elif isinstance(event, GenerationDone):
+                decode[i] = event.stats.generation_tps  # the engine's clock, as run_macmesh
         walls[i] = time.perf_counter() - began
 
     threads = [threading.Thread(target=stream, args=(i,)) for i in range(len(prompts))]
@@ -203,8 +203,6 @@ def run_pipeline(
         t.join()
     wall = time.perf_counter() - began
     per_stream = [len(o) / w for o, w in zip(outs, walls, strict=True)]
-    ends = [began + w for w in walls]
-    decode = decode_rates(outs, firsts, ends)
     result = _result(outs, wall, cpu_now() - cpu, per_stream, mx.get_peak_memory(), decode)
     # What each stage computed: forwards (prefill chunks included) and how many were batched.
     result["stage_forwards"] = [
@@ -216,7 +214,8 @@ def run_pipeline(
 
 def decode_rates(outputs: list[list[int]], firsts: list[float], ends: list[float]) -> list[float]:
     """Each stream's decode rate: the tokens after its first over the time after its first
-    (prefill left out: a prompt's forward is compute-bound and does not batch like decode)."""
+    (prefill left out: a prompt's forward is compute-bound and does not batch like decode).
+    For mlx-lm's anchor; our engines report the same figure as ``generation_tps``."""
     return [
         (len(o) - 1) / (e - f) if len(o) > 1 and e > f else 0.0
         for o, f, e in zip(outputs, firsts, ends, strict=True)

@@ -67,10 +67,15 @@ def mlx_lm_greedy(
     return [int(t) for t, _ in steps]
 
 
-@functools.cache
 def mlx_lm_model(path: str | Path) -> Any:
-    """The checkpoint at ``path`` as mlx-lm's own ``load`` builds it (once per process)."""
-    return mlx_lm_load(str(path))[0]
+    """The checkpoint at ``path`` as mlx-lm's own ``load`` builds it (once per process, whether
+    the path comes as a ``str`` or a ``Path``)."""
+    return _mlx_lm_model(str(path))
+
+
+@functools.cache
+def _mlx_lm_model(path: str) -> Any:
+    return mlx_lm_load(path)[0]
 
 
 @functools.cache

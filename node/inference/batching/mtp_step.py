@@ -45,8 +45,8 @@ free their rows (``filter``).
 K per cycle: one K serves the whole batch (it shares the verify forward). Unpinned rows let
 ``kpolicy.BatchKPolicy`` choose it from every row's acceptance estimate and the cost table's
 [B, K+1] costs (measured on the first unpinned request for batch sizes up to ``max_batch``,
-refreshed from every cycle's seconds); K falls to 0 where drafting stops paying. A request's explicit ``mtp_k``
-pins its own K: the batch runs at the largest K any row wants (pinned rows' pins and the
+refreshed from every cycle's seconds); K falls to 0 where drafting stops paying. A request's
+explicit ``mtp_k`` pins its own K: the batch runs at the largest K any row wants (pinned rows' pins and the
 policy's K for the rest) and each pinned row accepts at most its own K (its extra drafts cost
 it nothing it would not pay anyway, they are simply not looked at). Every row also drafts at
 most ``remaining - 1`` tokens. Per-request stats are as in the single engine: proposed and
