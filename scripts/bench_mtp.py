@@ -136,7 +136,16 @@ def tracing_policy(step: Any, trace: list[dict[str, Any]]) -> None:
         def next_k(self, estimates: Any, costs: Any, bound: int, batch: int, **kw: Any) -> int:
             k = super().next_k(estimates, costs, bound, batch, **kw)
             rates = [round(r, 3) for r in estimates[0].rates()] if estimates else []
-            trace.append({"k": k, "rates": rates, "probe_interval": self.probe.interval, **kw})
+            priced = [round(costs.cycle_s(batch, j), 4) for j in range(min(bound, 2) + 1)]
+            trace.append(
+                {
+                    "k": k,
+                    "rates": rates,
+                    "cycle_s": priced,  # the price of K = 0, 1, 2 this cycle was chosen at
+                    "probe_interval": self.probe.interval,
+                    **kw,
+                }
+            )
             return k
 
         def observe(self, k: int, rows: Any) -> None:
