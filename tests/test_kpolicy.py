@@ -16,13 +16,18 @@ import pytest
 from node.inference.mtp.costs import fastest_interleaved
 from node.inference.mtp.kpolicy import (
     EWMA_UP,
+    FLAT,
     LEAVE_ZERO_MARGIN,
+    LEVELS,
     PAID_PROBE_BUDGET,
+    POOL_MIN_TRIES,
     PRIOR_ACCEPTANCE,
     PROBE_BUDGET,
     AcceptanceEstimate,
+    AcceptancePrior,
     BatchKPolicy,
     CostTable,
+    CycleTimer,
     KPolicy,
     choose_k,
     expected_tokens,
@@ -370,3 +375,108 @@ def test_drafting_overheads_do_not_hide_plain_decode(plain_ratio: float) -> None
     best = max(true_speed, key=true_speed.__getitem__)
     assert best == (0 if plain_ratio == 1.0 else 2)
     assert chosen[-20:] == [best] * 20
+
+
+def test_an_untried_k_is_priced_like_the_nearest_tried_drafting_k() -> None:
+    # K = 0 cycles run at 0.6x the table (a plain-decode stretch), K = 1 cycles at 1.0x. The
+    # overall ratio is mostly K = 0's: pricing an untried K = 2 by it put K = 2 below K = 1.
+    costs = CostTable(verify={1: [1.0, 1.3, 1.6]}, draft={1: [0.0, 0.1, 0.2]})
+    for _ in range(20):
+        costs.observe(1, 0, 0.6 * costs.modelled_s(1, 0))
+    costs.observe(1, 1, costs.modelled_s(1, 1))
+    assert costs.cycle_s(1, 1) == pytest.approx(costs.modelled_s(1, 1))
+    assert costs.cycle_s(1, 2) == pytest.approx(costs.modelled_s(1, 2))
+    assert costs.cycle_s(1, 2) > costs.cycle_s(1, 1)
+    fresh = CostTable(verify={1: [1.0, 1.3, 1.6]}, draft={1: [0.0, 0.1, 0.2]})
+    for _ in range(20):  # control: with no drafting cycle yet, the overall ratio prices K
+        fresh.observe(1, 0, 0.6 * fresh.modelled_s(1, 0))
+    assert fresh.cycle_s(1, 2) == pytest.approx(0.6 * fresh.modelled_s(1, 2), rel=0.01)
+
+
+def test_plain_decode_is_priced_by_its_stretches_not_its_first_cycles() -> None:
+    """A pipelined K = 0 stretch: the first cycle holds its own step and most of the next
+    (2 units), the middle ones one, the last (nothing queued after it) almost none. Each
+    stretch costs a unit a step; taken cycle by cycle its first one alone, after each drafting
+    cycle, prices plain decode at twice that."""
+    costs = CostTable(verify={1: [1.0, 1.3]}, draft={1: [0.0, 0.1]})
+    timer = CycleTimer(costs)
+    for _ in range(10):
+        timer.cycle(1, 1, costs.modelled_s(1, 1))
+        for seconds in [2.0, 1.0, 1.0, 0.0]:
+            timer.cycle(1, 0, seconds)
+    timer.cycle(1, 1, costs.modelled_s(1, 1))
+    assert costs.cycle_s(1, 0) == pytest.approx(1.0)
+    assert costs.cycle_s(1, 1) == pytest.approx(costs.modelled_s(1, 1))
+    # A lone K = 0 cycle between drafting ones holds the queued step the next drafting cycle
+    # threw away: not a price.
+    timer.cycle(1, 0, 5.0)
+    timer.cycle(1, 1, costs.modelled_s(1, 1))
+    assert costs.cycle_s(1, 0) == pytest.approx(1.0)
+    # A stretch ends when the batch changes size or empties; each size keeps its own price.
+    for seconds in [3.0, 3.0]:
+        timer.cycle(2, 0, seconds)
+    timer.cycle(1, 0, 1.0)
+    timer.cycle(1, 0, 1.0)
+    timer.end_stretch()
+    assert costs.cycle_s(2, 0) == pytest.approx(3.0)
+    assert costs.cycle_s(1, 0) == pytest.approx(1.0)
+
+
+def _steady_request(prior: AcceptancePrior, key: str, level: float, cycles: int, seed: int):
+    est = AcceptanceEstimate(max_k=3, prior=prior.for_class(key))
+    rng = random.Random(seed)
+    for _ in range(cycles):
+        est.observe(1, 1 if rng.random() < level else 0)
+    prior.learn(key, est)
+    return est
+
+
+def _mean(dist) -> float:
+    return sum(p * a for p, a in zip(dist, LEVELS, strict=True))
+
+
+def test_a_newcomer_starts_from_what_the_instance_s_requests_accepted() -> None:
+    prior = AcceptancePrior()
+    assert prior.for_class("greedy") == FLAT  # nothing served yet: the flat prior
+    for seed in range(6):
+        _steady_request(prior, "greedy", 0.25, 40, seed)
+    newcomer = AcceptanceEstimate(max_k=3, prior=prior.for_class("greedy"))
+    fresh = AcceptanceEstimate(max_k=3)  # control
+    assert fresh.rates()[0] == pytest.approx(PRIOR_ACCEPTANCE)
+    assert 0.2 < newcomer.rates()[0] < 0.42  # from 0.5 most of the way (the flat share stays)
+    # Only depth 1 is pooled; deeper depths start untried, accepting like depth 1.
+    assert newcomer.tries == [0.0, 0.0, 0.0]
+    assert newcomer.rates()[1] == newcomer.rates()[0]
+    # The prior stays wide: a newcomer whose text is easy leaves it within a few hits.
+    for _ in range(6):
+        newcomer.observe(1, 1)
+    assert newcomer.rates()[0] > 0.6
+    # The steady estimate drifts back toward the pool, not toward 0.5: its mean over a long
+    # steady 0.25 request is nearer 0.25 than a fresh estimate's.
+    pooled, flat = [], []
+    for seed in range(20):
+        a = AcceptanceEstimate(max_k=1, prior=prior.for_class("greedy"))
+        b = AcceptanceEstimate(max_k=1)
+        rng = random.Random(100 + seed)
+        for _ in range(60):
+            hit = 1 if rng.random() < 0.25 else 0
+            a.observe(1, hit)
+            b.observe(1, hit)
+            pooled.append(a.rates()[0])
+            flat.append(b.rates()[0])
+    assert abs(statistics.mean(pooled) - 0.25) < abs(statistics.mean(flat) - 0.25)
+
+
+def test_sampling_classes_are_pooled_apart() -> None:
+    prior = AcceptancePrior()
+    for seed in range(6):
+        _steady_request(prior, AcceptancePrior.sampling_class(1.0), 0.2, 40, seed)
+        _steady_request(prior, AcceptancePrior.sampling_class(0.0), 0.9, 40, seed)
+    assert AcceptancePrior.sampling_class(0.0) == "greedy"
+    assert AcceptancePrior.sampling_class(0.97) == AcceptancePrior.sampling_class(1.0)
+    assert _mean(prior.for_class("greedy")) > 0.6  # the flat share keeps it wide
+    assert _mean(prior.for_class(AcceptancePrior.sampling_class(1.0))) < 0.35
+    # A request that drafted too little to say anything leaves the pool as it was.
+    before = prior.for_class("greedy")
+    _steady_request(prior, "greedy", 0.0, POOL_MIN_TRIES - 1, 0)
+    assert prior.for_class("greedy") == before

@@ -84,7 +84,13 @@ from node.inference.mtp.costs import measure_costs
 from node.inference.mtp.engine import PENDING_LIMIT
 from node.inference.mtp.gdn import verify_forward
 from node.inference.mtp.head import MtpHead
-from node.inference.mtp.kpolicy import AcceptanceEstimate, BatchKPolicy, CostTable
+from node.inference.mtp.kpolicy import (
+    AcceptanceEstimate,
+    AcceptancePrior,
+    BatchKPolicy,
+    CostTable,
+    CycleTimer,
+)
 from node.inference.prompt_cache import (
     PromptCache,
     Snapshot,
@@ -244,6 +250,9 @@ class MtpBatchStep:
         self.default_k, self.max_k = loaded.mtp_k_limits
         self._costs = costs
         self.policy = BatchKPolicy(max_k=self.max_k, start_k=self.default_k)
+        # Depth 1's prior for a newcomer, from the requests this instance has served
+        # (kpolicy.AcceptancePrior: per sampling class, only depth 1).
+        self.acceptance_prior = AcceptancePrior()
         self.current_k: int | None = None  # the latest cycle's K (status shows it)
         self._prefilling: list[_Row] = []
         self._rows: list[_Row] = []  # batch order = row order of the caches
@@ -253,6 +262,8 @@ class MtpBatchStep:
         # (hidden, tokens), and the linear layers' states from before it.
         self._queued: tuple[mx.array, mx.array] | None = None
         self._saved: list[list[Any] | None] | None = None
+        # Feeds the cost table every cycle's seconds, once there is a table.
+        self._timer: CycleTimer | None = CycleTimer(costs) if costs is not None else None
 
     def __len__(self) -> int:
         return len(self._prefilling) + len(self._rows)
@@ -280,6 +291,7 @@ class MtpBatchStep:
             # slows K = 0 and K > 0 cycles alike.
             costs.ewma_weight = costs.ewma_down
             self._costs = costs
+            self._timer = CycleTimer(costs)
         return self._costs
 
     # -- joining and leaving ---------------------------------------------------------------
@@ -288,13 +300,18 @@ class MtpBatchStep:
         request = seq.request
         prepared = prepare_request(self.loaded, request, self.max_k, self.context_tokens)
         pin = self.fixed_k if self.fixed_k is not None else request.mtp_k
+        sampling = AcceptancePrior.sampling_class(prepared.params.temperature)
         row = _Row(
             seq=seq,
             prepared=prepared,
             pin=pin,
             keys=KeyStream(prepared.params.seed),
             history=list(prepared.prompt_ids),
-            estimate=AcceptanceEstimate(self.max_k) if pin is None else None,
+            estimate=(
+                AcceptanceEstimate(self.max_k, prior=self.acceptance_prior.for_class(sampling))
+                if pin is None
+                else None
+            ),
             cache=self.model.make_cache(),
             mtp_cache=self.head.make_cache(),
             k_counts=[0] * (self.max_k + 1),
@@ -333,9 +350,17 @@ class MtpBatchStep:
 
     def _remove(self, indices: list[int]) -> None:
         drop = set(indices)
+        for i in drop:  # what each leaving row's drafts showed, for the next requests
+            row = self._rows[i]
+            if row.estimate is not None:
+                self.acceptance_prior.learn(
+                    AcceptancePrior.sampling_class(row.params.temperature), row.estimate
+                )
         keep = [i for i in range(len(self._rows)) if i not in drop]
         self._rows = [self._rows[i] for i in keep]
         if not keep:
+            if self._timer is not None:
+                self._timer.end_stretch()
             self._cache, self._mtp_cache = None, None
             self._queued, self._saved = None, None
             return
@@ -547,8 +572,8 @@ class MtpBatchStep:
             finished = self._decode(out)
         else:
             finished = self._speculate(k, caps, out)
-        if self._costs is not None:
-            self._costs.observe(batch, k, self.clock() - start)
+        if self._timer is not None:
+            self._timer.cycle(batch, k, self.clock() - start)
         if finished:
             if self.prompt_cache is not None:
                 for i in finished:

@@ -66,6 +66,13 @@ EWMA_UP = 0.05
 # flip the best K between 0 and 1 from cycle to cycle, each flip paid that.  Leaving K = 0
 # must promise this much more speed: below it, staying loses less than the thrown-away step.
 LEAVE_ZERO_MARGIN = 0.05
+# A newcomer's depth-1 prior (``AcceptancePrior``): the older requests' share of the pool, the
+# flat prior's share of the newcomer's prior, the drafts a request must have tried to count,
+# and how many sampling classes an instance remembers.
+POOL_MEMORY = 0.7
+PRIOR_BREADTH = 0.3
+POOL_MIN_TRIES = 4
+POOL_CLASSES = 8
 
 
 def expected_tokens(rates: Sequence[float], k: int) -> float:
@@ -141,6 +148,13 @@ class CostTable:
 
     def cycle_s(self, batch: int, k: int) -> float:
         ratio = self._ratio.get((batch, k), self._ratio_k.get(k))
+        drafted = [j for j in self._ratio_k if j > 0]
+        if ratio is None and k > 0 and drafted:
+            # An untried depth is priced like the nearest tried one: drafting cycles share
+            # overheads (the head, rollback, sampling) a K = 0 step has not, so the overall
+            # ratio, mostly K = 0 cycles after a stretch of plain decode, priced an untried
+            # K = 2 below a tried K = 1.
+            ratio = self._ratio_k[min(drafted, key=lambda j: (abs(j - k), j))]
         if ratio is None:
             ratio = self._overall or 1.0
             if k == 0:
@@ -161,6 +175,42 @@ class CostTable:
             return new
         w = self.ewma_down if new < old else self.ewma_weight
         return (1 - w) * old + w * new
+
+
+@dataclass
+class CycleTimer:
+    """Feeds a ``CostTable`` the seconds of each cycle an engine runs.
+
+    A drafting cycle's seconds are its own.  K = 0 is priced by a whole plain-decode stretch
+    instead: the batched engine queues each K = 0 step before the previous one's tokens are
+    read, so a stretch's first cycle computes its own step and queues the next (its time then
+    holds part of the next step's work, in process-CPU time nearly all of it), and its last
+    cycle reads a step already done.  Taken one by one, the first cycles (~1.3x dear) made
+    plain decode look dearer than it is, and at 27% acceptance the policy drafted nearly
+    every cycle; a stretch's mean is one step's cost.  A stretch of one cycle is not used: it
+    holds the queued step the next drafting cycle threw away.
+    """
+
+    costs: CostTable
+    _stretch: tuple[int, int, float] | None = None  # (batch size, cycles, seconds)
+
+    def cycle(self, batch: int, k: int, seconds: float) -> None:
+        stretch = self._stretch
+        if stretch is not None and (k != 0 or stretch[0] != batch):
+            self.end_stretch()
+            stretch = None
+        if k == 0:
+            _, cycles, total = stretch or (batch, 0, 0.0)
+            self._stretch = (batch, cycles + 1, total + seconds)
+        else:
+            self.costs.observe(batch, k, seconds)
+
+    def end_stretch(self) -> None:
+        """The batch emptied or changed size: a K = 0 stretch so far counts now."""
+        stretch, self._stretch = self._stretch, None
+        if stretch is not None and stretch[1] >= 2:
+            batch, cycles, total = stretch
+            self.costs.observe(batch, 0, total / cycles)
 
 
 def choose_k(
@@ -214,12 +264,13 @@ class AcceptanceEstimate:
 
     max_k: int
     hazard: float = HAZARD
+    prior: Sequence[float] = FLAT  # depth 1's, before evidence and as the text drifts
     tries: list[float] = field(default_factory=list)
     _post: list[list[float]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.tries = self.tries or [0.0] * self.max_k
-        self._post = self._post or [list(FLAT) for _ in range(self.max_k)]
+        self._post = self._post or [list(self.prior) for _ in range(self.max_k)]
 
     def observe(self, k: int, accepted: int) -> None:
         """A cycle drafted ``k`` and the first ``accepted`` were accepted: depths 1..accepted
@@ -230,7 +281,7 @@ class AcceptanceEstimate:
         tried = min(accepted + 1, k, self.max_k)
         carry = h  # the chance the text changed this cycle, as the shallower depths tell it
         for d in range(self.max_k):
-            target = FLAT if d == 0 else self._post[d - 1]
+            target = self.prior if d == 0 else self._post[d - 1]
             if self.tries[d] == 0:  # never tried: the depth above's, as rates() reports it
                 self._post[d] = list(target)
             else:
@@ -252,6 +303,11 @@ class AcceptanceEstimate:
             self._post[d] = [x / now for x in weighted]
             self.tries[d] += 1.0
 
+    @property
+    def depth1(self) -> list[float]:
+        """Depth 1's distribution over ``LEVELS`` (what ``AcceptancePrior`` pools)."""
+        return list(self._post[0])
+
     def rates(self) -> list[float]:
         out: list[float] = []
         for d, post in enumerate(self._post):
@@ -260,6 +316,50 @@ class AcceptanceEstimate:
             else:
                 out.append(sum(p * a for p, a in zip(post, LEVELS, strict=True)))
         return out
+
+
+@dataclass
+class AcceptancePrior:
+    """Depth 1's prior for a newcomer: the instance's recent requests, pooled per sampling class.
+
+    A request lasts tens of cycles, too few to average out its own acceptance from the flat
+    prior: each cycle's hazard pulls the estimate toward 0.5, so a steady 0.27 read as ~0.31
+    (K = 1 at break-even, drafted nearly every cycle) and a steady 0.85 as too low for the
+    depth that pays.  An instance's requests mostly look alike, so each request that ends
+    folds its depth-1 distribution into its class's pool (``POOL_MEMORY``: the older requests'
+    share), and a newcomer starts from, and drifts back toward, that pool widened by
+    ``PRIOR_BREADTH`` of the flat prior (a request whose text differs still moves its own
+    estimate within a few cycles).  Only depth 1: deeper depths start untried, accepting like
+    the depth above until tried.  Classes keep apart what accepts differently: greedy rows and
+    sampled rows by temperature (a pool mixing T = 1 rows, ~27% acceptance, with greedy ones
+    left greedy newcomers pessimistic).
+    """
+
+    pools: dict[str, list[float]] = field(default_factory=dict)
+
+    @staticmethod
+    def sampling_class(temperature: float) -> str:
+        return "greedy" if temperature <= 0 else f"T={round(temperature, 1)}"
+
+    def for_class(self, key: str) -> tuple[float, ...]:
+        pool = self.pools.get(key)
+        if pool is None:
+            return FLAT
+        return tuple(
+            PRIOR_BREADTH * f + (1 - PRIOR_BREADTH) * p for f, p in zip(FLAT, pool, strict=True)
+        )
+
+    def learn(self, key: str, estimate: AcceptanceEstimate) -> None:
+        """A request ended: fold its depth-1 distribution in (if it drafted enough to say)."""
+        if estimate.tries[0] < POOL_MIN_TRIES:
+            return
+        pool = self.pools.get(key, list(FLAT))
+        self.pools[key] = [
+            POOL_MEMORY * p + (1 - POOL_MEMORY) * q
+            for p, q in zip(pool, estimate.depth1, strict=True)
+        ]
+        if len(self.pools) > POOL_CLASSES:  # forget the oldest class
+            del self.pools[next(iter(self.pools))]
 
 
 @dataclass
