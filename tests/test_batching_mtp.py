@@ -27,7 +27,12 @@ from node.inference.batching.mtp_step import MtpBatchStep
 from node.inference.batching.scheduler import BatchScheduler, Sequence
 from node.inference.engine import LocalEngine
 from node.inference.events import GenerationDone, TokenDelta
-from node.inference.mtp.kpolicy import AcceptanceEstimate, BatchKPolicy, CostTable
+from node.inference.mtp.kpolicy import (
+    AcceptanceEstimate,
+    AcceptancePrior,
+    BatchKPolicy,
+    CostTable,
+)
 from node.inference.requests import GenerateRequest
 from node.inference.runner import LocalRunner
 from node.inference.sampling import SamplingParams
@@ -376,7 +381,18 @@ def test_the_batch_policy_follows_the_batch_size_and_acceptance() -> None:
     policy = BatchKPolicy(max_k=3, start_k=2)
     prior = [AcceptanceEstimate(3)]  # no evidence: the prior (0.5)
     assert BatchKPolicy(max_k=3, start_k=1).next_k(prior * 1, costs, 3, 1) == 1  # the default
-    assert BatchKPolicy(max_k=3, start_k=3).next_k(prior * 4, costs, 3, 4) == 1  # at most
+    # Nothing known: the card's default K, where drafting pays at the prior at all.
+    assert BatchKPolicy(max_k=3, start_k=3).next_k(prior * 4, costs, 3, 4) == 3
+    # A pooled prior is something known: the costs and the prior choose (here K = 1 at B = 4,
+    # the prior's 0.5), the card's default no longer does.
+    served = AcceptanceEstimate(3)  # an earlier request: every other draft accepted
+    for i in range(20):
+        served.observe(1, i % 2)
+    pool = AcceptancePrior()
+    pool.learn("greedy", served)
+    informed = [AcceptanceEstimate(3, prior=pool.for_class("greedy"))]
+    assert informed[0].informed and not prior[0].informed
+    assert BatchKPolicy(max_k=3, start_k=3).next_k(informed * 4, costs, 3, 4) == 1
     assert BatchKPolicy(max_k=3, start_k=2).next_k(prior * 16, costs, 3, 16) == 0  # not worth it
     assert policy.next_k(estimates(1.0, 4), costs, 3, 4) == 3  # always accepted: deep K
     assert policy.next_k(estimates(1.0, 16), costs, 3, 16) == 0  # [16, K+1] too dear

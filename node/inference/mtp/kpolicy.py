@@ -69,7 +69,7 @@ LEAVE_ZERO_MARGIN = 0.05
 # A newcomer's depth-1 prior (``AcceptancePrior``): the older requests' share of the pool, the
 # flat prior's share of the newcomer's prior, the drafts a request must have tried to count,
 # and how many sampling classes an instance remembers.
-POOL_MEMORY = 0.7
+POOL_MEMORY = 0.5
 PRIOR_BREADTH = 0.3
 POOL_MIN_TRIES = 4
 POOL_CLASSES = 8
@@ -304,6 +304,11 @@ class AcceptanceEstimate:
             self.tries[d] += 1.0
 
     @property
+    def informed(self) -> bool:
+        """Has it anything beyond the flat prior: a draft tried, or a pooled prior?"""
+        return sum(self.tries) > 0 or tuple(self.prior) != FLAT
+
+    @property
     def depth1(self) -> list[float]:
         """Depth 1's distribution over ``LEVELS`` (what ``AcceptancePrior`` pools)."""
         return list(self._post[0])
@@ -484,13 +489,15 @@ class BatchKPolicy:
         throw away, so K > 0 must beat K = 0 by ``LEAVE_ZERO_MARGIN`` (probes still run)."""
         self.probe.cap = probe_interval_cap(costs, batch, self.probe.budget)
         bound = max(0, min(self.max_k, bound))
-        if not any(sum(e.tries) > 0 for e in estimates):
-            # No evidence yet: the card's default, unless the costs at this batch size say
-            # drafting does not pay even at the prior acceptance (a large batch).
-            bound = min(self.start_k, bound)
         rates = [e.rates() for e in estimates]
         margin = LEAVE_ZERO_MARGIN if zero_queued else 0.0
         k = choose_k(rates, costs, bound, batch=batch, leave_zero_margin=margin)
+        if k > 0 and not any(e.informed for e in estimates):
+            # Nothing known yet (no draft tried, no earlier request to start from): the
+            # card's default K, unless the costs at this batch size say drafting does not pay
+            # even at the prior acceptance (a large batch). The flat prior's 0.5 would start
+            # shallower than the card's hand-tuned K, and a request lasts only tens of cycles.
+            k = min(self.start_k, bound)
         return self.probe.after_choice(k, bound)
 
     def observe(self, k: int, rows: Sequence[tuple[int, int]]) -> None:
