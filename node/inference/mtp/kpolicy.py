@@ -19,7 +19,9 @@ cycle first lets drift back toward the prior (the text may have changed: ``HAZAR
 weighs by what the cycle saw (``AcceptanceEstimate``).  An untried depth accepts like the one
 above it.  Steady text averages over ~1 / HAZARD cycles; a change (code and boilerplate are
 easy to draft, free prose is not, and acceptance falls with context length) shows in one or
-two cycles, because a miss after a run of hits is unlikely under the old level.
+two cycles, because a miss after a run of hits is unlikely under the old level.  A newcomer's
+depth 1 starts from what the instance's earlier requests of its sampling class accepted
+(``AcceptancePrior``), not from the flat prior: a request lasts too few cycles to learn it.
 
 Exploration.  At K = 0 nothing is drafted, so there is no new evidence and a request whose
 text became easy again would never find out.  After ``probe_interval`` consecutive K = 0
