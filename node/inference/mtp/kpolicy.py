@@ -360,11 +360,17 @@ class AcceptancePrior:
         """A request ended: fold its depth-1 distribution in (if it drafted enough to say)."""
         if estimate.tries[0] < POOL_MIN_TRIES:
             return
-        pool = self.pools.get(key, list(FLAT))
-        self.pools[key] = [
-            POOL_MEMORY * p + (1 - POOL_MEMORY) * q
-            for p, q in zip(pool, estimate.depth1, strict=True)
-        ]
+        pool = self.pools.get(key)
+        # The first request of a class is its pool: starting it from the flat prior would take
+        # several requests to forget that 0.5, and each of them starts too shallow.
+        self.pools[key] = (
+            estimate.depth1
+            if pool is None
+            else [
+                POOL_MEMORY * p + (1 - POOL_MEMORY) * q
+                for p, q in zip(pool, estimate.depth1, strict=True)
+            ]
+        )
         if len(self.pools) > POOL_CLASSES:  # forget the oldest class
             del self.pools[next(iter(self.pools))]
 
