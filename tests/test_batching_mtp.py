@@ -28,6 +28,7 @@ from node.inference.batching.scheduler import BatchScheduler, Sequence
 from node.inference.engine import LocalEngine
 from node.inference.events import GenerationDone, TokenDelta
 from node.inference.mtp.kpolicy import (
+    FLAT,
     AcceptanceEstimate,
     AcceptancePrior,
     BatchKPolicy,
@@ -402,3 +403,37 @@ def test_the_batch_policy_follows_the_batch_size_and_acceptance() -> None:
     for k in ks:
         never.observe(k, [(k, 0)] * 4)
     assert ks[:1] == [0] and 1 in ks  # K = 0, with a K = 1 probe after a K = 0 stretch
+
+
+def test_an_instance_s_finished_requests_seed_its_newcomers_estimates() -> None:
+    """The real step: a finished greedy request's depth-1 estimate becomes the pool a later
+    greedy newcomer starts from; a sampled newcomer starts from the flat prior (its own
+    class is empty); the greedy output is the same with or without a pool."""
+    lm = loaded("dense-partial")
+    step = MtpBatchStep(lm, lm.mtp_head(), 4, costs=frozen_costs(lm.mtp_k_limits[1]))
+    scheduler = BatchScheduler({"native_mtp": step}, max_batch=4)
+    first = GenerateRequest(prompt_ids=ids(24, 1), max_tokens=24, ignore_eos=True)
+    second = GenerateRequest(prompt_ids=ids(30, 2), max_tokens=16, ignore_eos=True)
+    try:
+        assert step.acceptance_prior.pools == {}
+        list(scheduler.submit(first, "native_mtp", "native_mtp"))
+        assert set(step.acceptance_prior.pools) == {"greedy"}
+        pooled = step.acceptance_prior.for_class("greedy")
+        assert pooled != FLAT
+        seen: list[tuple[tuple[float, ...], bool]] = []  # each newcomer's (prior, informed)
+        original = step.join
+
+        def join(seq: Sequence) -> None:
+            original(seq)
+            estimate = step._prefilling[-1].estimate
+            assert estimate is not None
+            seen.append((tuple(estimate.prior), estimate.informed))
+
+        step.join = join  # type: ignore[method-assign]
+        tokens = list(scheduler.submit(second, "native_mtp", "native_mtp"))[-1].token_ids
+        sampled = second.model_copy(update={"sampling": SamplingParams(temperature=0.8)})
+        list(scheduler.submit(sampled, "native_mtp", "native_mtp"))
+    finally:
+        scheduler.close()
+    assert seen == [(pooled, True), (FLAT, False)]
+    assert tokens == list(LocalEngine(lm).generate(second))[-1].token_ids
