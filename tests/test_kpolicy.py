@@ -95,6 +95,26 @@ def test_never_matching_drafts_give_k_zero_with_rare_probes() -> None:
     assert extra <= 1.1 * PROBE_BUDGET * len(ks[100:]) * costs.cycle_s(1, 0)
 
 
+def test_a_draft_passing_now_and_then_does_not_restart_the_probe_schedule() -> None:
+    # This CPU's shape: one more verify position and a draft cost ~0.45 of a step, so K = 1
+    # pays above ~45% acceptance. At a steady 25% a quarter of the probes pass; each is
+    # followed by one more probe, but the interval must stay long (it was reset to 2, and
+    # probes ran ~1 in 6 cycles, each breaking plain decode's pipelining).
+    costs = CostTable(
+        verify={1: [1.0 + 0.4 * t for t in range(MAX_K + 1)]},
+        draft={1: [0.05 * k for k in range(MAX_K + 1)]},
+    )
+    cap = probe_interval_cap(costs)
+    assert cap >= 20
+    policy = KPolicy(max_k=MAX_K, start_k=2)
+    ks, _, _ = simulate(policy, costs, lambda c: 0.25, 3000, seed=3)
+    late = ks[300:]
+    assert set(late) <= {0, 1}
+    assert late.count(1) <= 1.5 * len(late) / cap  # one follow-up per passing probe at most
+    # Passing probes are not drafting that paid: the budget stays at its floor.
+    assert policy.probe.budget == pytest.approx(PROBE_BUDGET, abs=1e-3)
+
+
 def test_always_matching_drafts_give_the_deepest_k() -> None:
     costs = cpu_like()
     policy = KPolicy(max_k=MAX_K, start_k=2)

@@ -31,10 +31,13 @@ cost ``PROBE_BUDGET`` of the time (from the cost table: a probe costs
 ``seconds(B, 1) - seconds(B, 0)``), so a text the head never matches loses at most ~2% to
 probing, and cheap probes (Metal, where one more verify position is nearly free) come often.
 The budget rises toward ``PAID_PROBE_BUDGET`` with the share of the request's recent drafting
-cycles that had a draft accepted: text that was easy before likely becomes easy again, and
-finding that out a probe interval late costs that many cycles of drafting.
+cycles that had a draft accepted (probes count as cycles that did not): text that was easy
+before likely becomes easy again, and finding that out a probe interval late costs that many
+cycles of drafting.
 An accepted probe is followed by another at once, so a run of good drafts lifts the estimate
-past the break-even point in a few cycles instead of one probe per interval.
+past the break-even point in a few cycles instead of one probe per interval; the interval
+itself goes back to its minimum only when the estimates choose to draft again (a lone hit in
+a text the head rarely matches does not restart the schedule).
 """
 
 from __future__ import annotations
@@ -401,18 +404,28 @@ class Prober:
                 k, self.probing = 1, True
         else:
             self.zero_run = 0
+            if k > 0:
+                # The estimates chose to draft: the text pays, so when it stops paying the
+                # next K = 0 stretch starts probing soon again.
+                self.interval = MIN_PROBE_INTERVAL
         return k
 
     def after_cycle(self, accepted: bool) -> None:
         """A drafting cycle ended; ``accepted``: some draft passed."""
-        self.paid = PAID_MEMORY * self.paid + (1 - PAID_MEMORY) * (1.0 if accepted else 0.0)
+        # Only drafting the estimates chose counts as drafting that paid: a probe passing now
+        # and then (a steady 25%) is not a sign the text turns easy, and counting it raised
+        # the budget and the probe rate with it.
+        paid = 1.0 if accepted and not self.probing else 0.0
+        self.paid = PAID_MEMORY * self.paid + (1 - PAID_MEMORY) * paid
         if not self.probing:
             return
         self.zero_run = 0
         if accepted:
-            # Probe again next cycle: good drafts are back until shown otherwise.
+            # Probe again next cycle: good drafts may be back. The interval stays: where a
+            # draft passes now and then (a steady 25%), resetting it here made probes ~1 in 6
+            # cycles and each one breaks plain decode's pipelining. If the text did become
+            # easy, the hits lift the estimate until the policy drafts by itself.
             self.zero_run = self.interval
-            self.interval = MIN_PROBE_INTERVAL
         else:
             self.interval = min(2 * self.interval, self.cap)
 
