@@ -32,3 +32,23 @@ def machine_info() -> dict[str, Any]:
         "blas_preload": os.environ.get("LD_PRELOAD", ""),
         "openblas_threads": os.environ.get("OPENBLAS_NUM_THREADS", ""),
     }
+
+
+OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+
+
+def reexec_with_openblas(disabled: bool = False) -> None:
+    """Re-execute this script with OpenBLAS preloaded and one BLAS thread, unless ``disabled``,
+    the library is missing or both are set already (scripts/bench_mtp.py says why one thread:
+    a second would compete with MLX's worker on a 2-core machine). The shell may preload
+    OpenBLAS already (scripts/_bootstrap.sh) without limiting its threads."""
+    import subprocess
+    import sys
+
+    if disabled or not Path(OPENBLAS).exists():
+        return
+    if OPENBLAS in os.environ.get("LD_PRELOAD", "") and "OPENBLAS_NUM_THREADS" in os.environ:
+        return
+    env = {**os.environ, "LD_PRELOAD": OPENBLAS}
+    env.setdefault("OPENBLAS_NUM_THREADS", "1")
+    sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))

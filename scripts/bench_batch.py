@@ -58,9 +58,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _benchinfo import machine_info
-
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
+from _benchinfo import machine_info, reexec_with_openblas
 
 
 def prompts_for(streams: int, length: int, seed: int = 0) -> list[list[int]]:
@@ -465,19 +463,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    if (
-        not args.no_preload
-        and Path(OPENBLAS).exists()
-        and (
-            OPENBLAS not in os.environ.get("LD_PRELOAD", "")
-            or "OPENBLAS_NUM_THREADS" not in os.environ
-        )
-    ):
-        # One BLAS thread (scripts/bench_mtp.py says why): the shell may preload OpenBLAS
-        # already (scripts/_bootstrap.sh) without limiting its threads.
-        env = {**os.environ, "LD_PRELOAD": OPENBLAS}
-        env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+    reexec_with_openblas(args.no_preload)
 
     import mlx.core as mx
 

@@ -41,15 +41,13 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from _benchinfo import machine_info
+from _benchinfo import machine_info, reexec_with_openblas
 
-OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 STEADY = {"0.85": 0.85, "0.5": 0.5, "0.25": 0.25}
 
 
@@ -294,17 +292,7 @@ def main() -> None:
     parser.add_argument("--no-preload", action="store_true", help="do not re-exec with OpenBLAS")
     args = parser.parse_args()
 
-    if (
-        not args.no_preload
-        and Path(OPENBLAS).exists()
-        and OPENBLAS not in os.environ.get("LD_PRELOAD", "")
-    ):
-        # One BLAS thread: with two, a multi-row matmul waits on whichever thread another
-        # process preempts (4-row matmuls 2.1x a 1-row one with 2 threads on a busy machine,
-        # 1.03x with 1); single-row matmuls cost the same either way.
-        env = {**os.environ, "LD_PRELOAD": OPENBLAS}
-        env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+    reexec_with_openblas(args.no_preload)
 
     import random
 

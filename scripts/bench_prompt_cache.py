@@ -33,13 +33,11 @@ import json
 import os
 import random
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from _benchinfo import machine_info
-from bench_batch import OPENBLAS
+from _benchinfo import machine_info, reexec_with_openblas
 
 
 def conversation(seed: int, history: int, turns: int, message: int, answer: int) -> dict:
@@ -130,17 +128,7 @@ def main() -> None:
     parser.add_argument("--no-preload", action="store_true", help="do not re-exec with OpenBLAS")
     args = parser.parse_args()
 
-    if (
-        not args.no_preload
-        and Path(OPENBLAS).exists()
-        and (
-            OPENBLAS not in os.environ.get("LD_PRELOAD", "")
-            or "OPENBLAS_NUM_THREADS" not in os.environ
-        )
-    ):
-        env = {**os.environ, "LD_PRELOAD": OPENBLAS}
-        env.setdefault("OPENBLAS_NUM_THREADS", "1")
-        sys.exit(subprocess.call([sys.executable, *sys.argv], env=env))
+    reexec_with_openblas(args.no_preload)
 
     from node.checkpoints import bench_spec, count_parameters, ensure_checkpoint
     from node.inference.loading import load_checkpoint

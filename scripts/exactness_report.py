@@ -264,7 +264,7 @@ def slim(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def main() -> None:
-    from bench_mtp import _cpu_model  # scripts/ is on sys.path when this file runs
+    from _benchinfo import cpu_model  # scripts/ is on sys.path when this file runs
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--blas", choices=["both", "openblas", "reference"], default="both")
@@ -308,7 +308,7 @@ def main() -> None:
         json.dumps(
             {
                 "command": "python scripts/exactness_report.py " + " ".join(sys.argv[1:]),
-                "machine": f"{platform.system()} {platform.machine()}, {_cpu_model()}",
+                "machine": f"{platform.system()} {platform.machine()}, {cpu_model()}",
                 "cpus": os.cpu_count(),
                 "near_tie": NEAR_TIE,
                 "tokens": args.tokens,
