@@ -39,9 +39,12 @@ OPENBLAS = "/usr/lib/x86_64-linux-gnu/openblas-pthread/libblas.so.3"
 
 def reexec_with_openblas(disabled: bool = False) -> None:
     """Re-execute this script with OpenBLAS preloaded and one BLAS thread, unless ``disabled``,
-    the library is missing or both are set already (scripts/bench_mtp.py says why one thread:
-    a second would compete with MLX's worker on a 2-core machine). The shell may preload
-    OpenBLAS already (scripts/_bootstrap.sh) without limiting its threads."""
+    the library is missing or both are set already. The shell may preload OpenBLAS already
+    (scripts/_bootstrap.sh) without limiting its threads.
+
+    One BLAS thread: with two, a multi-row matmul waits on whichever thread another process
+    preempts (4-row matmuls 2.1x a 1-row one with 2 threads on a busy machine, 1.03x with 1);
+    single-row matmuls cost the same either way."""
     import subprocess
     import sys
 

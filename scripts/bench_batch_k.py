@@ -21,16 +21,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import statistics
 from pathlib import Path
 from typing import Any
 
 from _benchinfo import machine_info, reexec_with_openblas
-
-
-def prompts_for(streams: int, length: int, rng: random.Random) -> list[list[int]]:
-    return [[rng.randrange(0, 500) for _ in range(length)] for _ in range(streams)]
+from bench_batch import prompts_for
 
 
 def run(runner: Any, prompts: list[list[int]], tokens: int, mode: str) -> dict[str, float]:
@@ -80,14 +76,13 @@ def main() -> None:
     local = LocalRunner(loaded, native_mtp_enabled=False, max_batch=batch, prompt_cache_bytes=0)
     mtp = LocalRunner(loaded, max_batch=batch, prompt_cache_bytes=0)
     modes = ["local", *(f"K={k}" for k in args.ks.split(",")), "auto"]
-    rng = random.Random(0)
     for s in counts:  # MLX's CPU backend builds kernels per new shape: warm every one up
         for mode in modes:
-            run(local if mode == "local" else mtp, prompts_for(s, 32, rng), 8, mode)
+            run(local if mode == "local" else mtp, prompts_for(s, 32, seed=s), 8, mode)
     results: dict[tuple[int, str], list[dict[str, float]]] = {}
     for round_ in range(args.repeats):
         for s in counts:
-            prompts = prompts_for(s, 32, rng)
+            prompts = prompts_for(s, 32, seed=1000 * (round_ + 1) + s)  # new each round
             for mode in modes:
                 r = run(local if mode == "local" else mtp, prompts, args.tokens, mode)
                 results.setdefault((s, mode), []).append(r)

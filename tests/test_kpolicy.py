@@ -96,10 +96,10 @@ def test_never_matching_drafts_give_k_zero_with_rare_probes() -> None:
 
 
 def test_a_draft_passing_now_and_then_does_not_restart_the_probe_schedule() -> None:
-    # This CPU's shape: one more verify position and a draft cost ~0.45 of a step, so K = 1
-    # pays above ~45% acceptance. At a steady 25% a quarter of the probes pass; each is
-    # followed by one more probe, but the interval must stay long (it was reset to 2, and
-    # probes ran ~1 in 6 cycles, each breaking plain decode's pipelining).
+    # The EPYC's shape (sessions 5-6): one more verify position and a draft cost ~0.45 of a
+    # step, so K = 1 pays above ~45% acceptance. At a steady 25% a quarter of the probes
+    # pass; each is followed by one more probe, but the interval must stay long (it was reset
+    # to 2, and probes ran ~1 in 6 cycles, each breaking plain decode's pipelining).
     costs = CostTable(
         verify={1: [1.0 + 0.4 * t for t in range(MAX_K + 1)]},
         draft={1: [0.05 * k for k in range(MAX_K + 1)]},
